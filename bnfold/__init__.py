@@ -1,0 +1,14 @@
+"""bnfold: fold BatchNormalization into the layer before it, provably without changing the network."""
+from __future__ import annotations
+
+from .errors import BadInput, BnfoldError, UsageError
+from .fuse import FuseOptions, fuse_file, fuse_onnx
+from .onnx_io import load_onnx, save_onnx
+from .report import FoldReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadInput", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
+    "fuse_file", "fuse_onnx", "load_onnx", "save_onnx",
+]

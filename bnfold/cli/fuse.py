@@ -1,0 +1,54 @@
+"""`bnfold fuse`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UsageError
+from ..fuse import FuseOptions, fuse_file
+from ..inputs import parse_shapes
+from ..render import Output
+from ..render.fold import render_fold
+from .app import app
+
+
+@app.command()
+def fuse(
+    src: Path = typer.Argument(..., help="Model to fuse: .onnx or a PyTorch checkpoint.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
+    variance: str = typer.Option("unbiased", help="Stored variance is 'unbiased' (PyTorch) or 'biased'."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
+    values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased, overriding N × spatial size."),
+    to: str = typer.Option("same", help="Output format for torch inputs: same, onnx, pt2, torchscript."),
+    trust_pickle: bool = typer.Option(False, help="Allow unpickling a full-module checkpoint (runs its code)."),
+    arch: Optional[str] = typer.Option(None, help="package.module:factory that builds the module for a state_dict."),
+    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… input shape for export (repeatable)."),
+    example_input: Optional[Path] = typer.Option(None, help=".npz/.npy example input for torch export."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Fold every BatchNormalization that can be folded exactly and write the fused model."""
+    out = Output(as_json)
+    options = FuseOptions(
+        variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
+        trust_pickle=trust_pickle, arch=arch, arch_kwargs=_json_kwargs(arch_kwargs),
+        shapes=parse_shapes(shape), example_input=example_input,
+    )
+    report = fuse_file(src, output, in_place, options)
+    render_fold(report, out)
+
+
+def _json_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--arch-kwargs must be a JSON object")
+    return value

@@ -1,0 +1,38 @@
+"""Errors a user can cause and fix. Each maps to one line on stderr and an exit code.
+
+Anything that is not a BnfoldError is a bug in bnfold and propagates with its traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # verification mismatch, benchmark below --fail-below
+EXIT_BAD_INPUT = 2  # unreadable or unsupported input, bad usage, missing provider
+
+
+class BnfoldError(Exception):
+    """A problem with what the user gave us; `str()` is the one line we print."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, problem: str, path: str | Path | None = None):
+        self.problem = problem
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class BadInput(BnfoldError):
+    """The file is missing, unreadable, or not a model we can handle."""
+
+
+class UsageError(BnfoldError):
+    """The options do not make sense together."""
+
+
+class MissingProvider(BnfoldError):
+    """An onnxruntime execution provider was asked for but is not installed."""
+
+
+class OutputExists(BnfoldError):
+    """Writing would overwrite the input (or another protected file)."""

@@ -1,0 +1,32 @@
+"""Recognise a model file by its content, not its suffix."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from .errors import BadInput
+from .onnx_io import check_readable
+
+ONNX = "onnx"
+TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict
+
+_PICKLE_PROTOCOL_2_PLUS = b"\x80"
+
+
+def detect_format(path: str | Path) -> str:
+    path = check_readable(Path(path))
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if zipfile.is_zipfile(path) or head[:1] == _PICKLE_PROTOCOL_2_PLUS:
+        return TORCH
+    if _looks_like_onnx(head):
+        return ONNX
+    if path.suffix.lower() in (".onnx",):
+        return ONNX  # let the ONNX loader say precisely what is wrong
+    raise BadInput("not an ONNX model or PyTorch checkpoint (unrecognised content)", path)
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # A ModelProto starts with a protobuf field tag; ir_version (field 1, varint) is first in
+    # every file written by onnx.save. Text and random bytes almost never start with 0x08 + a small int.
+    return len(head) >= 2 and head[0] == 0x08 and head[1] < 0x20

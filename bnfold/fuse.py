@@ -1,0 +1,90 @@
+"""The `fuse` stage: load → fold → save, for any supported format. Returns a FoldReport."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from . import formats
+from .errors import UsageError
+from .onnx_io import OnnxSource, file_size, load_onnx, resolve_output, save_onnx
+from .onnx_pass import fold_model
+from .report import FoldReport
+
+
+@dataclass
+class FuseOptions:
+    """Everything `bnfold fuse` can be told; the defaults are what a user gets with no flags."""
+
+    # Stored variance: "unbiased" (use as is) or "biased" (× m/(m−1), SPEC §3).
+    variance: str = "unbiased"
+    batch_size: int | None = None
+    values_per_channel: int | None = None
+    # Torch inputs (SPEC §1).
+    to: str = "same"  # "same", "onnx", "pt2", "torchscript"
+    trust_pickle: bool = False
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    example_input: Path | None = None
+
+
+def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions | None = None,
+              base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every foldable BN of an ONNX model; returns the new model and a report.
+
+    A path is loaded without its external data; tensors that stay external keep pointing
+    into `base_dir` (the input's folder), so write the result with `bnfold.save_onnx`.
+    An in-memory model is changed in place.
+    """
+    options = options or FuseOptions()
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, name = model_or_path, "<memory>"
+        base = Path(base_dir or ".")
+    else:
+        source = load_onnx(model_or_path)
+        model, name, base = source.model, str(source.path), source.base_dir
+    report = FoldReport(input=name, output=None, format=formats.ONNX)
+    _correct_variance(model, base, options, report, name)
+    fold_model(model, base, report)
+    return model, report
+
+
+def _correct_variance(model: onnx.ModelProto, base: Path, options: FuseOptions, report: FoldReport,
+                      name: str) -> None:
+    if options.variance == "unbiased":
+        return
+    if options.variance != "biased":
+        raise UsageError(f"--variance must be 'unbiased' or 'biased', not {options.variance!r}")
+    from .variance import correct_biased_variance
+
+    report.variance = correct_biased_variance(
+        model, base, batch_size=options.batch_size, values_per_channel=options.values_per_channel, path=name)
+
+
+def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool = False,
+              options: FuseOptions | None = None) -> FoldReport:
+    """Fuse the model in `src` and write it (atomically) to `output` or NAME.fused.EXT."""
+    options = options or FuseOptions()
+    start = time.perf_counter()
+    src = Path(src)
+    kind = formats.detect_format(src)
+    if kind == formats.TORCH:
+        from .torch_fuse import fuse_torch_file
+
+        return fuse_torch_file(src, output, in_place, options)
+    dst = resolve_output(src, Path(output) if output else None, in_place, suffix=".onnx")
+    if options.to not in ("same", "onnx"):
+        raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
+    source: OnnxSource = load_onnx(src)
+    size_before = file_size(src, source.model)
+    model, report = fuse_onnx(source.model, options, base_dir=source.base_dir)
+    report.input = str(src)
+    save_onnx(model, dst, base_dir=source.base_dir, external=source.has_external_data or None)
+    report.output = str(dst)
+    report.size_before = size_before
+    report.size_after = file_size(dst, model)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,53 @@
+"""All rendering: rich for people, one JSON document for programs.
+
+Data goes to stdout; warnings, progress and errors go to stderr. Progress bars are shown
+only when stderr is a terminal and --json is off.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..report import to_plain
+
+
+class Output:
+    def __init__(self, as_json: bool = False):
+        self.as_json = as_json
+        self.out = Console(highlight=False, soft_wrap=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def json(self, report: Any) -> None:
+        data = report.to_dict() if hasattr(report, "to_dict") else to_plain(report)
+        sys.stdout.write(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+        sys.stdout.flush()
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator["ProgressTick"]:
+        """A progress bar on stderr; a no-op when stderr is not a terminal or with --json."""
+        enabled = self.err.is_terminal and not self.as_json
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.err, transient=True, disable=not enabled,
+        )
+        with bar:
+            task = bar.add_task(description, total=total)
+            yield ProgressTick(bar, task)
+
+
+class ProgressTick:
+    """Callable handed to library functions: tick(done, total) updates the bar."""
+
+    def __init__(self, bar: Progress, task):
+        self.bar, self.task = bar, task
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        self.bar.update(self.task, completed=done, total=total)
