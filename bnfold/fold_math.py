@@ -84,7 +84,8 @@ def fold_bias(bias, affine: Affine) -> np.ndarray:
 
 def cast_exact(values: np.ndarray, dtype, what: str) -> np.ndarray:
     """Cast float64 values to `dtype` once; FoldOverflow if a finite value becomes ±inf."""
-    out = np.asarray(values).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(values).astype(dtype)
     overflow = np.isfinite(values) & ~np.isfinite(out.astype(np.float64))
     if overflow.any():
         worst = float(np.max(np.abs(values[overflow])))

@@ -183,11 +183,19 @@ def _stream_external_data(model: onnx.ModelProto, base_dir: Path, data_path: Pat
                 continue
             offset = out.tell()
             out.write(payload)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            external_data_helper.set_external_data(tensor, location, offset=offset, length=len(payload))
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            _point_to_external(tensor, location, offset, len(payload))
             del payload
+
+
+def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    # external_data_helper.set_external_data insists on raw_data being present; ours may
+    # already live in another file, so the entries are written directly.
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _inline_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
