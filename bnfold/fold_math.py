@@ -63,9 +63,10 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, axis: int, groups: int =
     [C_in, C_out/g, k…]) output channel g·(C_out/g)+j lives at row block g, column j,
     so the scale is applied per group: channel index = group · axis_len + j.
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.array(weight, dtype=np.float64)  # a fresh float64 copy, scaled in place below
     if groups == 1 or axis == 0:
-        return w * channel_view(scale, axis, w.ndim)
+        w *= channel_view(scale, axis, w.ndim)
+        return w
     if axis != 1:
         raise ValueError("grouped scaling is defined for axis 1 only")
     per_group = w.shape[1]
@@ -86,7 +87,9 @@ def cast_exact(values: np.ndarray, dtype, what: str) -> np.ndarray:
     """Cast float64 values to `dtype` once; FoldOverflow if a finite value becomes ±inf."""
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.asarray(values).astype(dtype)
-    overflow = np.isfinite(values) & ~np.isfinite(out.astype(np.float64))
+    if np.isfinite(out).all():
+        return out
+    overflow = np.isfinite(values) & ~np.isfinite(out)
     if overflow.any():
         worst = float(np.max(np.abs(values[overflow])))
         raise FoldOverflow(f"folded {what} overflows {np.dtype(dtype).name} (|value| up to {worst:.3g})")

@@ -6,6 +6,7 @@ and applied to the protobuf once, at the end, so indices stay valid while we wor
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,10 @@ class Scope:
 
 
 class ModelIndex:
-    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = "."):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None):
         self.model = model
         self.base_dir = Path(base_dir)
+        self.spill = spill
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.scopes: list[Scope] = []
         self.uses: Counter[str] = Counter()
@@ -147,7 +149,7 @@ class ModelIndex:
 
     def add_initializer(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         name = self.unique_name(base_name)
-        tensor = numpy_helper.from_array(array, name)
+        tensor = self.make_tensor(array, name)
         scope.graph.initializer.append(tensor)
         scope.initializers[name] = scope.graph.initializer[-1]
         if self.model.ir_version < 4:  # old IR: every initializer must also be a graph input
@@ -155,6 +157,11 @@ class ModelIndex:
                 name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
             scope.inputs.add(name)
         return name
+
+    def make_tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if self.spill is not None and array.nbytes >= EXTERNAL_THRESHOLD:
+            return self.spill.write(array, name)
+        return numpy_helper.from_array(array, name)
 
     def replace_input(self, scope: Scope, node: onnx.NodeProto, index: int, array: np.ndarray, base: str) -> None:
         """Set input `index` of `node` to a constant, reusing its initializer if we own it alone."""
@@ -164,7 +171,7 @@ class ModelIndex:
         owner = self.owner_of_initializer(scope, old) if old else None
         if owner is scope and self.uses[old] == 1 and old not in scope.outputs \
                 and old not in scope.inputs and _same_layout(scope.initializers[old], array):
-            scope.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
+            scope.initializers[old].CopyFrom(self.make_tensor(array, old))
             return
         node.input[index] = self.add_initializer(scope, f"{old or base}_bnfold", array)
         self.uses[node.input[index]] += 1
@@ -218,6 +225,38 @@ class ModelIndex:
             if self.model.ir_version < 4:
                 _delete_where(graph.input, lambda v: v.name in scope.dropped_initializers)
             _delete_where(graph.value_info, lambda v: v.name in scope.dead_names)
+
+
+class TensorSpill:
+    """Folded payloads written to a scratch file as they are made, so a fold of a large
+    model never holds more than one new tensor in memory. Tensors point at the file by an
+    absolute external-data location, which save_onnx rewrites when it streams them out."""
+
+    def __init__(self, directory: Path | str):
+        self.path = Path(directory).resolve() / "folded.bin"
+        self._file = open(self.path, "ab")
+
+    def write(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        tensor = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        if sys.byteorder != "little" or not helper.tensor_dtype_to_np_dtype(tensor.data_type) == array.dtype:
+            tensor = numpy_helper.from_array(array, name)  # let onnx handle the unusual layouts
+            payload = tensor.raw_data
+        else:
+            payload = np.ascontiguousarray(array).data
+        offset = self._file.tell()
+        self._file.write(payload)
+        self._file.flush()
+        length = self._file.tell() - offset
+        tensor.ClearField("raw_data")
+        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _delete_where(repeated, predicate) -> None:

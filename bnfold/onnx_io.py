@@ -1,40 +1,44 @@
 """Load and save ONNX models: external data, atomic writes, never the input by accident.
 
-Weights stay where they are while we work: a model with external data is parsed without
-its data, tensors are read one at a time when a fold needs them, and on save every
-external tensor is streamed into the new data file. Peak memory stays near one copy of the
-model (or less), which is what lets a 3 GB model fuse on a small machine.
+Weights stay where they are while we work. `load_onnx(lazy=True)` parses the graph but
+leaves every large tensor payload in its file (inline payloads too, see onnx_wire); tensors
+are read one at a time when a fold needs them, and saving streams each payload into the new
+file. Peak memory stays near the size of what the fold changes, which lets a model of
+several GB fuse on a small machine.
 """
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
+from . import onnx_wire
 from .errors import BadInput, OutputExists, UsageError
 
 # Protobuf cannot serialize a message over 2 GiB; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**20
-# Tensors smaller than this stay inline when we write external data (shapes, scalars).
+# Tensors smaller than this stay inline in memory and in written external data (shapes, scalars).
 EXTERNAL_THRESHOLD = 1024
 
 
 @dataclass
 class OnnxSource:
-    """A parsed model and where its external data (if any) lives."""
+    """A parsed model and where its tensor payloads live."""
 
     model: onnx.ModelProto
     path: Path
     base_dir: Path
-    has_external_data: bool
+    has_external_data: bool  # the file itself used external data (not our lazy references)
 
 
 def check_readable(path: Path) -> Path:
@@ -48,21 +52,26 @@ def check_readable(path: Path) -> Path:
     return path
 
 
-def load_onnx(path: str | Path) -> OnnxSource:
-    """Parse an ONNX file without loading external data."""
+def load_onnx(path: str | Path, lazy: bool = True) -> OnnxSource:
+    """Parse an ONNX file. Lazy: payloads stay in their files; else everything is loaded."""
     path = check_readable(Path(path))
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, OSError, UnicodeDecodeError) as exc:
+        if lazy:
+            model = onnx_wire.load_lazy(path, EXTERNAL_THRESHOLD)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'cannot parse'})", path)
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise BadInput("not a valid ONNX model (no graph)", path)
     if not model.opset_import:
         raise BadInput("not a valid ONNX model (no opset_import)", path)
-    external = any(external_data_helper.uses_external_data(t) for t in iter_tensors(model))
+    external = any(external_data_helper.uses_external_data(t)
+                   and external_data_helper.ExternalDataInfo(t).location != path.name for t in iter_tensors(model))
     source = OnnxSource(model, path, path.parent, external)
-    if external:
-        check_external_files(source)
+    check_external_files(source)
+    if not lazy and external:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
     return source
 
 
@@ -89,10 +98,11 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from iter_graphs(g)
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def iter_tensors(model: onnx.ModelProto, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
     """Initializers and Constant-node tensors of every graph."""
-    for graph in iter_graphs(model.graph):
-        yield from graph.initializer
+    for depth, graph in enumerate(iter_graphs(model.graph)):
+        if main_initializers or depth > 0:  # the main graph comes first
+            yield from graph.initializer
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
@@ -100,8 +110,53 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def tensor_to_array(tensor: onnx.TensorProto, base_dir: Path | str) -> np.ndarray:
-    """Read one tensor, from the proto or its external file."""
-    return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+    """Read one tensor, from the proto or its external file, leaving the proto as it was."""
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    direct = _read_numeric_payload(tensor, Path(base_dir))
+    if direct is not None:
+        return direct
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)
+    del loaded.external_data[:]
+    loaded.data_location = onnx.TensorProto.DEFAULT
+    loaded.raw_data = _external_bytes(tensor, Path(base_dir))
+    return numpy_helper.to_array(loaded)
+
+
+def _read_numeric_payload(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None:
+    """Numeric payloads are read straight into an array: one copy instead of three."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or sys.byteorder != "little":
+        return None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    storage = onnx.helper.tensor_dtype_to_np_dtype(onnx.helper.tensor_dtype_to_storage_tensor_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if np.dtype(storage).itemsize != dtype.itemsize or count * dtype.itemsize != _external_size(tensor, base_dir):
+        return None  # packed sub-byte types and the like go through onnx's own reader
+    info = external_data_helper.ExternalDataInfo(tensor)
+    array = np.fromfile(base_dir / info.location, dtype=dtype, count=count, offset=info.offset or 0)
+    return array.reshape(tuple(tensor.dims))
+
+
+def _external_size(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    return info.length if info.length else (Path(base_dir) / info.location).stat().st_size - (info.offset or 0)
+
+
+def _copy_external(tensor: onnx.TensorProto, base_dir: Path, out: BinaryIO, chunk: int = 64 << 20) -> int:
+    """Stream a payload into `out` in chunks; returns its length."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    remaining = _external_size(tensor, base_dir)
+    total = remaining
+    with open(Path(base_dir) / info.location, "rb") as fh:
+        fh.seek(info.offset or 0)
+        while remaining:
+            block = fh.read(min(chunk, remaining))
+            if not block:
+                raise BadInput(f"external data of tensor {tensor.name!r} is truncated", Path(base_dir) / info.location)
+            out.write(block)
+            remaining -= len(block)
+    return total
 
 
 def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
@@ -140,29 +195,31 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
 # Saving
 
 
-def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None,
-              external: bool | None = None) -> Path:
-    """Write `model` to `dst` atomically, with its external data in `dst.name + '.data'`.
+def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, external: bool | None = None,
+              accept_invalid: Callable[[Exception], bool] | None = None) -> Path:
+    """Write `model` to `dst` atomically; external data goes to `dst.name + '.data'`.
 
-    `base_dir` is where tensors that already use external data can be read. `external`
-    None keeps data external when the model had it or is too large for one protobuf.
-    The model is validated with the path-based checker before it is renamed into place.
+    `base_dir` is where tensors that use external data (or lazy references) are read from.
+    `external` None keeps data external when the model is too large for one protobuf.
+    Before the rename the result passes onnx.checker with full shape inference, run on a
+    header file whose tensors point at the written payloads, so the check costs no copy of
+    the weights. `accept_invalid(error)` may let a failed check pass (an input that already
+    failed it); otherwise the error propagates and nothing is written.
     """
     dst = Path(dst)
-    has_external = any(external_data_helper.uses_external_data(t) for t in iter_tensors(model))
+    base_dir = Path(base_dir or dst.parent)
     if external is None:
-        external = has_external or model.ByteSize() > PROTOBUF_LIMIT
+        external = _payload_bytes(model, base_dir) > PROTOBUF_LIMIT
     tmp_dir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=dst.parent))
     try:
-        tmp_model = tmp_dir / dst.name
-        data_name = dst.name + ".data"
+        tmp_model, data_name = tmp_dir / dst.name, dst.name + ".data"
         if external:
-            _stream_external_data(model, base_dir or dst.parent, tmp_dir / data_name, data_name)
-        elif has_external:
-            _inline_external_data(model, base_dir or dst.parent)
-        with open(tmp_model, "wb") as fh:
-            fh.write(model.SerializeToString())
-        onnx.checker.check_model(str(tmp_model))
+            _stream_external_data(model, base_dir, tmp_dir / data_name, data_name)
+            tmp_model.write_bytes(model.SerializeToString())
+            check_path = tmp_model
+        else:
+            check_path = _write_inline(model, base_dir, tmp_model)
+        _check(check_path, accept_invalid)
         if external:
             os.replace(tmp_dir / data_name, dst.parent / data_name)
         os.replace(tmp_model, dst)
@@ -171,20 +228,58 @@ def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None,
     return dst
 
 
+def _check(path: Path, accept_invalid: Callable[[Exception], bool] | None) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        if accept_invalid is None or not accept_invalid(exc):
+            raise
+
+
+def _payload_bytes(model: onnx.ModelProto, base_dir: Path) -> int:
+    return model.ByteSize() + sum(_external_size(t, base_dir) for t in iter_tensors(model)
+                                  if external_data_helper.uses_external_data(t))
+
+
+def _write_inline(model: onnx.ModelProto, base_dir: Path, path: Path) -> Path:
+    """Write an inline model, streaming payloads; returns a small header file for the checker."""
+    for tensor in iter_tensors(model, main_initializers=False):  # only those can be streamed
+        if external_data_helper.uses_external_data(tensor):
+            _load_into(tensor, base_dir)
+    if not any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        path.write_bytes(model.SerializeToString())
+        return path
+    with open(path, "wb") as out:
+        streamed = onnx_wire.write_inline(model, out, lambda t: _external_size(t, base_dir),
+                                          lambda t, fh: _copy_external(t, base_dir, fh))
+    header = onnx.ModelProto()
+    header.CopyFrom(model)
+    for i, offset, length in streamed:
+        _point_to_external(header.graph.initializer[i], path.name, offset, length)
+    header_path = path.with_name(".check-" + path.name)
+    header_path.write_bytes(header.SerializeToString())
+    return header_path
+
+
+def _load_into(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    payload = _external_bytes(tensor, base_dir)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = payload
+
+
 def _stream_external_data(model: onnx.ModelProto, base_dir: Path, data_path: Path, location: str) -> None:
-    """Move every large tensor into one data file, one tensor in memory at a time."""
+    """Move every large tensor into one data file, one payload in memory at a time."""
     with open(data_path, "wb") as out:
         for tensor in iter_tensors(model):
+            offset = out.tell()
             if external_data_helper.uses_external_data(tensor):
-                payload = _external_bytes(tensor, Path(base_dir))
+                length = _copy_external(tensor, base_dir, out)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
-                payload = tensor.raw_data
+                length = out.write(tensor.raw_data)
             else:
                 continue
-            offset = out.tell()
-            out.write(payload)
-            _point_to_external(tensor, location, offset, len(payload))
-            del payload
+            _point_to_external(tensor, location, offset, length)
 
 
 def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -198,21 +293,13 @@ def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, len
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _inline_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    for tensor in iter_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
-            tensor.raw_data = _external_bytes(tensor, Path(base_dir))
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-
-
 def file_size(path: Path, model: onnx.ModelProto | None = None) -> int:
     """Model file plus its external data files (`model`: the parsed file, if at hand)."""
     path = Path(path)
     total = path.stat().st_size
     if model is None:
-        model = onnx.load(str(path), load_external_data=False)
-    seen = set()
+        model = onnx_wire.load_lazy(path, EXTERNAL_THRESHOLD)
+    seen = {path.name}
     for tensor in iter_tensors(model):
         if external_data_helper.uses_external_data(tensor):
             loc = external_data_helper.ExternalDataInfo(tensor).location

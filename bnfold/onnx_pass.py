@@ -9,7 +9,7 @@ import onnx
 from onnx import helper
 
 from .fold_math import BrokenStatistics, FoldOverflow, bn_affine
-from .onnx_graph import ModelIndex, NotConstant, Scope
+from .onnx_graph import ModelIndex, NotConstant, Scope, TensorSpill
 from .report import FoldedBN, FoldReport, SkippedBN
 from .rules import FoldSite, Rewrite, Skip, rule_for
 
@@ -31,12 +31,16 @@ def count_nodes(model: onnx.ModelProto) -> tuple[int, int]:
     return total, bns
 
 
-def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldReport | None = None) -> FoldReport:
-    """Fold every BN that can be folded exactly, in place on `model`."""
+def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldReport | None = None,
+               spill: TensorSpill | None = None) -> FoldReport:
+    """Fold every BN that can be folded exactly, in place on `model`.
+
+    With `spill`, new payloads go to its scratch file instead of memory (see TensorSpill).
+    """
     start = time.perf_counter()
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
     report.nodes_before, report.bn_before = count_nodes(model)
-    index = ModelIndex(model, base_dir)
+    index = ModelIndex(model, base_dir, spill)
     for scope, bn in list(bn_nodes(index)):
         name = bn.name or bn.output[0]
         try:
