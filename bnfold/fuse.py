@@ -21,6 +21,8 @@ from .report import FoldReport
 class FuseOptions:
     """Everything `bnfold fuse` can be told; the defaults are what a user gets with no flags."""
 
+    # What to do with a BN that cannot be folded: "keep" it, or rewrite it as Mul+Add ("affine").
+    standalone: str = "keep"
     # Stored variance: "unbiased" (use as is) or "biased" (× m/(m−1), SPEC §3).
     variance: str = "unbiased"
     batch_size: int | None = None
@@ -52,7 +54,9 @@ def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions 
         model, name, base = source.model, str(source.path), source.base_dir
     report = FoldReport(input=name, output=None, format=formats.ONNX)
     _correct_variance(model, base, options, report, name)
-    fold_model(model, base, report, spill)
+    if options.standalone not in ("keep", "affine"):
+        raise UsageError(f"--standalone must be 'keep' or 'affine', not {options.standalone!r}")
+    fold_model(model, base, report, spill, standalone=options.standalone)
     return model, report
 
 

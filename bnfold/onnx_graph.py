@@ -141,6 +141,13 @@ class ModelIndex:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
         return dims
 
+    def elem_type(self, name: str) -> int | None:
+        """ONNX element type of a value, or None if unknown."""
+        if self._types is None:
+            self._types = infer_types(self.model)
+        t = self._types.get(name)
+        return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
+
     def rank(self, name: str) -> int | None:
         shape = self.shape(name)
         return None if shape is None else len(shape)

@@ -8,16 +8,17 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from .fold_math import BrokenStatistics, FoldOverflow, bn_affine
+from .affine_ops import BN, ELEMENTWISE, AffineOp, bn_op, elementwise_op, is_standard
+from .fold_math import BrokenStatistics, FoldOverflow
 from .onnx_graph import ModelIndex, NotConstant, Scope, TensorSpill
 from .report import FoldedBN, FoldReport, SkippedBN
-from .rules import FoldSite, Rewrite, Skip, rule_for
-
-BN = "BatchNormalization"
+from .rules import ELEMENTWISE_RULES, RULES, FoldRule, FoldSite, Rewrite, Skip
+from .rules_next import next_rule_for
+from .standalone import rewrite_standalone
 
 
 def is_bn(node: onnx.NodeProto) -> bool:
-    return node.op_type == BN and node.domain in ("", "ai.onnx")
+    return is_standard(node, BN)
 
 
 def count_nodes(model: onnx.ModelProto) -> tuple[int, int]:
@@ -32,93 +33,132 @@ def count_nodes(model: onnx.ModelProto) -> tuple[int, int]:
 
 
 def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldReport | None = None,
-               spill: TensorSpill | None = None) -> FoldReport:
+               spill: TensorSpill | None = None, standalone: str = "keep") -> FoldReport:
     """Fold every BN that can be folded exactly, in place on `model`.
 
-    With `spill`, new payloads go to its scratch file instead of memory (see TensorSpill).
+    First each BN (and each per-channel Mul/Add) is folded into the layer before it; a BN
+    that cannot be is then tried against the layer after it. With standalone="affine" the
+    BNs still left become Mul+Add. With `spill`, new payloads go to its scratch file
+    instead of memory (see TensorSpill).
     """
     start = time.perf_counter()
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
     report.nodes_before, report.bn_before = count_nodes(model)
     index = ModelIndex(model, base_dir, spill)
-    for scope, bn in list(bn_nodes(index)):
-        name = bn.name or bn.output[0]
-        try:
-            site, rule = find_site(index, scope, bn)
-            apply_rewrite(site, rule.plan(site))
-            report.folded.append(FoldedBN(name, site.producer.name or site.producer.output[0],
-                                          rule.pattern, scope.path))
-        except Skip as why:
-            producer = index_producer_name(scope, bn)
-            report.skipped.append(SkippedBN(name, str(why), producer, scope.path))
-        except BrokenStatistics as why:
-            report.warnings.append(f"BatchNormalization {name!r}: {why}; the model is broken there, BN kept")
-            report.skipped.append(SkippedBN(name, f"broken statistics: {why}", None, scope.path))
-        except FoldOverflow as why:
-            report.skipped.append(SkippedBN(name, str(why), index_producer_name(scope, bn), scope.path))
+    kept: list[tuple[Scope, AffineOp, str]] = []
+    for scope, node in list(candidate_nodes(index)):
+        if is_standard(node, BN):
+            _fold_bn_into_previous(index, scope, node, report, kept)
+        else:
+            _fold_elementwise_into_previous(index, scope, node, report)
+    unfolded = [(scope, op, skipped) for scope, op, reason in kept
+                if (skipped := _fold_bn_into_next(index, scope, op, reason, report)) is not None]
+    if standalone == "affine":
+        rewrite_standalone(index, report, unfolded)
     index.apply()
     report.nodes_after, report.bn_after = count_nodes(model)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def bn_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
+def candidate_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
     for scope in index.scopes:
         for node in scope.nodes:
-            if is_bn(node):
+            if is_standard(node, BN, *ELEMENTWISE):
                 yield scope, node
 
 
-def index_producer_name(scope: Scope, bn: onnx.NodeProto) -> str | None:
+def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, report: FoldReport,
+                           kept: list[tuple[Scope, AffineOp, str]]) -> None:
+    """Fold into the layer before; a BN that is itself foldable but sits wrong goes to `kept`."""
+    name = bn.name or bn.output[0]
+    try:
+        op = bn_op(index, scope, bn)
+    except Skip as why:  # the BN itself cannot fold anywhere
+        report.skipped.append(SkippedBN(name, str(why), _producer_name(scope, bn), scope.path))
+        return
+    except BrokenStatistics as why:
+        report.warnings.append(f"BatchNormalization {name!r}: {why}; the model is broken there, BN kept")
+        report.skipped.append(SkippedBN(name, f"broken statistics: {why}", _producer_name(scope, bn), scope.path))
+        return
+    try:
+        site, rule = find_site(index, scope, op, RULES)
+        apply_rewrite(site, op, rule.plan(site))
+    except (Skip, FoldOverflow) as why:
+        kept.append((scope, op, str(why)))
+        return
+    report.folded.append(FoldedBN(name, _node_name(site.producer), rule.pattern, scope.path))
+
+
+def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
+                                    report: FoldReport) -> None:
+    """A per-channel Mul/Add after a Conv/ConvTranspose/Gemm folds like a BN; otherwise it is
+    just an ordinary node and nothing is reported."""
+    layers = {r.producer for r in ELEMENTWISE_RULES}
+    if not any(getattr(scope.producers.get(i), "op_type", None) in layers for i in node.input):
+        return  # cheap test first: most Mul/Add nodes are nowhere near a layer
+    try:
+        op = elementwise_op(index, scope, node)
+        site, rule = find_site(index, scope, op, ELEMENTWISE_RULES)
+        apply_rewrite(site, op, rule.plan(site))
+    except (Skip, FoldOverflow):
+        return
+    report.folded.append(FoldedBN(op.name, _node_name(site.producer), f"{rule.pattern}+{node.op_type}",
+                                  scope.path, op=node.op_type))
+
+
+def _fold_bn_into_next(index: ModelIndex, scope: Scope, op: AffineOp, reason: str,
+                       report: FoldReport) -> SkippedBN | None:
+    """Fold into the layer after; returns the skip entry if that fails too."""
+    try:
+        site, rule = find_next_site(index, scope, op)
+        apply_next_rewrite(site, op, rule.plan(site))
+    except (Skip, FoldOverflow) as why:
+        # The reason about the layer before comes first: it is the one users expect to read.
+        skipped = SkippedBN(op.name, f"{reason} (next layer: {why})", _producer_name(scope, op.node), scope.path)
+        report.skipped.append(skipped)
+        return skipped
+    report.folded.append(FoldedBN(op.name, _node_name(site.producer), rule.pattern, scope.path))
+    return None
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _producer_name(scope: Scope, bn: onnx.NodeProto) -> str | None:
     node = scope.producers.get(bn.input[0])
-    return (node.name or node.output[0]) if node is not None else None
+    return _node_name(node) if node is not None else None
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def check_bn(index: ModelIndex, scope: Scope, bn: onnx.NodeProto):
-    """The BN's own conditions: inference mode, per-channel constant parameters."""
-    if int(_attr(bn, "training_mode", 0)):
-        raise Skip("training_mode=1: BN normalizes with batch statistics")
-    if index.opset < 7 and not int(_attr(bn, "is_test", 0)):
-        raise Skip("is_test=0: BN runs in training mode")
-    if not int(_attr(bn, "spatial", 1)):
-        raise Skip("spatial=0: per-activation statistics, only the per-channel form is folded")
-    if any(out for out in bn.output[1:]):
-        raise Skip("BN's running-statistics outputs are used (training graph)")
-    if len(bn.input) < 5:
-        raise Skip("BN has fewer than 5 inputs")
-    params = []
-    for name, what in zip(bn.input[1:5], ("scale", "B", "mean", "var")):
-        try:
-            params.append(index.constant(scope, name))
-        except NotConstant as exc:
-            raise Skip(f"BN {what} is not constant: {exc}") from None
-    if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
-        raise Skip(f"BN parameters are not per-channel vectors of one length: {[p.shape for p in params]}")
-    return bn_affine(*params, float(_attr(bn, "epsilon", 1e-5)))
-
-
-def find_site(index: ModelIndex, scope: Scope, bn: onnx.NodeProto):
-    affine = check_bn(index, scope, bn)
-    x = bn.input[0]
+def find_site(index: ModelIndex, scope: Scope, op: AffineOp, rules) -> tuple[FoldSite, FoldRule]:
+    x = op.data
     node = scope.producers.get(x)
     if node is None:
         where = "a graph input" if x in scope.inputs or x in scope.initializers else "from an outer graph"
-        raise Skip(f"BN input {x!r} is {where}, not the output of a layer")
+        raise Skip(f"input {x!r} is {where}, not the output of a layer")
     _require_sole_use(index, scope, node, x)
     add = None
-    if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+    if is_standard(node, "Add") and is_standard(op.node, BN):
         add, node = node, _producer_behind_add(index, scope, node)
-    rule = rule_for(node.op_type, via_add=add is not None) if node.domain in ("", "ai.onnx") else None
+    rule = next((r for r in rules if r.producer == node.op_type and r.via_add == (add is not None)), None)
+    if rule is None or node.domain not in ("", "ai.onnx"):
+        raise Skip(f"producer {node.op_type} {_node_name(node)!r} is not a foldable layer")
+    return FoldSite(index, scope, op.node, node, op.affine, add), rule
+
+
+def find_next_site(index: ModelIndex, scope: Scope, op: AffineOp):
+    out = op.node.output[0]
+    if out in scope.outputs:
+        raise Skip("BN output is a graph output")
+    consumers = [n for n in scope.nodes if id(n) not in scope.removed and out in n.input]
+    if index.uses[out] != 1 or len(consumers) != 1:
+        raise Skip(f"BN output has {index.uses[out]} consumers")
+    consumer = consumers[0]
+    rule = next_rule_for(consumer.op_type) if consumer.domain in ("", "ai.onnx") else None
     if rule is None:
-        raise Skip(f"producer {node.op_type} {node.name or node.output[0]!r} is not a foldable layer")
-    return FoldSite(index, scope, bn, node, affine, add), rule
+        raise Skip(f"{consumer.op_type} {_node_name(consumer)!r} is not a foldable layer")
+    return FoldSite(index, scope, op.node, consumer, op.affine), rule
 
 
 def _require_sole_use(index: ModelIndex, scope: Scope, node: onnx.NodeProto, value: str) -> None:
@@ -149,40 +189,69 @@ def _producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) -
     raise Skip("producer Add is not a MatMul plus a constant bias")
 
 
-def apply_rewrite(site: FoldSite, rw: Rewrite) -> None:
-    """Write the folded weight and bias, wire the last layer node to the BN's output, drop BN."""
-    index, scope, producer, bn = site.index, site.scope, site.producer, site.bn
-    base = producer.name or producer.output[0]
-    index.replace_input(scope, producer, rw.weight_input, rw.weight, f"{base}_weight")
-    for key, value in rw.attributes.items():
-        _set_attr(producer, key, value)
+def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
+    """Write the folded weight and bias, wire the layer's last node to the op's output, drop the op."""
+    index, scope, layer = site.index, site.scope, site.producer
+    _write_weight(site, rw)
     if rw.bias_node == "new_add":
-        mid = index.unique_name(f"{producer.output[0]}_bnfold_matmul")
-        old_out = producer.output[0]
-        producer.output[0] = mid
-        scope.producers[mid] = producer
-        bias_name = index.add_initializer(scope, f"{base}_bias_bnfold", rw.bias)
-        add = helper.make_node("Add", [mid, bias_name], [bn.output[0]],
-                               name=index.unique_name(f"{base}_bnfold_bias_add"), **rw.add_attributes)
-        index.insert_after(scope, producer, add)
-        scope.dead_names.add(old_out)
-        last = add
+        old_out = layer.output[0]
+        _add_bias_after(site, rw, op.node.output[0])
     else:
-        target = producer if rw.bias_node == "producer" else site.add
-        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{base}_bias")
+        target = layer if rw.bias_node == "producer" else site.add
+        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
         for key, value in rw.add_attributes.items():
             _set_attr(target, key, value)
-        last = target
-        old_out = last.output[0]
-        scope.dead_names.add(old_out)
-        last.output[0] = bn.output[0]
-        scope.producers[bn.output[0]] = last
-    # The BN goes, and with it its last use of the parameters and of the old layer output.
-    scope.removed.add(id(bn))
-    for name in bn.input[1:]:
-        if name:
-            index.release(scope, name)
-    index.uses[bn.input[0]] -= 1
+        old_out = target.output[0]
+        target.output[0] = op.node.output[0]
+        scope.producers[op.node.output[0]] = target
+    scope.dead_names.add(old_out)
+    _drop(index, scope, op)
+
+
+def apply_next_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
+    """Next-layer fold: the layer reads the BN's input directly, with its weights rescaled."""
+    index, scope, layer = site.index, site.scope, site.producer
+    _write_weight(site, rw)
+    if rw.bias_node == "new_add":
+        _add_bias_after(site, rw, layer.output[0])
+    else:
+        index.replace_input(scope, layer, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
+    for i, name in enumerate(layer.input):
+        if name == op.node.output[0]:
+            layer.input[i] = op.data
+            index.uses[op.data] += 1
+            index.uses[name] -= 1
+    scope.dead_names.add(op.node.output[0])
+    scope.producers.pop(op.node.output[0], None)
+    _drop(index, scope, op)
+
+
+def _write_weight(site: FoldSite, rw: Rewrite) -> None:
+    layer = site.producer
+    site.index.replace_input(site.scope, layer, rw.weight_input, rw.weight, f"{_node_name(layer)}_weight")
+    for key, value in rw.attributes.items():
+        _set_attr(layer, key, value)
+
+
+def _add_bias_after(site: FoldSite, rw: Rewrite, output: str) -> None:
+    """layer → Add(bias) → `output`: a MatMul has no bias input of its own."""
+    index, scope, layer = site.index, site.scope, site.producer
+    base = _node_name(layer)
+    mid = index.unique_name(f"{layer.output[0]}_bnfold_matmul")
+    layer.output[0] = mid
+    scope.producers[mid] = layer
+    bias_name = index.add_initializer(scope, f"{base}_bias_bnfold", rw.bias)
+    add = onnx.helper.make_node("Add", [mid, bias_name], [output], name=index.unique_name(f"{base}_bnfold_bias_add"),
+                                **rw.add_attributes)
+    index.insert_after(scope, layer, add)
+
+
+def _drop(index: ModelIndex, scope: Scope, op: AffineOp) -> None:
+    """The op goes, and with it its last use of the parameters and of its data input."""
+    scope.removed.add(id(op.node))
+    for name in op.params:
+        index.release(scope, name)
+    index.uses[op.data] -= 1
 
 
 def _set_attr(node: onnx.NodeProto, key: str, value) -> None:

@@ -23,8 +23,9 @@ def to_plain(obj: Any) -> Any:
 class FoldedBN:
     bn: str
     producer: str
-    pattern: str  # e.g. "Conv", "ConvTranspose", "Gemm", "MatMul+Add"
+    pattern: str  # e.g. "Conv", "ConvTranspose", "Gemm", "MatMul+Add", "next Gemm", "Conv+Mul"
     graph: str = ""  # "" for the main graph, else the path of the subgraph
+    op: str = "BatchNormalization"  # or "Mul"/"Add": a BN an exporter had already split
 
 
 @dataclass
@@ -32,6 +33,15 @@ class SkippedBN:
     bn: str
     reason: str
     producer: str | None = None
+    graph: str = ""
+
+
+@dataclass
+class RewrittenBN:
+    """A BN that could not be folded, rewritten as Mul+Add (--standalone affine)."""
+
+    bn: str
+    reason: str  # why it was not folded
     graph: str = ""
 
 
@@ -51,6 +61,7 @@ class FoldReport:
     format: str  # "onnx", "torch-pickle", "torchscript", "torch-export", "state_dict"
     folded: list[FoldedBN] = field(default_factory=list)
     skipped: list[SkippedBN] = field(default_factory=list)
+    rewritten: list[RewrittenBN] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     variance: list[VarianceCorrection] = field(default_factory=list)
     nodes_before: int = 0

@@ -230,5 +230,6 @@ RULES: tuple[FoldRule, ...] = (
 )
 
 
-def rule_for(op_type: str, via_add: bool) -> FoldRule | None:
-    return next((r for r in RULES if r.producer == op_type and r.via_add == via_add), None)
+# A per-channel Mul/Add folds only where the layer has a bias slot of its own; after a
+# MatMul it would just move the Add.
+ELEMENTWISE_RULES: tuple[FoldRule, ...] = RULES[:3]

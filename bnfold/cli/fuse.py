@@ -20,6 +20,7 @@ def fuse(
     src: Path = typer.Argument(..., help="Model to fuse: .onnx or a PyTorch checkpoint.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
+    standalone: str = typer.Option("keep", help="BNs that cannot fold: 'keep', or 'affine' to rewrite as Mul+Add."),
     variance: str = typer.Option("unbiased", help="Stored variance is 'unbiased' (PyTorch) or 'biased'."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
     values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased, overriding N × spatial size."),
@@ -34,7 +35,7 @@ def fuse(
     """Fold every BatchNormalization that can be folded exactly and write the fused model."""
     out = Output(as_json)
     options = FuseOptions(
-        variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
+        standalone=standalone, variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
         trust_pickle=trust_pickle, arch=arch, arch_kwargs=_json_kwargs(arch_kwargs),
         shapes=parse_shapes(shape), example_input=example_input,
     )

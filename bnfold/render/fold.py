@@ -32,11 +32,12 @@ def render_fold(report: FoldReport, out: Output) -> None:
             t.add_row(v.bn, str(v.values_per_channel), f"{v.factor:.6g}")
         con.print(t)
     if report.folded:
-        t = Table(title=f"folded {len(report.folded)} BatchNormalization", title_justify="left")
+        t = Table(title=f"folded {len(report.folded)} BatchNormalization{_split_note(report)}", title_justify="left")
         for col in ("BN", "into", "pattern"):
             t.add_column(col)
         for f in report.folded:
-            t.add_row(_scoped(f.bn, f.graph), f.producer, f.pattern)
+            t.add_row(_scoped(f.bn, f.graph) + ("" if f.op == "BatchNormalization" else f" ({f.op})"),
+                      f.producer, f.pattern)
         con.print(t)
     if report.skipped:
         t = Table(title=f"kept {len(report.skipped)} BatchNormalization", title_justify="left")
@@ -45,7 +46,14 @@ def render_fold(report: FoldReport, out: Output) -> None:
         for s in report.skipped:
             t.add_row(_scoped(s.bn, s.graph), s.reason)
         con.print(t)
-    if not report.folded and not report.skipped:
+    if report.rewritten:
+        t = Table(title=f"rewrote {len(report.rewritten)} BatchNormalization as Mul+Add", title_justify="left")
+        t.add_column("BN")
+        t.add_column("why it could not fold")
+        for r in report.rewritten:
+            t.add_row(_scoped(r.bn, r.graph), r.reason)
+        con.print(t)
+    if not report.folded and not report.skipped and not report.rewritten:
         con.print("no BatchNormalization found")
     for note in report.notes:
         con.print(f"[dim]note:[/] {note}")
@@ -59,3 +67,8 @@ def render_fold(report: FoldReport, out: Output) -> None:
 
 def _scoped(name: str, graph: str) -> str:
     return f"{graph}/{name}" if graph else name
+
+
+def _split_note(report: FoldReport) -> str:
+    split = sum(f.op != "BatchNormalization" for f in report.folded)
+    return f" (incl. {split} per-channel Mul/Add)" if split else ""
