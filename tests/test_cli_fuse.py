@@ -137,3 +137,19 @@ def test_debug_env_shows_traceback(tmp_path):
     proc = subprocess.run([str(exe), "fuse", str(tmp_path / "nope.onnx")], capture_output=True, text=True,
                           env={**os.environ, "BNFOLD_DEBUG": "1"}, timeout=120)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_output_keeps_opset_ir_metadata_and_io_names(examples, tmp_path, capsys):
+    model = onnx.load(str(examples["cnn"][0]))
+    onnx.helper.set_model_props(model, {"author": "bnfold-test", "license": "MIT"})
+    model.doc_string = "trained example"
+    src, dst = tmp_path / "meta.onnx", tmp_path / "meta.fused.onnx"
+    onnx.save(model, str(src))
+    assert cli(["fuse", str(src), "--json"]) == 0
+    capsys.readouterr()
+    out = onnx.load(str(dst))
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "bnfold-test", "license": "MIT"}
+    assert out.doc_string == "trained example" and out.producer_name == model.producer_name
+    assert out.ir_version == model.ir_version and list(out.opset_import) == list(model.opset_import)
+    assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]

@@ -196,6 +196,35 @@ def loop_subgraph_case() -> Case:
     return Case(m, {"x": rng.normal(0, 1, (1, 3, 4, 4)).astype(np.float32)}, 1, "Conv")
 
 
+def scan_subgraph_case() -> Case:
+    """A Scan body applies Conv (outer weight) + BN to each of T slices."""
+    rng = _rng()
+    inner = bn_inits("bnS", 4, rng)
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["xi", "W_outer"], ["sz"], name="scan_conv"), bn_node("sz", "yi", "bnS")],
+        "body", [vi("xi", [1, 3, 4, 4])], [vi("yi", [1, 4, 2, 2])], inner)
+    inits = [init("W_outer", rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32))]
+    nodes = [helper.make_node("Scan", ["x"], ["y"], name="scan", body=body, num_scan_inputs=1)]
+    m = make_model(nodes, [vi("x", [2, 1, 3, 4, 4])], [vi("y", None)], inits)
+    return Case(m, {"x": rng.normal(0, 1, (2, 1, 3, 4, 4)).astype(np.float32)}, 1, "Conv")
+
+
+def bf16_case() -> Case:
+    """bf16 weights and BN parameters: folded in float64, cast once to bfloat16."""
+    import ml_dtypes
+
+    case = conv_case(dtype=np.float32, bias=True, opset=22)  # Conv takes bfloat16 from opset 22
+    g = case.model.graph
+    for t in g.initializer:
+        t.CopyFrom(init(t.name, onnx.numpy_helper.to_array(t).astype(ml_dtypes.bfloat16)))
+    g.input[0].type.tensor_type.elem_type = TensorProto.BFLOAT16
+    g.output[0].type.tensor_type.elem_type = TensorProto.BFLOAT16
+    case.feeds = {"x": case.feeds["x"].astype(ml_dtypes.bfloat16)}
+    case.rtol = case.atol = 3e-2
+    case.numpy_check = []
+    return case
+
+
 def mixed_precision_case() -> Case:
     """fp16 conv, fp32 BN parameters (allowed from opset 15): weight stays fp16."""
     case = conv_case(dtype=np.float16, opset=15)
@@ -246,6 +275,8 @@ CASES = {
     "shared_weight_two_convs": shared_weight_case,
     "if_subgraph_outer_weight": if_subgraph_case,
     "loop_subgraph": loop_subgraph_case,
+    "scan_subgraph": scan_subgraph_case,
+    "dtype_bf16": bf16_case,
     "dtype_fp16": lambda: conv_case(dtype=np.float16),
     "dtype_fp64": lambda: conv_case(dtype=np.float64),
     "dtype_mixed_fp16_conv_fp32_bn": mixed_precision_case,
