@@ -84,9 +84,6 @@ class ModelIndex:
         self._names.add(name)
         return name
 
-    def is_graph_output(self, scope: Scope, name: str) -> bool:
-        return name in scope.outputs
-
     # -- constants --------------------------------------------------------------------------
 
     def constant(self, scope: Scope, name: str) -> np.ndarray:

@@ -17,6 +17,15 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def table(title: str, columns: tuple[str, ...], rows) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def render_fold(report: FoldReport, out: Output) -> None:
     for w in report.warnings:
         out.warn(w)
@@ -25,34 +34,19 @@ def render_fold(report: FoldReport, out: Output) -> None:
         return
     con = out.out
     if report.variance:
-        t = Table(title="variance corrected m/(m−1)", title_justify="left")
-        for col in ("BN", "m", "factor"):
-            t.add_column(col)
-        for v in report.variance:
-            t.add_row(v.bn, str(v.values_per_channel), f"{v.factor:.6g}")
-        con.print(t)
+        con.print(table("variance corrected by m/(m−1)", ("BN", "m", "factor"),
+                        ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in report.variance)))
     if report.folded:
-        t = Table(title=f"folded {len(report.folded)} BatchNormalization{_split_note(report)}", title_justify="left")
-        for col in ("BN", "into", "pattern"):
-            t.add_column(col)
-        for f in report.folded:
-            t.add_row(_scoped(f.bn, f.graph) + ("" if f.op == "BatchNormalization" else f" ({f.op})"),
-                      f.producer, f.pattern)
-        con.print(t)
+        con.print(table(f"folded {len(report.folded)} BatchNormalization{_split_note(report)}",
+                        ("BN", "into", "pattern"),
+                        ((_scoped(f.bn, f.graph) + ("" if f.op == "BatchNormalization" else f" ({f.op})"),
+                          f.producer, f.pattern) for f in report.folded)))
     if report.skipped:
-        t = Table(title=f"kept {len(report.skipped)} BatchNormalization", title_justify="left")
-        t.add_column("BN")
-        t.add_column("why it was kept")
-        for s in report.skipped:
-            t.add_row(_scoped(s.bn, s.graph), s.reason)
-        con.print(t)
+        con.print(table(f"kept {len(report.skipped)} BatchNormalization", ("BN", "why it was kept"),
+                        ((_scoped(s.bn, s.graph), s.reason) for s in report.skipped)))
     if report.rewritten:
-        t = Table(title=f"rewrote {len(report.rewritten)} BatchNormalization as Mul+Add", title_justify="left")
-        t.add_column("BN")
-        t.add_column("why it could not fold")
-        for r in report.rewritten:
-            t.add_row(_scoped(r.bn, r.graph), r.reason)
-        con.print(t)
+        con.print(table(f"rewrote {len(report.rewritten)} BatchNormalization as Mul+Add",
+                        ("BN", "why it could not fold"), ((_scoped(r.bn, r.graph), r.reason) for r in report.rewritten)))
     if not report.folded and not report.skipped and not report.rewritten:
         con.print("no BatchNormalization found")
     for note in report.notes:
