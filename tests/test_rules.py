@@ -358,3 +358,42 @@ def test_unused_parameters_are_pruned():
     names = {t.name for t in fused.graph.initializer}
     assert not any(n.startswith("bn_") for n in names), names
     assert len(fused.graph.node) == 1
+
+
+@pytest.mark.parametrize("weight_first,add_bias", [(False, (6,)), (False, None), (True, None)],
+                         ids=["xW_add", "xW", "Wx"])
+def test_matmul_opset6_legacy_broadcast(weight_first, add_bias):
+    """Opset 6 has no runtime with BN-6 and legacy Add broadcasting, so the fused graph
+    (MatMul → Add[broadcast=1, axis=1]) is evaluated here by hand in numpy and compared with
+    BN recomputed in float64 from the original constants."""
+    case = matmul_case(weight_first=weight_first, add_bias=add_bias)
+    m = case.model
+    m.opset_import[0].version, m.ir_version = 6, 3
+    m.graph.input.extend(vi(t.name, list(t.dims)) for t in m.graph.initializer)
+    for node in m.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("is_test", 1))
+        if node.op_type == "Add":
+            node.attribute.append(helper.make_attribute("broadcast", 1))
+    fused, report = fuse_onnx(copy.deepcopy(m))
+    assert len(report.folded) == 1 and bn_count(fused) == 0
+    onnx.checker.check_model(fused)
+
+    src = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    x = case.feeds["x"].astype(np.float64)
+    z = src["W"] @ x if weight_first else x @ src["W"]
+    if add_bias:
+        z = z + src["bias"]
+    expected = numpy_bn(z, src["bn_scale"], src["bn_B"], src["bn_mean"], src["bn_var"], 1e-5)
+
+    consts = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in fused.graph.initializer}
+    values = {"x": x}
+    for node in fused.graph.node:
+        a, b = (values.get(n, consts.get(n)) for n in node.input)
+        if node.op_type == "MatMul":
+            values[node.output[0]] = a @ b
+        else:
+            attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+            assert node.op_type == "Add" and attrs == {"broadcast": 1, "axis": 1} and b.ndim == 1
+            values[node.output[0]] = a + b.reshape((1, -1) + (1,) * (a.ndim - 2))
+    np.testing.assert_allclose(values["y"], expected, rtol=1e-5, atol=1e-5)
