@@ -5,10 +5,11 @@ from .errors import BadInput, BnfoldError, UsageError
 from .fuse import FuseOptions, fuse_file, fuse_onnx
 from .onnx_io import load_onnx, save_onnx
 from .report import FoldReport
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadInput", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
-    "fuse_file", "fuse_onnx", "load_onnx", "save_onnx",
+    "VerifyReport", "fuse_file", "fuse_onnx", "load_onnx", "save_onnx", "verify",
 ]

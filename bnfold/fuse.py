@@ -1,6 +1,7 @@
 """The `fuse` stage: load → fold → save, for any supported format. Returns a FoldReport."""
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from functools import partial
@@ -34,6 +35,8 @@ class FuseOptions:
     arch_kwargs: dict = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     example_input: Path | None = None
+    # Verify before the output is put in place (`fuse --verify`); nothing is written on a mismatch.
+    verify: bool = False
 
 
 def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions | None = None,
@@ -93,15 +96,34 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
         try:
             model, report = fuse_onnx(source.model, options, base_dir=source.base_dir, spill=spill)
             report.input = str(src)
-            save_onnx(model, dst, base_dir=source.base_dir, external=source.has_external_data or None,
+            staged = Path(scratch) / dst.name if options.verify else dst
+            save_onnx(model, staged, base_dir=source.base_dir, external=source.has_external_data or None,
                       accept_invalid=partial(_input_also_invalid, src, report))
         finally:
             spill.close()
+        if options.verify and not _verified(src, staged, dst, options, report):
+            report.seconds = time.perf_counter() - start
+            return report
     report.output = str(dst)
     report.size_before = size_before
     report.size_after = file_size(dst)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _verified(src: Path, staged: Path, dst: Path, options: FuseOptions, report: FoldReport) -> bool:
+    """Verify the staged output against the input; move it into place only if it passes."""
+    from .verify import verify
+
+    report.verify = verify(src, staged, shapes=options.shapes or None)
+    if not report.verify.passed:
+        report.output = None
+        return False
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, dst.with_name(dst.name + ".data"))
+    os.replace(staged, dst)
+    return True
 
 
 def _input_also_invalid(src: Path, report: FoldReport, error: Exception) -> bool:

@@ -1,7 +1,29 @@
-"""Model inputs for verify, bench and calibrate: user shapes, seeded random data, .npz files."""
+"""Model inputs for verify, bench and calibrate: user shapes, seeded random data, .npz files.
+
+Dynamic dimensions are filled in this order: a `--shape NAME=…` for that input; the batch
+size for the first dimension (default 2); 32 for the other dimensions of an input of rank
+3 or more (spatial or sequence axes); 1 otherwise.
+"""
 from __future__ import annotations
 
-from .errors import UsageError
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import BadInput, UsageError
+
+DEFAULT_BATCH = 2
+DEFAULT_SPATIAL = 32
+
+
+@dataclass
+class InputInfo:
+    name: str
+    shape: list[int]
+    dtype: str
 
 
 def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
@@ -18,3 +40,98 @@ def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
         if not shapes[name] or any(d <= 0 for d in shapes[name]):
             raise UsageError(f"--shape {spec!r}: dimensions must be positive integers")
     return shapes
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+def resolve_shape(value: onnx.ValueInfoProto, shapes: dict[str, list[int]], batch_size: int | None) -> list[int]:
+    dims = value.type.tensor_type.shape.dim
+    if value.name in shapes:
+        shape = shapes[value.name]
+        fixed = [(i, d.dim_value) for i, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value > 0]
+        if len(shape) != len(dims) or any(shape[i] != v for i, v in fixed):
+            want = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise UsageError(f"--shape {value.name}={','.join(map(str, shape))} does not match the graph's {want}")
+        return list(shape)
+    out = []
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(d.dim_value)
+        elif i == 0:
+            out.append(batch_size or DEFAULT_BATCH)
+        else:
+            out.append(DEFAULT_SPATIAL if len(dims) >= 3 else 1)
+    return out
+
+
+def make_inputs(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None,
+                batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random data for every graph input: floats N(0, 1), integers in [0, 4), bools."""
+    shapes = shapes or {}
+    known = {i.name for i in graph_inputs(model)}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise UsageError(f"--shape names unknown input(s) {unknown}; the graph's inputs are {sorted(known)}")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in graph_inputs(model):
+        shape, dtype = resolve_shape(value, shapes, batch_size), input_dtype(value)
+        feeds[value.name] = random_array(rng, shape, dtype)
+    return feeds
+
+
+def random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 4, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """A user's inputs: `.npz` with one array per input name, or `.npy` for a one-input model."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput("no such data file", path)
+    expected = graph_inputs(model)
+    try:
+        if path.suffix == ".npy":
+            if len(expected) != 1:
+                raise BadInput(f".npy holds one array but the model has {len(expected)} inputs; use .npz", path)
+            arrays = {expected[0].name: np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput(f"cannot read arrays ({exc})", path) from None
+    check_inputs(arrays, model, path)
+    return arrays
+
+
+def check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Names, ranks, fixed dimensions and dtypes must match the graph's inputs."""
+    expected = {v.name: v for v in graph_inputs(model)}
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise BadInput(f"inputs do not match the graph: missing {missing}, unexpected {extra}", path)
+    for name, array in arrays.items():
+        value = expected[name]
+        dims = value.type.tensor_type.shape.dim
+        if array.dtype != input_dtype(value):
+            raise BadInput(f"input {name!r} is {array.dtype}, the graph wants {input_dtype(value)}", path)
+        if len(array.shape) != len(dims) or any(
+                d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n for d, n in zip(dims, array.shape)):
+            want = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise BadInput(f"input {name!r} has shape {list(array.shape)}, the graph wants {want}", path)
+
+
+def describe_inputs(feeds: dict[str, np.ndarray]) -> list[InputInfo]:
+    return [InputInfo(name, list(a.shape), str(a.dtype)) for name, a in feeds.items()]

@@ -72,6 +72,7 @@ class FoldReport:
     size_after: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    verify: Any = None  # a VerifyReport when fused with --verify
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

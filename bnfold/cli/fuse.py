@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import EXIT_FAILED, UsageError
 from ..fuse import FuseOptions, fuse_file
 from ..inputs import parse_shapes
 from ..render import Output
@@ -30,6 +30,7 @@ def fuse(
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
     shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… input shape for export (repeatable)."),
     example_input: Optional[Path] = typer.Option(None, help=".npz/.npy example input for torch export."),
+    verify: bool = typer.Option(False, "--verify", help="Verify and keep the output only if it passes (else exit 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Fold every BatchNormalization that can be folded exactly and write the fused model."""
@@ -37,10 +38,12 @@ def fuse(
     options = FuseOptions(
         standalone=standalone, variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
         trust_pickle=trust_pickle, arch=arch, arch_kwargs=_json_kwargs(arch_kwargs),
-        shapes=parse_shapes(shape), example_input=example_input,
+        shapes=parse_shapes(shape), example_input=example_input, verify=verify,
     )
     report = fuse_file(src, output, in_place, options)
     render_fold(report, out)
+    if report.verify is not None and not report.verify.passed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _json_kwargs(text: str | None) -> dict:

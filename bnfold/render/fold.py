@@ -55,8 +55,14 @@ def render_fold(report: FoldReport, out: Output) -> None:
         f"nodes {report.nodes_before} → {report.nodes_after}, BN {report.bn_before} → {report.bn_after}, "
         f"size {_size(report.size_before)} → {_size(report.size_after)}, {report.seconds:.2f} s"
     )
+    if report.verify is not None:
+        from .verify import render_verify
+
+        render_verify(report.verify, out)
     if report.output:
         con.print(f"wrote {report.output}")
+    elif report.verify is not None and not report.verify.passed:
+        con.print("[red]nothing written[/]: verification failed")
 
 
 def _scoped(name: str, graph: str) -> str:
