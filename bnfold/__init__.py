@@ -1,6 +1,7 @@
 """bnfold: fold BatchNormalization into the layer before it, provably without changing the network."""
 from __future__ import annotations
 
+from .bench import BenchReport, bench
 from .errors import BadInput, BnfoldError, UsageError
 from .fuse import FuseOptions, fuse_file, fuse_onnx
 from .onnx_io import load_onnx, save_onnx
@@ -10,6 +11,6 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadInput", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
-    "VerifyReport", "fuse_file", "fuse_onnx", "load_onnx", "save_onnx", "verify",
+    "BadInput", "BenchReport", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
+    "VerifyReport", "bench", "fuse_file", "fuse_onnx", "load_onnx", "save_onnx", "verify",
 ]
