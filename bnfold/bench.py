@@ -158,7 +158,7 @@ def time_interleaved(paths: Sequence[Path], feeds: dict[str, np.ndarray], provid
     sessions, created = [], []
     for path in paths:
         start = time.perf_counter()
-        sessions.append(session(path, provider, level, threads))
+        sessions.append(session(path, provider, level, threads, spinning=False))
         created.append(time.perf_counter() - start)
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     for _ in range(warmup):

@@ -51,9 +51,17 @@ def provider_name(short: str) -> str:
 
 
 def session(model: str | Path | bytes, provider: str = "cpu", level: str = "disabled",
-            threads: int | None = None) -> ort.InferenceSession:
-    """A session with the given optimization level; a model ORT cannot load is bad input."""
+            threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """A session with the given optimization level; a model ORT cannot load is bad input.
+
+    `spinning=False` stops idle worker threads from busy-waiting after a run: when two
+    sessions take turns (bench), one session's spinning threads would otherwise steal the
+    cores the other one is timed on.
+    """
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if level not in LEVELS:
         raise BadInput(f"unknown optimization level {level!r}; known: {', '.join(LEVELS)}")
     options.graph_optimization_level = LEVELS[level]
