@@ -1,0 +1,184 @@
+"""The `fuse` stage for PyTorch checkpoints: load → fold (torch_pass) → save in the same
+format, or export as ONNX / TorchScript / torch.export with --to."""
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BadInput, UsageError
+from .onnx_io import file_size, resolve_output
+from .report import FoldReport
+from .torch_io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_torch, save_state_dict
+from .torch_pass import fold_module, guess_example
+
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+
+
+def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = None,
+                keep_layout: bool = False) -> tuple[nn.Module, FoldReport]:
+    """Fold the BNs of an nn.Module (in place). `keep_layout` sets folded BNs to the identity
+    instead of removing them, so the state_dict keeps its keys."""
+    report = FoldReport(input=type(module).__name__, output=None, format="torch")
+    if isinstance(module, torch.jit.ScriptModule):
+        from .torch_script_pass import fold_script_module
+
+        module = private_copy(module)
+        report.format = TORCHSCRIPT
+        return fold_script_module(module, report), report
+    _count_bn(module, report, "bn_before")
+    fold_module(module, report, "identity" if keep_layout else "remove", example)
+    _count_bn(module, report, "bn_after")
+    return module, report
+
+
+def private_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Scripted classes share one graph per type across a process; a save/load round trip
+    gives this module types of its own, so cutting a BN call cannot reach any other module."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location="cpu")
+
+
+def _count_bn(module, report: FoldReport, key: str) -> None:
+    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    setattr(report, key, n)
+
+
+def example_inputs(options, module: Any) -> tuple[torch.Tensor, ...] | None:
+    """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
+    if options.example_input:
+        path = Path(options.example_input)
+        try:
+            if path.suffix == ".npy":
+                return (torch.from_numpy(np.load(path)),)
+            with np.load(path) as npz:
+                return tuple(torch.from_numpy(npz[k]) for k in npz.files)
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"cannot read example input ({exc})", path) from None
+    if options.shapes:
+        dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
+            else torch.float32
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in options.shapes.values())
+    return guess_example(module) if isinstance(module, nn.Module) else None
+
+
+def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> FoldReport:
+    start = time.perf_counter()
+    src = Path(src)
+    source = load_torch(src, trust_pickle=options.trust_pickle, arch=options.arch, arch_kwargs=options.arch_kwargs)
+    to = options.to
+    if to not in ("same", "onnx", "pt2", "torchscript"):
+        raise UsageError(f"--to must be same, onnx, pt2 or torchscript, not {to!r}")
+    dst = resolve_output(src, Path(output) if output else None, in_place, None if to == "same" else SUFFIX[to])
+    if options.variance != "unbiased":
+        from .variance import correct_torch_variance
+
+        example = example_inputs(options, _as_module(source))
+        corrections = correct_torch_variance(_as_module(source), options, example)
+    else:
+        corrections = []
+    report = _fold_source(source, to)
+    report.variance = corrections
+    report.input, report.size_before = str(src), src.stat().st_size
+    _write(source, report, to, dst, options)
+    report.output, report.size_after = str(dst), file_size(dst) if to == "onnx" else dst.stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _as_module(source: TorchSource):
+    return source.module.module() if source.kind == EXPORT else source.module
+
+
+def _fold_source(source: TorchSource, to: str) -> FoldReport:
+    if source.kind == EXPORT:
+        from .torch_export_pass import fold_exported
+
+        report = FoldReport(input="", output=None, format=EXPORT)
+        gm = source.module.module()
+        report.bn_before = _count_aten_bn(gm)
+        source.folded = fold_exported(gm, report)
+        report.bn_after = _count_aten_bn(gm)
+        return report
+    keep_layout = source.kind == STATE_DICT and to == "same"
+    module, report = fuse_module(source.module, keep_layout=keep_layout)
+    source.folded = module
+    report.format = source.kind
+    if keep_layout and report.folded:
+        report.notes.append("state_dict: each folded BN is set to the identity (γ=1, β=0, μ=0, σ²=1−ε) so the "
+                            "file loads into the original architecture with strict=True; to remove the BN cost "
+                            "use --to onnx, --to pt2, or bnfold.fuse_module at load time")
+    return report
+
+
+def _count_aten_bn(gm) -> int:
+    from .torch_export_pass import BN_OPS
+
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS)
+
+
+def _write(source: TorchSource, report: FoldReport, to: str, dst: Path, options) -> None:
+    module = source.folded
+    if to == "same":
+        if source.kind == STATE_DICT:
+            save_state_dict(source, module.state_dict(), dst)
+        elif source.kind == TORCHSCRIPT:
+            atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
+        elif source.kind == EXPORT:
+            args, kwargs = source.module.example_inputs or ((), {})
+            program = _export(module, args, kwargs)
+            atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+        else:
+            atomic_write(dst, lambda p: torch.save(module, str(p)))
+        return
+    example = _example_for(source, options, module)
+    if to == "onnx":
+        from .onnx_io import save_onnx
+        import onnx
+
+        buffer = io.BytesIO()
+        _to_onnx(module, example, buffer)
+        save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    elif to == "torchscript":
+        traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
+        atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
+    else:
+        program = _export(module, example, {})
+        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+
+
+def _example_for(source: TorchSource, options, module) -> tuple[torch.Tensor, ...]:
+    if source.kind == EXPORT and not options.shapes and not options.example_input:
+        return tuple(source.module.example_inputs[0])
+    example = example_inputs(options, module)
+    if example is None:
+        raise UsageError("cannot tell the model's input shape: pass --shape NAME=D0,D1,… or --example-input")
+    return example
+
+
+def _export(module, args, kwargs):
+    try:
+        return torch.export.export(module, tuple(args), kwargs or {})
+    except Exception as exc:  # noqa: BLE001 — export failures are many and varied
+        raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]})") from None
+
+
+def _to_onnx(module, example, target) -> None:
+    """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(example), target, dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL, opset_version=17,
+                          input_names=[f"input{i}" if i else "input" for i in range(len(example))],
+                          dynamic_axes={("input" if i == 0 else f"input{i}"): {0: "batch"} for i in range(len(example))})
