@@ -6,11 +6,12 @@ from .errors import BadInput, BnfoldError, UsageError
 from .fuse import FuseOptions, fuse_file, fuse_onnx
 from .onnx_io import load_onnx, save_onnx
 from .report import FoldReport
+from .torch_fuse import fuse_module
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadInput", "BenchReport", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
-    "VerifyReport", "bench", "fuse_file", "fuse_onnx", "load_onnx", "save_onnx", "verify",
+    "VerifyReport", "bench", "fuse_file", "fuse_module", "fuse_onnx", "load_onnx", "save_onnx", "verify",
 ]

@@ -136,7 +136,7 @@ def _write(source: TorchSource, report: FoldReport, to: str, dst: Path, options)
             atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
         elif source.kind == EXPORT:
             args, kwargs = source.module.example_inputs or ((), {})
-            program = _export(module, args, kwargs)
+            program = _export(module, args, kwargs, dynamic_dims(source.module))
             atomic_write(dst, lambda p: torch.export.save(program, str(p)))
         else:
             atomic_write(dst, lambda p: torch.save(module, str(p)))
@@ -166,9 +166,22 @@ def _example_for(source: TorchSource, options, module) -> tuple[torch.Tensor, ..
     return example
 
 
-def _export(module, args, kwargs):
+def dynamic_dims(program) -> tuple | None:
+    """The original program's dynamic dimensions, so that the re-export keeps them."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    for name in user_inputs:
+        val = nodes[name].meta.get("val")
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(val, "shape", ())) if not isinstance(d, int)}
+        shapes.append(dims or None)
+    return tuple(shapes) if any(shapes) else None
+
+
+def _export(module, args, kwargs, dynamic_shapes=None):
     try:
-        return torch.export.export(module, tuple(args), kwargs or {})
+        return torch.export.export(module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 — export failures are many and varied
         raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:160]})") from None

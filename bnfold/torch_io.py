@@ -109,7 +109,11 @@ def _from_state_dict(path: Path, obj: Any, arch: str | None, arch_kwargs: dict) 
     if arch is None:
         raise UsageError("is a state_dict: pass --arch package.module:factory to build the module it belongs to", path)
     module = build_arch(arch, arch_kwargs)
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise BadInput(f"does not fit --arch {arch}: {detail[:240]}", path) from None
     if result.missing_keys or result.unexpected_keys:
         raise BadInput(f"keys do not match --arch {arch}: missing {result.missing_keys[:5]}, "
                        f"unexpected {result.unexpected_keys[:5]}", path)

@@ -73,6 +73,11 @@ def _site(module, call, bn_name: str, attrs: dict, counts: dict) -> str:
         raise Skip(f"input comes from {node.kind()}, not a layer call")
     producer = attrs.get(node.inputsAt(0).debugName())
     kind = getattr(getattr(module, producer, None), "original_name", "") if producer else ""
+    if kind == "Linear":
+        # BN1d normalizes axis 1, the Linear's feature axis only for [N, C]; a scripted graph
+        # does not record the rank, so the fold would be a guess.
+        raise Skip("Linear → BatchNorm1d in TorchScript: the rank is not in the graph; fold the eager module "
+                   "(state_dict + --arch, or a pickle) instead")
     if kind not in LAYERS:
         raise Skip(f"{producer} ({kind or 'unknown'}) is not a foldable layer")
     if len(x.uses()) != 1:

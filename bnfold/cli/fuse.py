@@ -37,7 +37,7 @@ def fuse(
     out = Output(as_json)
     options = FuseOptions(
         standalone=standalone, variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
-        trust_pickle=trust_pickle, arch=arch, arch_kwargs=_json_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs),
         shapes=parse_shapes(shape), example_input=example_input, verify=verify,
     )
     report = fuse_file(src, output, in_place, options)
@@ -46,7 +46,7 @@ def fuse(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _json_kwargs(text: str | None) -> dict:
+def json_kwargs(text: str | None) -> dict:
     if not text:
         return {}
     try:
