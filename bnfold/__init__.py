@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .bench import BenchReport, bench
+from .calibrate import CalibrationReport, calibrate
 from .errors import BadInput, BnfoldError, UsageError
 from .fuse import FuseOptions, fuse_file, fuse_onnx
 from .onnx_io import load_onnx, save_onnx
@@ -12,6 +13,6 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadInput", "BenchReport", "BnfoldError", "FoldReport", "FuseOptions", "UsageError",
+    "BadInput", "BenchReport", "BnfoldError", "CalibrationReport", "calibrate", "FoldReport", "FuseOptions", "UsageError",
     "VerifyReport", "bench", "fuse_file", "fuse_module", "fuse_onnx", "load_onnx", "save_onnx", "verify",
 ]

@@ -35,6 +35,9 @@ class FuseOptions:
     arch_kwargs: dict = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     example_input: Path | None = None
+    # Recompute BN statistics from this data first (`fuse --calibrate D --batch-size N`).
+    calibrate: Path | None = None
+    upstream: str = "batch"
     # Verify before the output is put in place (`fuse --verify`); nothing is written on a mismatch.
     verify: bool = False
 
@@ -89,13 +92,14 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     dst = resolve_output(src, Path(output) if output else None, in_place, suffix=".onnx")
     if options.to not in ("same", "onnx"):
         raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
-    source: OnnxSource = load_onnx(src)
+    source: OnnxSource = load_onnx(src, lazy=options.calibrate is None)
     size_before = file_size(src, source.model)
+    calibration = _calibrate_first(source, options)
     with tempfile.TemporaryDirectory(prefix=".bnfold-scratch-", dir=dst.parent) as scratch:
         spill = TensorSpill(scratch)
         try:
             model, report = fuse_onnx(source.model, options, base_dir=source.base_dir, spill=spill)
-            report.input = str(src)
+            report.input, report.calibration = str(src), calibration
             staged = Path(scratch) / dst.name if options.verify else dst
             save_onnx(model, staged, base_dir=source.base_dir, external=source.has_external_data or None,
                       accept_invalid=partial(_input_also_invalid, src, report))
@@ -108,6 +112,18 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     report.size_before = size_before
     report.size_after = file_size(dst)
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def _calibrate_first(source: OnnxSource, options: FuseOptions):
+    if options.calibrate is None:
+        return None
+    if options.batch_size is None:
+        raise UsageError("--calibrate needs --batch-size N")
+    from .calibrate import calibrate
+
+    model, report = calibrate(source.model, options.calibrate, options.batch_size, upstream=options.upstream)
+    report.input = str(source.path)
     return report
 
 

@@ -170,18 +170,19 @@ def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
 # Output paths
 
 
-def default_output_path(src: Path, suffix: str | None = None) -> Path:
-    """NAME.fused.EXT beside the input."""
+def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused") -> Path:
+    """NAME.fused.EXT (or NAME.<tag>.EXT) beside the input."""
     ext = suffix if suffix is not None else src.suffix
-    return src.with_name(f"{src.stem}.fused{ext}")
+    return src.with_name(f"{src.stem}.{tag}{ext}")
 
 
-def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None) -> Path:
+def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
+                   tag: str = "fused") -> Path:
     if in_place:
         if output is not None and Path(output).resolve() != Path(src).resolve():
             raise UsageError("--in-place and -o name different files; give one of them", output)
         return Path(src)
-    dst = Path(output) if output is not None else default_output_path(Path(src), suffix)
+    dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
     if dst.is_dir():

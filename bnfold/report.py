@@ -73,6 +73,7 @@ class FoldReport:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     verify: Any = None  # a VerifyReport when fused with --verify
+    calibration: Any = None  # a CalibrationReport when fused with --calibrate
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

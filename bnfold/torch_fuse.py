@@ -87,8 +87,9 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
         corrections = correct_torch_variance(_as_module(source), options, example)
     else:
         corrections = []
+    calibration = _calibrate_first(source, options)
     report = _fold_source(source, to)
-    report.variance = corrections
+    report.variance, report.calibration = corrections, calibration
     report.input, report.size_before = str(src), src.stat().st_size
     _write(source, report, to, dst, options)
     report.output, report.size_after = str(dst), file_size(dst) if to == "onnx" else dst.stat().st_size
@@ -96,8 +97,28 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
     return report
 
 
+def _calibrate_first(source: TorchSource, options):
+    if getattr(options, "calibrate", None) is None:
+        return None
+    if options.batch_size is None:
+        raise UsageError("--calibrate needs --batch-size N")
+    if source.kind not in (PICKLE, STATE_DICT):
+        raise BadInput(f"--calibrate needs an eager module (a pickle, or a state_dict with --arch), "
+                       f"not {source.kind}", source.path)
+    from .calibrate import calibrate_torch
+
+    report = calibrate_torch(source.module, options.calibrate, options.batch_size, upstream=options.upstream)
+    report.input = str(source.path)
+    return report
+
+
 def _as_module(source: TorchSource):
-    return source.module.module() if source.kind == EXPORT else source.module
+    """The runnable module; for a program, one unlifted copy that later steps share."""
+    if source.kind != EXPORT:
+        return source.module
+    if getattr(source, "unlifted", None) is None:
+        source.unlifted = source.module.module()
+    return source.unlifted
 
 
 def _fold_source(source: TorchSource, to: str) -> FoldReport:
@@ -105,7 +126,7 @@ def _fold_source(source: TorchSource, to: str) -> FoldReport:
         from .torch_export_pass import fold_exported
 
         report = FoldReport(input="", output=None, format=EXPORT)
-        gm = source.module.module()
+        gm = _as_module(source)
         report.bn_before = _count_aten_bn(gm)
         source.folded = fold_exported(gm, report)
         report.bn_after = _count_aten_bn(gm)

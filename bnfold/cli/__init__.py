@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from . import bench, calibrate, fuse, verify  # noqa: F401  (each registers its command)
 from .app import app, run
-from . import fuse as _fuse  # noqa: F401  (registers the command)
-
-for _name in ("verify", "bench", "calibrate"):
-    try:  # each command lives in its own module
-        __import__(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__name__}.{_name}":
-            raise
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ def fuse(
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
     shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… input shape for export (repeatable)."),
     example_input: Optional[Path] = typer.Option(None, help=".npz/.npy example input for torch export."),
+    calibrate: Optional[Path] = typer.Option(None, help="Recompute BN statistics from this data first (needs --batch-size)."),
+    upstream: str = typer.Option("batch", help="With --calibrate: 'batch' (Alg. 2) or 'population'."),
     verify: bool = typer.Option(False, "--verify", help="Verify and keep the output only if it passes (else exit 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -38,7 +40,8 @@ def fuse(
     options = FuseOptions(
         standalone=standalone, variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
         trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs),
-        shapes=parse_shapes(shape), example_input=example_input, verify=verify,
+        shapes=parse_shapes(shape), example_input=example_input, verify=verify, calibrate=calibrate,
+        upstream=upstream,
     )
     report = fuse_file(src, output, in_place, options)
     render_fold(report, out)

@@ -33,6 +33,10 @@ def render_fold(report: FoldReport, out: Output) -> None:
         out.json(report)
         return
     con = out.out
+    if report.calibration is not None:
+        from .calibrate import render_calibrate
+
+        render_calibrate(report.calibration, out)
     if report.variance:
         con.print(table("variance corrected by m/(m−1)", ("BN", "m", "factor"),
                         ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in report.variance)))

@@ -1,0 +1,37 @@
+"""`bnfold calibrate`."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import typer
+
+from ..calibrate import calibrate_file
+from ..render import Output
+from ..render.calibrate import render_calibrate
+from .app import app
+from .fuse import json_kwargs
+
+
+@app.command()
+def calibrate(
+    src: Path = typer.Argument(..., help="Model whose BN statistics to recompute (.onnx, torch pickle/state_dict).",
+                               show_default=False),
+    data: Path = typer.Option(..., help=".npz (arrays by input name, samples on axis 0), .npy, or a folder."),
+    batch_size: int = typer.Option(..., help="Training batch size N (≥ 2): statistics are taken per batch."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.calibrated.EXT)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
+    upstream: str = typer.Option("batch", help="'batch': every BN normalizes with its batch statistics (Alg. 2); "
+                                               "'population': BNs keep their stored statistics while measured."),
+    trust_pickle: bool = typer.Option(False, help="Torch: allow unpickling a full-module checkpoint."),
+    arch: Optional[str] = typer.Option(None, help="Torch state_dict: package.module:factory."),
+    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Recompute every BN's E[x] and Var[x] from data, exactly as the BN paper's Algorithm 2."""
+    out = Output(as_json)
+    options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs))
+    with out.progress("calibrating (batches)", total=None) as tick:
+        report = calibrate_file(src, data, batch_size, output, in_place, upstream, options, progress=tick)
+    render_calibrate(report, out)

@@ -1,0 +1,82 @@
+"""Calibration data: `.npz` (one array per input name, samples on axis 0), `.npy` (a
+one-input model), or a folder of such files, read in batches of N one file at a time."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput, UsageError
+
+
+def data_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+        if not files:
+            raise BadInput("folder holds no .npz or .npy files", path)
+        return files
+    if not path.is_file():
+        raise BadInput("no such data file or folder", path)
+    if path.suffix not in (".npz", ".npy"):
+        raise BadInput("data must be .npz, .npy or a folder of them", path)
+    return [path]
+
+
+def read_file(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix == ".npy":
+            if len(input_names) != 1:
+                raise BadInput(f".npy holds one array but the model has inputs {input_names}; use .npz", path)
+            return {input_names[0]: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput(f"cannot read arrays ({exc})", path) from None
+
+
+def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[np.dtype, list]], path: Path) -> int:
+    """Names, dtypes and per-sample shapes against the graph; returns the sample count."""
+    if set(arrays) != set(expected):
+        raise BadInput(f"arrays {sorted(arrays)} do not match the model's inputs {sorted(expected)}", path)
+    counts = {len(a) if a.ndim else 0 for a in arrays.values()}
+    if len(counts) != 1:
+        raise BadInput("inputs hold different numbers of samples", path)
+    for name, array in arrays.items():
+        dtype, dims = expected[name]
+        if dtype is None:  # a torch module: nothing declared to check against
+            continue
+        if array.dtype != dtype:
+            raise BadInput(f"input {name!r} is {array.dtype}, the model wants {dtype}", path)
+        if array.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != n
+                                          for d, n in zip(dims[1:], array.shape[1:])):
+            raise BadInput(f"input {name!r} has samples of shape {list(array.shape[1:])}, the model wants "
+                           f"{dims[1:]}", path)
+    return counts.pop()
+
+
+def batches(path: str | Path, expected: dict[str, tuple[np.dtype, list]], batch_size: int
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` samples across all files; the last one may be smaller."""
+    if batch_size < 2:
+        raise UsageError("--batch-size must be at least 2: a batch of one sample has no variance")
+    pending: dict[str, list[np.ndarray]] = {k: [] for k in expected}
+    held = 0
+    total = 0
+    for file in data_files(path):
+        arrays = read_file(file, list(expected))
+        n = check_arrays(arrays, expected, file)
+        total += n
+        for k in pending:
+            pending[k].append(arrays[k])
+        held += n
+        while held >= batch_size:
+            joined = {k: np.concatenate(v) for k, v in pending.items()}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            pending = {k: [v[batch_size:]] for k, v in joined.items()}
+            held -= batch_size
+    if total == 0:
+        raise BadInput("the data set is empty", path)
+    if held:
+        yield {k: np.concatenate(v) for k, v in pending.items()}

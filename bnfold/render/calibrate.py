@@ -1,0 +1,26 @@
+"""Rich rendering of a CalibrationReport."""
+from __future__ import annotations
+
+from rich.markup import escape
+
+from ..calibrate import CalibrationReport
+from . import Output
+from .fold import table
+
+
+def render_calibrate(report: CalibrationReport, out: Output) -> None:
+    for w in report.warnings:
+        out.warn(w)
+    if out.as_json:
+        out.json(report)
+        return
+    con = out.out
+    con.print(f"{report.samples} samples in {report.batches} batches of {report.batch_size} "
+              f"({report.dropped_batches} dropped), upstream BNs on {report.upstream} statistics")
+    con.print(table(escape("E[x] and Var[x] per BN (channel averages; max relative change over channels)"),
+                    ("BN", "m", "mean old → new", "Δ mean", "var old → new", "Δ var"),
+                    ((b.bn, str(b.values_per_channel), f"{b.mean_old:.4g} → {b.mean_new:.4g}",
+                      f"{b.mean_max_change:.2%}", f"{b.var_old:.4g} → {b.var_new:.4g}", f"{b.var_max_change:.2%}")
+                     for b in report.bns)))
+    if report.output:
+        con.print(f"wrote {report.output}")

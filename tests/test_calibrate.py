@@ -1,0 +1,171 @@
+"""calibrate against an independent float64 implementation of Algorithm 2: torch float64
+forward passes (training-mode BN, or eval for --upstream population) with hooks that keep
+each BN's input, and the per-batch statistics combined in numpy."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from bnfold import calibrate
+from bnfold.calibrate import calibrate_torch
+from bnfold.cli import run as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import zoo  # noqa: E402
+
+
+def algorithm2(model: nn.Module, data: np.ndarray, batch_size: int, upstream: str = "batch"):
+    """E[x] = Σ n_b μ_b / Σ n_b, Var[x] = Σ n_b·n_b/(n_b−1)·σ²_b / Σ n_b, in float64."""
+    ref = copy.deepcopy(model).double().eval()
+    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.train(upstream == "batch")
+        m.momentum = 0.0
+    seen: dict[int, np.ndarray] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0].numpy()))
+             for k, m in enumerate(bns)]
+    sums = [[0.0, 0.0, 0.0] for _ in bns]
+    for start in range(0, len(data), batch_size):
+        with torch.no_grad():
+            ref(torch.from_numpy(data[start:start + batch_size].astype(np.float64)))
+        for k in range(len(bns)):
+            x = seen[k]
+            axes = (0, *range(2, x.ndim))
+            n = x.size // x.shape[1]
+            sums[k][0] += n
+            sums[k][1] = sums[k][1] + n * x.mean(axis=axes)
+            sums[k][2] = sums[k][2] + n * n / (n - 1) * x.var(axis=axes)
+    for h in hooks:
+        h.remove()
+    return [(s[1] / s[0], s[2] / s[0]) for s in sums]
+
+
+def bn_stats(model: onnx.ModelProto):
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [(inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"]
+
+
+class ConvChain(nn.Module):
+    """Conv → BN → ReLU → Conv → BN: the second BN's input depends on the first's batch statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+CASES = {
+    "conv_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (3, 8, 8)),
+    "gemm_bn": (lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), (6,)),
+    "chain": (ConvChain, (3, 9, 9)),
+}
+
+
+def _export(model, shape, path):
+    return zoo.export_onnx(model.eval(), torch.randn(2, *shape), path)
+
+
+@pytest.mark.parametrize("upstream", ["batch", "population"])
+@pytest.mark.parametrize("n_samples,batch", [(48, 16), (50, 16)], ids=["equal_batches", "unequal_last_batch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_onnx_matches_algorithm_2(tmp_path, name, n_samples, batch, upstream):
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(build(), shape, steps=1)
+    src = _export(model, shape, tmp_path / "m.onnx")
+    data = np.random.default_rng(1).normal(0.3, 1.7, (n_samples, *shape)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=data)
+    calibrated, report = calibrate(src, tmp_path / "d.npz", batch, upstream=upstream)
+    assert report.batches == -(-n_samples // batch) and report.samples == n_samples
+    expected = algorithm2(model, data, batch, upstream)
+    for (mean, var), (ref_mean, ref_var) in zip(bn_stats(calibrated), expected, strict=True):
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_matches_algorithm_2_and_update_bn(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(ConvChain(), (3, 9, 9), steps=1)
+    data = np.random.default_rng(2).normal(0.3, 1.7, (48, 3, 9, 9)).astype(np.float32)
+    np.save(tmp_path / "d.npy", data)
+    ours = copy.deepcopy(model)
+    calibrate_torch(ours, tmp_path / "d.npy", 16)
+    expected = algorithm2(model, data, 16)
+    bns = [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m, (ref_mean, ref_var) in zip(bns, expected):
+        np.testing.assert_allclose(m.running_mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.running_var.numpy(), ref_var, rtol=1e-5, atol=1e-6)
+    # torch's update_bn (momentum=None: equal weight per batch, unbiased batch variance) agrees
+    # when batches are equal, which is when the two definitions coincide.
+    swa = copy.deepcopy(model)
+    loader = [torch.from_numpy(data[i:i + 16]) for i in range(0, 48, 16)]
+    torch.optim.swa_utils.update_bn(loader, swa)
+    for a, b in zip(bns, [m for m in swa.modules() if isinstance(m, nn.BatchNorm2d)]):
+        np.testing.assert_allclose(a.running_mean.numpy(), b.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.running_var.numpy(), b.running_var.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_cli_calibrate_then_fuse(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(ConvChain(), (3, 9, 9), steps=1)
+    src = _export(model, (3, 9, 9), tmp_path / "m.onnx")
+    data = np.random.default_rng(3).normal(0, 1, (40, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=data)
+    assert cli(["calibrate", str(src), "--data", str(tmp_path / "d.npz"), "--batch-size", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["batches"] == 5 and len(report["bns"]) == 2 and report["bns"][0]["values_per_channel"] == 8 * 49
+    out = Path(report["output"])
+    assert out.name == "m.calibrated.onnx"
+    expected = algorithm2(model, data, 8)
+    for (mean, var), (ref_mean, ref_var) in zip(bn_stats(onnx.load(str(out))), expected):
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-6)
+    assert cli(["fuse", str(out), "--verify", "--json"]) == 0
+
+
+def _bad(tmp_path):
+    torch.manual_seed(0)
+    src = _export(zoo.fill_bn_stats(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), (6,), steps=1), (6,),
+                  tmp_path / "m.onnx")
+    ok = np.zeros((8, 6), np.float32)
+    np.savez(tmp_path / "names.npz", x=ok)
+    np.savez(tmp_path / "dtype.npz", input=ok.astype(np.float64))
+    np.savez(tmp_path / "shape.npz", input=np.zeros((8, 7), np.float32))
+    np.savez(tmp_path / "empty.npz", input=np.zeros((0, 6), np.float32))
+    np.savez(tmp_path / "ok.npz", input=ok)
+    return src, {
+        "wrong_names": ["--data", str(tmp_path / "names.npz"), "--batch-size", "4"],
+        "wrong_dtype": ["--data", str(tmp_path / "dtype.npz"), "--batch-size", "4"],
+        "wrong_shape": ["--data", str(tmp_path / "shape.npz"), "--batch-size", "4"],
+        "empty": ["--data", str(tmp_path / "empty.npz"), "--batch-size", "4"],
+        "batch_of_one": ["--data", str(tmp_path / "ok.npz"), "--batch-size", "1"],
+        "missing_data": ["--data", str(tmp_path / "nope.npz"), "--batch-size", "4"],
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong_names", "wrong_dtype", "wrong_shape", "empty", "batch_of_one",
+                                  "missing_data"])
+def test_bad_data_exit_2_no_output(tmp_path, case):
+    src, cases = _bad(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    exe = Path(sys.executable).with_name("bnfold")
+    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
+    proc = subprocess.run([str(exe), "calibrate", str(src), *cases[case]], capture_output=True, text=True, env=env,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
