@@ -7,7 +7,6 @@ with two elementwise ops. The constants are shaped [C, 1, …] to broadcast on a
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from .affine_ops import AffineOp

@@ -2,21 +2,20 @@
 format, or export as ONNX / TorchScript / torch.export with --to."""
 from __future__ import annotations
 
-import copy
 import io
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import BadInput, UsageError
 from .onnx_io import file_size, resolve_output
 from .report import FoldReport
-from .torch_io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_torch, save_state_dict
+from .torch_io import (EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch,
+                       save_state_dict)
 from .torch_pass import fold_module, guess_example
 
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -56,14 +55,7 @@ def _count_bn(module, report: FoldReport, key: str) -> None:
 def example_inputs(options, module: Any) -> tuple[torch.Tensor, ...] | None:
     """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
     if options.example_input:
-        path = Path(options.example_input)
-        try:
-            if path.suffix == ".npy":
-                return (torch.from_numpy(np.load(path)),)
-            with np.load(path) as npz:
-                return tuple(torch.from_numpy(npz[k]) for k in npz.files)
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"cannot read example input ({exc})", path) from None
+        return load_arrays(options.example_input)
     if options.shapes:
         dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
             else torch.float32

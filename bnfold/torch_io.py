@@ -147,6 +147,20 @@ def build_arch(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
+def load_arrays(path: str | Path) -> tuple[torch.Tensor, ...]:
+    """Positional inputs from `.npy` (one) or `.npz` (in the file's order)."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            return (torch.from_numpy(np.load(path, allow_pickle=False)),)
+        with np.load(path, allow_pickle=False) as npz:
+            return tuple(torch.from_numpy(npz[k]) for k in npz.files)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"cannot read arrays ({exc})", path) from None
+
+
 def atomic_write(dst: Path, write) -> Path:
     """Call write(tmp_path), then rename the finished file into place."""
     fd, tmp = tempfile.mkstemp(prefix=".bnfold-", suffix=dst.suffix, dir=dst.parent)

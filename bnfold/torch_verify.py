@@ -13,7 +13,7 @@ from . import formats
 from .compare import compare_outputs, merge
 from .errors import BadInput
 from .inputs import describe_inputs
-from .torch_io import EXPORT, load_torch
+from .torch_io import EXPORT, load_arrays, load_torch
 from .verify import VerifyReport, read_signature, run_session
 
 
@@ -61,14 +61,7 @@ def _runnable(source):
 
 def _example(module, data, shapes, batch_size, seed, path) -> tuple[torch.Tensor, ...]:
     if data is not None:
-        data = Path(data)
-        try:
-            if data.suffix == ".npy":
-                return (torch.from_numpy(np.load(data)),)
-            with np.load(data) as npz:
-                return tuple(torch.from_numpy(npz[k]) for k in npz.files)
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"cannot read inputs ({exc})", data) from None
+        return load_arrays(data)
     g = torch.Generator().manual_seed(seed)
     if shapes:
         return tuple(torch.randn(*dims, generator=g) for dims in shapes.values())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold import FuseOptions, fuse_module, fuse_onnx
+from bnfold import FuseOptions, fuse_onnx
 from bnfold.cli import run as cli
 from bnfold.errors import BadInput, UsageError
 from bnfold.variance import correct_torch_variance
