@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import formats
 from .errors import UsageError
 from .inputs import InputInfo, describe_inputs, load_inputs, make_inputs
 from .onnx_io import file_size
@@ -98,7 +99,7 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
           batch_sizes: Sequence[int] = (1,), levels: Sequence[str] = ("disabled", "default"),
           threads: int | None = None, warmup: int = 5, runs: int | None = None, seconds: float | None = None,
           shapes: dict[str, list[int]] | None = None, data: str | Path | None = None, seed: int = 0,
-          progress: Progress | None = None) -> BenchReport:
+          progress: Progress | None = None, torch_options: Any = None) -> BenchReport:
     """Time `original` (A) against `fused` (B); without `fused`, fuse `original` first."""
     original = Path(original)
     providers = resolve_providers(providers)
@@ -108,6 +109,8 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
         seconds = 2.0
     threads = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
+        if formats.detect_format(original) == formats.TORCH:
+            original, fused = _torch_as_onnx(original, fused, Path(tmp), shapes, torch_options)
         if fused is None:
             from .fuse import fuse_file
 
@@ -133,6 +136,24 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
     if data:
         report.notes.append("inputs from --data: batch sizes come from the data")
     return report
+
+
+def _torch_as_onnx(original: Path, fused, tmp: Path, shapes, torch_options) -> tuple[Path, Path]:
+    """Torch checkpoints are timed in onnxruntime: both exported to ONNX (the original with its BNs)."""
+    from types import SimpleNamespace
+
+    from .fuse import FuseOptions, fuse_file
+    from .torch_fuse import export_unfused_onnx
+
+    opts = torch_options or SimpleNamespace(trust_pickle=False, arch=None, arch_kwargs={})
+    fuse_opts = FuseOptions(to="onnx", trust_pickle=opts.trust_pickle, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
+                            shapes=shapes or {})
+    a = export_unfused_onnx(original, tmp / "original.onnx", fuse_opts)
+    if fused is None:
+        return a, Path(fuse_file(original, tmp / "fused.onnx", options=fuse_opts).output)
+    if formats.detect_format(fused) == formats.TORCH:
+        return a, export_unfused_onnx(Path(fused), tmp / "fused.onnx", fuse_opts)
+    return a, Path(fused)
 
 
 def _offset(progress: Progress | None, k: int, n: int) -> Progress | None:

@@ -3,6 +3,8 @@ format, or export as ONNX / TorchScript / torch.export with --to."""
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -83,10 +85,34 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
     report = _fold_source(source, to)
     report.variance, report.calibration = corrections, calibration
     report.input, report.size_before = str(src), src.stat().st_size
-    _write(source, report, to, dst, options)
+    if getattr(options, "verify", False):
+        with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=dst.parent) as staging:
+            staged = Path(staging) / dst.name
+            _write(source, report, to, staged, options)
+            if not _verified_torch(src, staged, dst, options, report):
+                report.seconds = time.perf_counter() - start
+                return report
+    else:
+        _write(source, report, to, dst, options)
     report.output, report.size_after = str(dst), file_size(dst) if to == "onnx" else dst.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _verified_torch(src: Path, staged: Path, dst: Path, options, report: FoldReport) -> bool:
+    """Compare the staged output with the input (in torch, or in onnxruntime for --to onnx);
+    move it into place only if it passes."""
+    from .verify import verify
+
+    report.verify = verify(src, staged, shapes=options.shapes or None, torch_options=options)
+    if not report.verify.passed:
+        report.output = None
+        return False
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, dst.with_name(dst.name + ".data"))
+    os.replace(staged, dst)
+    return True
 
 
 def _calibrate_first(source: TorchSource, options):
@@ -198,6 +224,19 @@ def _export(module, args, kwargs, dynamic_shapes=None):
     except Exception as exc:  # noqa: BLE001 — export failures are many and varied
         raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:160]})") from None
+
+
+def export_unfused_onnx(src: Path, dst: Path, options) -> Path:
+    """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks."""
+    from .onnx_io import save_onnx
+    import onnx
+
+    source = load_torch(src, trust_pickle=options.trust_pickle, arch=options.arch, arch_kwargs=options.arch_kwargs)
+    module = _as_module(source)
+    example = _example_for(source, options, module)
+    buffer = io.BytesIO()
+    _to_onnx(module, example, buffer)
+    return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
 
 
 def _to_onnx(module, example, target) -> None:

@@ -283,3 +283,16 @@ def test_bad_torch_inputs(trained, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, (case, proc.stderr)
         assert needle in lines[0] and "Traceback" not in proc.stderr, (case, lines)
         assert sorted(p.name for p in tmp_path.iterdir()) == before, case
+
+
+def test_fuse_verify_and_bench_on_a_torch_checkpoint(trained, tmp_path, capsys):
+    model, shape = trained["dcgan"]
+    src = _save("torchscript", model, shape, tmp_path / "g.pt")
+    dims = "input=" + ",".join(map(str, (2, *shape)))
+    assert cli(["fuse", str(src), "--shape", dims, "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify"]["passed"] and report["verify"]["runtime"] == "torch" and Path(report["output"]).exists()
+    assert cli(["bench", str(src), "--shape", dims, "--runs", "3", "--warmup", "0", "--threads", "1",
+                "--level", "disabled", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["original"]["bn_nodes"] == 3 and bench["fused"]["bn_nodes"] == 0
