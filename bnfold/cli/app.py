@@ -10,7 +10,6 @@ from ..errors import BnfoldError
 
 app = typer.Typer(
     name="bnfold",
-    help="Fold BatchNormalization into the layer before it, and prove nothing changed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -24,6 +23,7 @@ def _root() -> None:
     """Fold BatchNormalization into the layer before it, and prove nothing changed.
 
     Exit codes: 0 success, 1 verification or benchmark failure, 2 bad input or usage.
+    Errors are one line on stderr; BNFOLD_DEBUG=1 shows the traceback.
     """
 
 

@@ -29,7 +29,7 @@ def calibrate(
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Recompute every BN's E[x] and Var[x] from data, exactly as the BN paper's Algorithm 2."""
+    """Recompute every BN's E\\[x] and Var\\[x] from data, exactly as the BN paper's Algorithm 2."""
     out = Output(as_json)
     options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs))
     with out.progress("calibrating (batches)", total=None) as tick:
