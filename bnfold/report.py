@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def to_plain(obj: Any) -> Any:
-    """dataclasses → dicts, tuples → lists, numpy scalars → Python numbers, for JSON."""
+    """dataclasses → dicts, tuples → lists, numpy scalars → Python numbers, for JSON.
+
+    JSON has no NaN or ±Infinity: a non-finite number becomes null (e.g. "no rtol would pass").
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -15,7 +19,9 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 

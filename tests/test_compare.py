@@ -90,3 +90,15 @@ def test_merge_keeps_the_worst_of_each_figure():
     m = merge([run1, run2])[0]
     assert not m.passed and m.mismatched == 2 and m.elements == 4
     assert m.max_abs_error == pytest.approx(0.5)
+
+
+def test_report_json_has_no_nan_or_infinity():
+    import json
+
+    from bnfold.report import to_plain
+
+    c = compare_arrays("y", np.array([0.0, 1.0]), np.array([0.5, 1.0]), atol=0.1, rtol=0.0)
+    assert math.isinf(c.min_rtol_to_pass)
+    plain = to_plain(c)
+    assert plain["min_rtol_to_pass"] is None
+    json.dumps(plain, allow_nan=False)
