@@ -126,6 +126,7 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
         for k, (provider, level, batch) in enumerate(configs):
             feeds = load_inputs(data, signature) if data else make_inputs(signature, shapes=shapes,
                                                                           batch_size=batch, seed=seed)
+            _check_batch(feeds, batch, bool(data or shapes))
             if k == 0:
                 report.inputs = describe_inputs(feeds)
             times, created = time_interleaved([original, fused], feeds, provider, level, threads, warmup, runs,
@@ -136,6 +137,15 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
     if data:
         report.notes.append("inputs from --data: batch sizes come from the data")
     return report
+
+
+def _check_batch(feeds: dict[str, np.ndarray], batch: int, given: bool) -> None:
+    """A model with a fixed batch dimension cannot be timed at another batch size."""
+    first = next(iter(feeds.values()), None)
+    if given or first is None or first.ndim == 0 or first.shape[0] == batch:
+        return
+    raise UsageError(f"the model's first input has a fixed batch size {first.shape[0]}; "
+                     f"--batch-size {batch} cannot be used (pass --batch-size {first.shape[0]})")
 
 
 def _torch_as_onnx(original: Path, fused, tmp: Path, shapes, torch_options) -> tuple[Path, Path]:

@@ -88,3 +88,15 @@ def test_bad_options_exit_2_one_line(tiny, args):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     if args[1] == "cuda":
         assert "onnxruntime-gpu" in lines[0]
+
+
+def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path):
+    import onnx
+
+    rng = np.random.default_rng(0)
+    inits = [init("W", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32))] + bn_inits("bn", 8, rng)
+    nodes = [helper.make_node("Conv", ["input", "W"], ["z"], name="conv"), bn_node("z", "y")]
+    path = tmp_path / "fixed.onnx"
+    onnx.save(make_model(nodes, [vi("input", [1, 3, 8, 8])], [vi("y", None)], inits), str(path))
+    assert cli(["bench", str(path), "--batch-size", "4", "--runs", "2"]) == 2
+    assert cli(["bench", str(path), "--batch-size", "1", "--runs", "2", "--warmup", "0", "--json"]) == 0
