@@ -60,6 +60,7 @@ class CalibrationReport:
     samples: int = 0
     dropped_batches: int = 0
     bns: list[BNStatistics] = field(default_factory=list)
+    variance: list = field(default_factory=list)  # m/(m−1) applied to stored variances first
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -77,9 +78,14 @@ class _Site:
 
 
 def calibrate(model_or_path: onnx.ModelProto | str | Path, data: str | Path, batch_size: int, *,
-              upstream: str = "batch", progress: Callable[[int, int], None] | None = None
-              ) -> tuple[onnx.ModelProto, CalibrationReport]:
-    """New E[x] and Var[x] for every BN of the main graph, written into the returned model."""
+              upstream: str = "batch", progress: Callable[[int, int], None] | None = None,
+              variance: str = "unbiased", train_batch_size: int | None = None,
+              values_per_channel: int | None = None) -> tuple[onnx.ModelProto, CalibrationReport]:
+    """New E[x] and Var[x] for every BN of the main graph, written into the returned model.
+
+    variance="biased" first corrects the stored variances by m/(m−1) (m from the training
+    batch size or values_per_channel): with upstream="population" the BNs normalize with them.
+    """
     start = time.perf_counter()
     if upstream not in ("batch", "population"):
         raise UsageError(f"--upstream must be 'batch' or 'population', not {upstream!r}")
@@ -89,6 +95,13 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, data: str | Path, bat
         source = load_onnx(model_or_path, lazy=False)
         model, name, base = source.model, str(source.path), source.base_dir
     report = CalibrationReport(name, None, upstream, batch_size)
+    if variance == "biased":
+        from .variance import correct_biased_variance
+
+        report.variance = correct_biased_variance(model, base, batch_size=train_batch_size,
+                                                  values_per_channel=values_per_channel, path=name)
+    elif variance != "unbiased":
+        raise UsageError(f"--variance must be 'unbiased' or 'biased', not {variance!r}")
     index = ModelIndex(model, base)
     sites = _sites(index, report)
     if not sites:
@@ -311,6 +324,8 @@ def _torch_batches(data, batch_size: int):
 def calibrate_file(src: str | Path, data: str | Path, batch_size: int, output: str | Path | None = None,
                    in_place: bool = False, upstream: str = "batch", options: Any = None,
                    progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+    """`options` may carry trust_pickle/arch/arch_kwargs (torch) and variance/train_batch_size/
+    values_per_channel (the stored-variance correction)."""
     """Calibrate the model in `src` and write it in its own format (NAME.calibrated.EXT)."""
     from . import formats
     from .onnx_io import resolve_output, save_onnx
@@ -319,7 +334,10 @@ def calibrate_file(src: str | Path, data: str | Path, batch_size: int, output: s
     src = Path(src)
     dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated")
     if formats.detect_format(src) == formats.ONNX:
-        model, report = calibrate(src, data, batch_size, upstream=upstream, progress=progress)
+        model, report = calibrate(src, data, batch_size, upstream=upstream, progress=progress,
+                                  variance=getattr(options, "variance", "unbiased"),
+                                  train_batch_size=getattr(options, "train_batch_size", None),
+                                  values_per_channel=getattr(options, "values_per_channel", None))
         save_onnx(model, dst, base_dir=src.parent)
     else:
         report = _calibrate_torch_file(src, data, batch_size, dst, upstream, options, progress)
@@ -338,9 +356,24 @@ def _calibrate_torch_file(src: Path, data, batch_size: int, dst: Path, upstream:
     if source.kind not in (PICKLE, STATE_DICT):
         raise BadInput(f"calibrate needs an eager module (a pickle, or a state_dict with --arch), not {source.kind}",
                        src)
+    corrections = _torch_variance_first(source.module, data, batch_size, options)
     report = calibrate_torch(source.module, data, batch_size, upstream=upstream, progress=progress)
+    report.variance = corrections
     if source.kind == STATE_DICT:
         save_state_dict(source, source.module.state_dict(), dst)
     else:
         atomic_write(dst, lambda p: torch.save(source.module, str(p)))
     return report
+
+
+def _torch_variance_first(module, data, batch_size: int, options) -> list:
+    if getattr(options, "variance", "unbiased") != "biased":
+        return []
+    import torch
+    from types import SimpleNamespace
+
+    from .variance import correct_torch_variance
+
+    example = tuple(torch.from_numpy(a) for a in next(iter(_torch_batches(data, batch_size))))
+    return correct_torch_variance(module, SimpleNamespace(batch_size=options.train_batch_size,
+                                                          values_per_channel=options.values_per_channel), example)

@@ -78,6 +78,7 @@ class FoldReport:
     size_after: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)  # torch modules fx could not trace
     verify: Any = None  # a VerifyReport when fused with --verify
     calibration: Any = None  # a CalibrationReport when fused with --calibrate
 

@@ -83,6 +83,9 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
         corrections = []
     calibration = _calibrate_first(source, options)
     report = _fold_source(source, to)
+    if report.untraced and not report.folded:
+        raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "
+                       f"({report.notes[0] if report.notes else ''})", src)
     report.variance, report.calibration = corrections, calibration
     report.input, report.size_before = str(src), src.stat().st_size
     if getattr(options, "verify", False):

@@ -46,8 +46,9 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
     try:
         gm = torch.fx.symbolic_trace(module)
     except Exception as exc:  # noqa: BLE001 — any tracing failure: fall back to traceable parts
-        report.notes.append(f"{type(module).__name__} cannot be traced ({type(exc).__name__}); "
-                            "folding its traceable submodules")
+        report.notes.append(f"{type(module).__name__} cannot be traced ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); folding its traceable submodules")
+        report.untraced.append(type(module).__name__)
         for name, child in module.named_children():
             sub = FoldReport(input=name, output=None, format="torch")
             fold_module(child, sub, mode, None)
@@ -83,6 +84,7 @@ def _merge(report: FoldReport, sub: FoldReport, prefix: str) -> None:
         report.skipped.append(SkippedBN(f"{prefix}.{s.bn}", s.reason, s.producer and f"{prefix}.{s.producer}"))
     report.warnings += sub.warnings
     report.notes += [f"{prefix}: {n}" for n in sub.notes]
+    report.untraced += [f"{prefix}.{u}" for u in sub.untraced]
 
 
 def _node_name(node) -> str | None:

@@ -169,3 +169,24 @@ def test_bad_data_exit_2_no_output(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_population_upstream_uses_the_corrected_stored_variance(tmp_path):
+    """With --variance biased the stored variances are corrected before the BNs, normalizing with
+    them (--upstream population), produce the inputs the downstream BN is measured on."""
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(ConvChain(), (3, 9, 9), steps=1)
+    src = _export(model, (3, 9, 9), tmp_path / "m.onnx")
+    data = np.random.default_rng(5).normal(0, 1, (32, 3, 9, 9)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=data)
+    calibrated, report = calibrate(src, tmp_path / "d.npz", 16, upstream="population", variance="biased",
+                                   values_per_channel=5)
+    assert [v.factor for v in report.variance] == [pytest.approx(1.25)] * 2
+    corrected = copy.deepcopy(model)
+    with torch.no_grad():
+        corrected.b1.running_var *= 1.25
+        corrected.b2.running_var *= 1.25
+    expected = algorithm2(corrected, data, 16, "population")
+    (mean2, var2) = bn_stats(calibrated)[1]
+    np.testing.assert_allclose(mean2, expected[1][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var2, expected[1][1], rtol=1e-4, atol=1e-6)

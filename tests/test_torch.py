@@ -296,3 +296,42 @@ def test_fuse_verify_and_bench_on_a_torch_checkpoint(trained, tmp_path, capsys):
                 "--level", "disabled", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
     assert bench["original"]["bn_nodes"] == 3 and bench["fused"]["bn_nodes"] == 0
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace a branch on a tensor's value; its Sequential child still folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.block(x)
+        return y if y.sum() > 0 else -y
+
+
+class DataDependentNoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_untraceable_model_folds_its_traceable_parts():
+    model = _filled(DataDependent(), (3, 6, 6))
+    original = copy.deepcopy(model)
+    fused, report = fuse_module(model)
+    assert [f.bn for f in report.folded] == ["block.1"] and report.untraced == ["DataDependent"]
+    assert any("cannot be traced" in n for n in report.notes)
+    _assert_same(fused, original, torch.randn(2, 3, 6, 6))
+
+
+def test_untraceable_model_with_nothing_foldable_is_exit_2(tmp_path):
+    path = tmp_path / "u.pt"
+    torch.save(DataDependentNoBN().eval(), path)
+    proc = _run(["fuse", str(path), "--trust-pickle"], cwd=str(Path(__file__).parent))
+    assert proc.returncode == 2 and "cannot be traced" in proc.stderr, proc.stderr
+    assert not (tmp_path / "u.fused.pt").exists()

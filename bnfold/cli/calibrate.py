@@ -24,6 +24,10 @@ def calibrate(
     in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
     upstream: str = typer.Option("batch", help="'batch': every BN normalizes with its batch statistics (Alg. 2); "
                                                "'population': BNs keep their stored statistics while measured."),
+    variance: str = typer.Option("unbiased", help="Stored variance is 'unbiased' or 'biased' (corrected first; "
+                                                   "matters for --upstream population)."),
+    train_batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
+    values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased."),
     trust_pickle: bool = typer.Option(False, help="Torch: allow unpickling a full-module checkpoint."),
     arch: Optional[str] = typer.Option(None, help="Torch state_dict: package.module:factory."),
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
@@ -31,7 +35,9 @@ def calibrate(
 ) -> None:
     """Recompute every BN's E\\[x] and Var\\[x] from data, exactly as the BN paper's Algorithm 2."""
     out = Output(as_json)
-    options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs))
+    options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs),
+                              variance=variance, train_batch_size=train_batch_size,
+                              values_per_channel=values_per_channel)
     with out.progress("calibrating (batches)", total=None) as tick:
         report = calibrate_file(src, data, batch_size, output, in_place, upstream, options, progress=tick)
     render_calibrate(report, out)
