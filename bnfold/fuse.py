@@ -105,7 +105,7 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
                       accept_invalid=partial(_input_also_invalid, src, report))
         finally:
             spill.close()
-        if options.verify and not _verified(src, staged, dst, options, report):
+        if options.verify and not verify_staged(src, staged, dst, options, report):
             report.seconds = time.perf_counter() - start
             return report
     report.output = str(dst)
@@ -127,11 +127,12 @@ def _calibrate_first(source: OnnxSource, options: FuseOptions):
     return report
 
 
-def _verified(src: Path, staged: Path, dst: Path, options: FuseOptions, report: FoldReport) -> bool:
-    """Verify the staged output against the input; move it into place only if it passes."""
+def verify_staged(src: Path, staged: Path, dst: Path, options, report: FoldReport) -> bool:
+    """Verify the staged output against the input (torch inputs in torch, or in onnxruntime
+    for --to onnx); move it, and its data file, into place only if it passes."""
     from .verify import verify
 
-    report.verify = verify(src, staged, shapes=options.shapes or None)
+    report.verify = verify(src, staged, shapes=options.shapes or None, torch_options=options)
     if not report.verify.passed:
         report.output = None
         return False

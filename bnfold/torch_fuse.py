@@ -3,7 +3,6 @@ format, or export as ONNX / TorchScript / torch.export with --to."""
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 import warnings
@@ -89,10 +88,12 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
     report.variance, report.calibration = corrections, calibration
     report.input, report.size_before = str(src), src.stat().st_size
     if getattr(options, "verify", False):
+        from .fuse import verify_staged
+
         with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=dst.parent) as staging:
             staged = Path(staging) / dst.name
             _write(source, report, to, staged, options)
-            if not _verified_torch(src, staged, dst, options, report):
+            if not verify_staged(src, staged, dst, options, report):
                 report.seconds = time.perf_counter() - start
                 return report
     else:
@@ -100,22 +101,6 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
     report.output, report.size_after = str(dst), file_size(dst) if to == "onnx" else dst.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _verified_torch(src: Path, staged: Path, dst: Path, options, report: FoldReport) -> bool:
-    """Compare the staged output with the input (in torch, or in onnxruntime for --to onnx);
-    move it into place only if it passes."""
-    from .verify import verify
-
-    report.verify = verify(src, staged, shapes=options.shapes or None, torch_options=options)
-    if not report.verify.passed:
-        report.output = None
-        return False
-    data = staged.with_name(staged.name + ".data")
-    if data.exists():
-        os.replace(data, dst.with_name(dst.name + ".data"))
-    os.replace(staged, dst)
-    return True
 
 
 def _calibrate_first(source: TorchSource, options):

@@ -5,7 +5,7 @@ from rich.markup import escape
 
 from ..calibrate import CalibrationReport
 from . import Output
-from .fold import table
+from .fold import table, variance_table
 
 
 def render_calibrate(report: CalibrationReport, out: Output) -> None:
@@ -16,8 +16,7 @@ def render_calibrate(report: CalibrationReport, out: Output) -> None:
         return
     con = out.out
     if report.variance:
-        con.print(table("stored variance corrected by m/(m−1) first", ("BN", "m", "factor"),
-                        ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in report.variance)))
+        con.print(variance_table(report.variance))
     con.print(f"{report.samples} samples in {report.batches} batches of {report.batch_size} "
               f"({report.dropped_batches} dropped), upstream BNs on {report.upstream} statistics")
     con.print(table(escape("E[x] and Var[x] per BN (channel averages; max relative change over channels)"),

@@ -26,6 +26,11 @@ def table(title: str, columns: tuple[str, ...], rows) -> Table:
     return t
 
 
+def variance_table(corrections) -> Table:
+    return table("stored variance corrected by m/(m−1)", ("BN", "m", "factor"),
+                 ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in corrections))
+
+
 def render_fold(report: FoldReport, out: Output) -> None:
     for w in report.warnings:
         out.warn(w)
@@ -38,8 +43,7 @@ def render_fold(report: FoldReport, out: Output) -> None:
 
         render_calibrate(report.calibration, out)
     if report.variance:
-        con.print(table("variance corrected by m/(m−1)", ("BN", "m", "factor"),
-                        ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in report.variance)))
+        con.print(variance_table(report.variance))
     if report.folded:
         con.print(table(f"folded {len(report.folded)} BatchNormalization{_split_note(report)}",
                         ("BN", "into", "pattern"),
