@@ -43,7 +43,8 @@ def fuse(
         shapes=parse_shapes(shape), example_input=example_input, verify=verify, calibrate=calibrate,
         upstream=upstream,
     )
-    report = fuse_file(src, output, in_place, options)
+    with out.status(f"fusing {src}"):
+        report = fuse_file(src, output, in_place, options)
     render_fold(report, out)
     if report.verify is not None and not report.verify.passed:
         raise typer.Exit(EXIT_FAILED)

@@ -36,8 +36,9 @@ def verify(
     """Prove the fused model computes what the original did (exit 1 where it does not)."""
     out = Output(as_json)
     torch_options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs))
-    report = run_verify(original, fused, data=data, shapes=parse_shapes(shape), batch_size=batch_size, seed=seed,
-                        batches=batches, atol=atol, rtol=rtol, provider=provider, torch_options=torch_options)
+    with out.status(f"running {original.name} and {fused.name}"):
+        report = run_verify(original, fused, data=data, shapes=parse_shapes(shape), batch_size=batch_size, seed=seed,
+                            batches=batches, atol=atol, rtol=rtol, provider=provider, torch_options=torch_options)
     render_verify(report, out)
     if not report.passed:
         raise typer.Exit(EXIT_FAILED)

@@ -31,6 +31,15 @@ class Output:
         self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     @contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner on stderr for work without countable steps; silent off a terminal or with --json."""
+        if self.err.is_terminal and not self.as_json:
+            with self.err.status(message):
+                yield
+        else:
+            yield
+
+    @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator["ProgressTick"]:
         """A progress bar on stderr; a no-op when stderr is not a terminal or with --json."""
         enabled = self.err.is_terminal and not self.as_json
