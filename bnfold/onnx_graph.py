@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_io import EXTERNAL_THRESHOLD, iter_tensors, tensor_to_array
+from .onnx_wire import point_to_external
 
 
 class NotConstant(Exception):
@@ -251,12 +252,7 @@ class TensorSpill:
         offset = self._file.tell()
         self._file.write(payload)
         self._file.flush()
-        length = self._file.tell() - offset
-        tensor.ClearField("raw_data")
-        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        tensor.data_location = onnx.TensorProto.EXTERNAL
+        point_to_external(tensor, str(self.path), offset, self._file.tell() - offset)
         return tensor
 
     def close(self) -> None:

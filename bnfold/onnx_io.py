@@ -256,7 +256,7 @@ def _write_inline(model: onnx.ModelProto, base_dir: Path, path: Path) -> Path:
     header = onnx.ModelProto()
     header.CopyFrom(model)
     for i, offset, length in streamed:
-        _point_to_external(header.graph.initializer[i], path.name, offset, length)
+        onnx_wire.point_to_external(header.graph.initializer[i], path.name, offset, length)
     header_path = path.with_name(".check-" + path.name)
     header_path.write_bytes(header.SerializeToString())
     return header_path
@@ -280,18 +280,7 @@ def _stream_external_data(model: onnx.ModelProto, base_dir: Path, data_path: Pat
                 length = out.write(tensor.raw_data)
             else:
                 continue
-            _point_to_external(tensor, location, offset, length)
-
-
-def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    # external_data_helper.set_external_data insists on raw_data being present; ours may
-    # already live in another file, so the entries are written directly.
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+            onnx_wire.point_to_external(tensor, location, offset, length)
 
 
 def file_size(path: Path, model: onnx.ModelProto | None = None) -> int:

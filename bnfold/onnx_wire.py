@@ -112,13 +112,24 @@ def _lazy_tensor(buf, start: int, end: int, location: str, threshold: int) -> on
     if raw is not None:
         vs, ve = raw
         if ve - vs >= threshold:
-            for key, value in (("location", location), ("offset", str(vs)), ("length", str(ve - vs))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            point_to_external(tensor, location, vs, ve - vs)
         else:
             tensor.raw_data = bytes(buf[vs:ve])
     return tensor
+
+
+def point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` refer to `length` bytes at `offset` of `location`, dropping inline data.
+
+    external_data_helper.set_external_data insists on raw_data being present; ours may
+    already live in another file, so the entries are written directly.
+    """
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def write_inline(model: onnx.ModelProto, out: BinaryIO, external_size, copy_payload) -> list[tuple[int, int, int]]:
