@@ -25,7 +25,6 @@ class AffineOp:
     node: onnx.NodeProto
     affine: Affine
     data: str  # the input that carries activations
-    params: list[str]  # constant inputs that go away with the node
 
     @property
     def op(self) -> str:
@@ -71,7 +70,7 @@ def bn_op(index: ModelIndex, scope: Scope, bn: onnx.NodeProto) -> AffineOp:
     if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
         raise Skip(f"BN parameters are not per-channel vectors of one length: {[p.shape for p in params]}")
     affine = bn_affine(*params, float(node_attr(bn, "epsilon", 1e-5)))
-    return AffineOp(bn, affine, bn.input[0], [n for n in bn.input[1:] if n])
+    return AffineOp(bn, affine, bn.input[0])
 
 
 def elementwise_op(index: ModelIndex, scope: Scope, node: onnx.NodeProto) -> AffineOp:
@@ -95,7 +94,7 @@ def elementwise_op(index: ModelIndex, scope: Scope, node: onnx.NodeProto) -> Aff
         affine = Affine(np.ones(channels), vector)
     if not (np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all()):
         raise Skip("constant is not finite")
-    return AffineOp(node, affine, data, [n for n in node.input if n != data])
+    return AffineOp(node, affine, data)
 
 
 def _split_constant_operand(index: ModelIndex, scope: Scope, node: onnx.NodeProto) -> tuple[str, np.ndarray]:

@@ -203,9 +203,12 @@ class ModelIndex:
             s = s.parent
 
     def remove_node(self, scope: Scope, node: onnx.NodeProto) -> None:
+        """Delete `node` and release its inputs; an output name another node now produces
+        (a fold hands the BN's output to the layer) stays with that node."""
         scope.removed.add(id(node))
         for out in node.output:
-            scope.producers.pop(out, None)
+            if scope.producers.get(out) is node:
+                del scope.producers[out]
         for name in node.input:
             if name:
                 self.release(scope, name)

@@ -205,7 +205,7 @@ def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
         target.output[0] = op.node.output[0]
         scope.producers[op.node.output[0]] = target
     scope.dead_names.add(old_out)
-    _drop(index, scope, op)
+    index.remove_node(scope, op.node)
 
 
 def apply_next_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
@@ -222,8 +222,7 @@ def apply_next_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
             index.uses[op.data] += 1
             index.uses[name] -= 1
     scope.dead_names.add(op.node.output[0])
-    scope.producers.pop(op.node.output[0], None)
-    _drop(index, scope, op)
+    index.remove_node(scope, op.node)
 
 
 def _write_weight(site: FoldSite, rw: Rewrite) -> None:
@@ -244,14 +243,6 @@ def _add_bias_after(site: FoldSite, rw: Rewrite, output: str) -> None:
     add = onnx.helper.make_node("Add", [mid, bias_name], [output], name=index.unique_name(f"{base}_bnfold_bias_add"),
                                 **rw.add_attributes)
     index.insert_after(scope, layer, add)
-
-
-def _drop(index: ModelIndex, scope: Scope, op: AffineOp) -> None:
-    """The op goes, and with it its last use of the parameters and of its data input."""
-    scope.removed.add(id(op.node))
-    for name in op.params:
-        index.release(scope, name)
-    index.uses[op.data] -= 1
 
 
 def _set_attr(node: onnx.NodeProto, key: str, value) -> None:

@@ -46,13 +46,8 @@ def _rewrite(index: ModelIndex, scope: Scope, op: AffineOp, rank: int) -> None:
     add = helper.make_node("Add", [mid, shift_name], [op.node.output[0]], name=index.unique_name(f"{base}_add"),
                            **attrs)
     index.insert_after(scope, op.node, mul)
-    scope.inserted_after[id(op.node)].append(add)
-    scope.producers[add.output[0]] = add
-    index.uses.update([shift_name])
-    scope.removed.add(id(op.node))
-    for name in op.params:
-        index.release(scope, name)
-    index.uses[op.data] -= 1
+    index.insert_after(scope, op.node, add)
+    index.remove_node(scope, op.node)
 
 
 def _data_dtype(index: ModelIndex, scope: Scope, op: AffineOp) -> np.dtype:
