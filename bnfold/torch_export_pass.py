@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
 from torch import nn
 
-from .fold_math import Affine, BrokenStatistics, FoldOverflow, bn_affine, cast_exact, fold_bias, scale_weight
+from .fold_math import Affine, BrokenStatistics, FoldOverflow
 from .report import FoldedBN, FoldReport, SkippedBN
 from .rules import Skip
+from .torch_pass import affine_of, attr_at, fold_tensors
 
 aten = torch.ops.aten
 # BN op → positions of (input, weight, bias, running_mean, running_var, eps), and whether it returns a tuple
@@ -53,22 +53,17 @@ def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
         return None
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         raise Skip(f"{node} is not a constant attribute")
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return attr_at(gm, node.target)
 
 
 def _fold_node(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> tuple[str, str]:
     (xi, wi, bi, mi, vi, ei), returns_tuple = BN_OPS[bn.target]
     if bn.target is aten.batch_norm.default and bn.args[5]:
         raise Skip("batch_norm called with training=True")
-    f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
     mean, var = _attr(gm, bn.args[mi]), _attr(gm, bn.args[vi])
     if mean is None or var is None:
         raise Skip("no running statistics: BN uses batch statistics")
-    gamma, beta = _attr(gm, bn.args[wi]), _attr(gm, bn.args[bi])
-    channels = mean.shape[0]
-    affine = bn_affine(f64(gamma) if gamma is not None else np.ones(channels),
-                       f64(beta) if beta is not None else np.zeros(channels), f64(mean), f64(var), float(bn.args[ei]))
+    affine = affine_of(_attr(gm, bn.args[wi]), _attr(gm, bn.args[bi]), mean, var, bn.args[ei])
     producer = bn.args[xi]
     if not isinstance(producer, torch.fx.Node) or producer.target not in LAYER_OPS:
         raise Skip(f"input comes from {getattr(producer, 'target', producer)}, not a conv or linear")
@@ -94,13 +89,7 @@ def _rewrite(gm, producer: torch.fx.Node, affine: Affine, axis: int, groups: int
     weight = _attr(gm, producer.args[1])
     b_node = producer.args[2] if len(producer.args) > 2 else None
     bias = _attr(gm, b_node)
-    if weight.shape[axis] * (groups if axis == 1 else 1) != affine.scale.shape[0]:
-        raise Skip("BN channels do not match the layer's output channels")
-    np_dtype = np.float32 if weight.dtype == torch.bfloat16 else torch.empty((), dtype=weight.dtype).numpy().dtype
-    w64 = weight.detach().to("cpu", torch.float64).numpy()
-    b64 = bias.detach().to("cpu", torch.float64).numpy() if bias is not None else None
-    new_w = cast_exact(scale_weight(w64, affine.scale, axis=axis, groups=groups), np_dtype, "weight")
-    new_b = cast_exact(fold_bias(b64, affine), np_dtype, "bias")
+    new_w, new_b = fold_tensors(weight, bias, affine, axis, groups, producer.name)
     with torch.no_grad():
         weight.copy_(torch.from_numpy(new_w).to(weight.device, weight.dtype))
         if bias is not None:

@@ -195,30 +195,41 @@ def _bn_affine(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int]) ->
     for key, path in bn.tensors.items():
         if path is not None and bn.module is None and calls.get(path, 0) != 1:
             raise Skip(f"{path} is read in {calls[path]} places")
-    t = {k: (_numpy(gm.get_submodule(p.rsplit(".", 1)[0]) if "." in p else gm, p.rsplit(".", 1)[-1])
-             if p else None) for k, p in bn.tensors.items()}
-    channels = t["running_mean"].shape[0]
-    gamma = t["weight"] if t["weight"] is not None else np.ones(channels)
-    beta = t["bias"] if t["bias"] is not None else np.zeros(channels)
-    return bn_affine(gamma, beta, t["running_mean"], t["running_var"], bn.eps)
+    t = {k: (attr_at(gm, p) if p else None) for k, p in bn.tensors.items()}
+    return affine_of(t["weight"], t["bias"], t["running_mean"], t["running_var"], bn.eps)
 
 
-def _numpy(owner: nn.Module, attr: str) -> np.ndarray:
-    return getattr(owner, attr).detach().to("cpu", torch.float64).numpy()
+def attr_at(root: nn.Module, path: str):
+    """The attribute at a dotted path ("layer1.0.bn1.running_var")."""
+    owner, _, name = path.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def affine_of(gamma, beta, mean: torch.Tensor, var: torch.Tensor, eps: float) -> Affine:
+    """s·x + t of a BN from its tensors; γ/β None (affine=False) mean 1 and 0."""
+    channels = mean.shape[0]
+    return bn_affine(_f64(gamma) if gamma is not None else np.ones(channels),
+                     _f64(beta) if beta is not None else np.zeros(channels), _f64(mean), _f64(var), float(eps))
+
+
+def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, axis: int, groups: int,
+                 what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's new weight and bias, in float64 and cast once to its dtype (nothing written yet)."""
+    out_channels = weight.shape[axis] * (groups if axis == 1 else 1)
+    if out_channels != affine.scale.shape[0]:
+        raise Skip(f"BN has {affine.scale.shape[0]} channels but {what} outputs {out_channels}")
+    # bfloat16 has no numpy dtype: check the range in float32 and let torch round to bf16
+    np_dtype = np.float32 if weight.dtype == torch.bfloat16 else torch.empty((), dtype=weight.dtype).numpy().dtype
+    return (cast_exact(scale_weight(_f64(weight), affine.scale, axis=axis, groups=groups), np_dtype, "weight"),
+            cast_exact(fold_bias(_f64(bias) if bias is not None else None, affine), np_dtype, "bias"))
 
 
 def folded_params(layer: nn.Module, affine: Affine, axis: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's new weight and bias, in float64 and cast once to its dtype (nothing written yet)."""
-    weight = layer.weight
-    out_channels = weight.shape[axis] * (groups if axis == 1 else 1)
-    if out_channels != affine.scale.shape[0]:
-        raise Skip(f"BN has {affine.scale.shape[0]} channels but {type(layer).__name__} outputs {out_channels}")
-    w64 = weight.detach().to("cpu", torch.float64).numpy()
-    b64 = layer.bias.detach().to("cpu", torch.float64).numpy() if layer.bias is not None else None
-    # bfloat16 has no numpy dtype: check the range in float32 and let torch round to bf16
-    np_dtype = np.float32 if weight.dtype == torch.bfloat16 else torch.empty((), dtype=weight.dtype).numpy().dtype
-    return (cast_exact(scale_weight(w64, affine.scale, axis=axis, groups=groups), np_dtype, "weight"),
-            cast_exact(fold_bias(b64, affine), np_dtype, "bias"))
+    return fold_tensors(layer.weight, layer.bias, affine, axis, groups, type(layer).__name__)
 
 
 def write_params(layer: nn.Module, new_w: np.ndarray, new_b: np.ndarray | None) -> None:
@@ -246,8 +257,7 @@ def _retire(root: nn.Module, bn: BnSource, mode: str, report: FoldReport, shift:
             path = bn.tensors.get(key)
             if path is None:
                 continue
-            owner_name, _, attr = path.rpartition(".")
-            tensor = getattr(root.get_submodule(owner_name) if owner_name else root, attr)
+            tensor = attr_at(root, path)
             if key == "running_mean" and shift is not None:
                 tensor.copy_(torch.from_numpy(-shift).to(tensor.device, tensor.dtype))
             else:

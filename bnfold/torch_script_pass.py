@@ -8,13 +8,12 @@ the saved TorchScript no longer runs it.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .fold_math import Affine, BrokenStatistics, FoldOverflow, bn_affine
+from .fold_math import Affine, BrokenStatistics, FoldOverflow
 from .report import FoldedBN, FoldReport, SkippedBN
 from .rules import Skip
-from .torch_pass import folded_params, write_params
+from .torch_pass import affine_of, folded_params, write_params
 
 BN_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
 LAYERS = {"Conv1d": (0, False), "Conv2d": (0, False), "Conv3d": (0, False),
@@ -92,8 +91,4 @@ def _affine(bn) -> Affine:
         raise Skip("BN is in training mode")
     if getattr(bn, "running_mean", None) is None:
         raise Skip("track_running_stats=False: BN always uses batch statistics")
-    f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-    channels = bn.running_mean.shape[0]
-    gamma = f64(bn.weight) if bn.weight is not None else np.ones(channels)
-    beta = f64(bn.bias) if bn.bias is not None else np.zeros(channels)
-    return bn_affine(gamma, beta, f64(bn.running_mean), f64(bn.running_var), float(bn.eps))
+    return affine_of(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
