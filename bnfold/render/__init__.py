@@ -27,6 +27,15 @@ class Output:
         sys.stdout.write(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
         sys.stdout.flush()
 
+    def handled_as_json(self, report: Any) -> bool:
+        """The start of every renderer: the report's warnings to stderr, then with --json the
+        whole report as one document (True: nothing more to render)."""
+        for message in getattr(report, "warnings", []):
+            self.warn(message)
+        if self.as_json:
+            self.json(report)
+        return self.as_json
+
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
 

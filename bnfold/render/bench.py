@@ -11,8 +11,7 @@ def _ms(t) -> str:
 
 
 def render_bench(report: BenchReport, out: Output) -> None:
-    if out.as_json:
-        out.json(report)
+    if out.handled_as_json(report):
         return
     con = out.out
     a, b = report.original, report.fused

@@ -9,10 +9,7 @@ from .fold import table, variance_table
 
 
 def render_calibrate(report: CalibrationReport, out: Output) -> None:
-    for w in report.warnings:
-        out.warn(w)
-    if out.as_json:
-        out.json(report)
+    if out.handled_as_json(report):
         return
     con = out.out
     if report.variance:

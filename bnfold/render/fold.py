@@ -32,10 +32,7 @@ def variance_table(corrections) -> Table:
 
 
 def render_fold(report: FoldReport, out: Output) -> None:
-    for w in report.warnings:
-        out.warn(w)
-    if out.as_json:
-        out.json(report)
+    if out.handled_as_json(report):
         return
     con = out.out
     if report.calibration is not None:

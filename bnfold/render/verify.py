@@ -12,8 +12,7 @@ def _g(x: float | None) -> str:
 
 
 def render_verify(report: VerifyReport, out: Output) -> None:
-    if out.as_json:
-        out.json(report)
+    if out.handled_as_json(report):
         return
     con = out.out
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
