@@ -1,6 +1,7 @@
 """The `fuse` stage: load → fold → save, for any supported format. Returns a FoldReport."""
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -44,12 +45,13 @@ class FuseOptions:
 
 def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions | None = None,
               base_dir: str | Path | None = None, spill: TensorSpill | None = None,
-              ) -> tuple[onnx.ModelProto, FoldReport]:
+              reference: Path | None = None) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every foldable BN of an ONNX model; returns the new model and a report.
 
     A path is loaded without its external data; tensors that stay external keep pointing
     into `base_dir` (the input's folder), so write the result with `bnfold.save_onnx`.
-    An in-memory model is changed in place.
+    An in-memory model is changed in place. `reference` receives the model as it is just
+    before folding (statistics corrected, nothing folded): what the fused model must equal.
     """
     options = options or FuseOptions()
     if isinstance(model_or_path, onnx.ModelProto):
@@ -60,6 +62,8 @@ def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions 
         model, name, base = source.model, str(source.path), source.base_dir
     report = FoldReport(input=name, output=None, format=formats.ONNX)
     _correct_variance(model, base, options, report, name)
+    if reference is not None:
+        save_onnx(copy.deepcopy(model), reference, base_dir=base)
     if options.standalone not in ("keep", "affine"):
         raise UsageError(f"--standalone must be 'keep' or 'affine', not {options.standalone!r}")
     fold_model(model, base, report, spill, standalone=options.standalone)
@@ -98,14 +102,16 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     with tempfile.TemporaryDirectory(prefix=".bnfold-scratch-", dir=dst.parent) as scratch:
         spill = TensorSpill(scratch)
         try:
-            model, report = fuse_onnx(source.model, options, base_dir=source.base_dir, spill=spill)
+            reference = Path(scratch) / "reference.onnx" if options.verify and changes_statistics(options) else None
+            model, report = fuse_onnx(source.model, options, base_dir=source.base_dir, spill=spill,
+                                      reference=reference)
             report.input, report.calibration = str(src), calibration
             staged = Path(scratch) / dst.name if options.verify else dst
             save_onnx(model, staged, base_dir=source.base_dir, external=source.has_external_data or None,
                       accept_invalid=partial(_input_also_invalid, src, report))
         finally:
             spill.close()
-        if options.verify and not verify_staged(src, staged, dst, options, report):
+        if options.verify and not verify_staged(reference or src, staged, dst, options, report):
             report.seconds = time.perf_counter() - start
             return report
     report.output = str(dst)
@@ -127,12 +133,21 @@ def _calibrate_first(source: OnnxSource, options: FuseOptions):
     return report
 
 
-def verify_staged(src: Path, staged: Path, dst: Path, options, report: FoldReport) -> bool:
-    """Verify the staged output against the input (torch inputs in torch, or in onnxruntime
-    for --to onnx); move it, and its data file, into place only if it passes."""
+def changes_statistics(options: FuseOptions) -> bool:
+    """--calibrate and --variance biased change what the model computes, on purpose: the
+    fused model is then verified against the corrected model, not against the input."""
+    return options.calibrate is not None or options.variance != "unbiased"
+
+
+def verify_staged(baseline: Path, staged: Path, dst: Path, options, report: FoldReport) -> bool:
+    """Verify the staged output against `baseline` (the input, or the input with corrected
+    statistics; torch in torch, or in onnxruntime for --to onnx); move it, and its data file,
+    into place only if it passes."""
     from .verify import verify
 
-    report.verify = verify(src, staged, shapes=options.shapes or None, torch_options=options)
+    report.verify = verify(baseline, staged, shapes=options.shapes or None, torch_options=options)
+    if baseline.parent == staged.parent:  # a reference the fuse staged beside its output
+        report.verify.original = f"{report.input} with its corrected statistics, before folding"
     if not report.verify.passed:
         report.output = None
         return False

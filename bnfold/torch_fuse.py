@@ -2,6 +2,8 @@
 format, or export as ONNX / TorchScript / torch.export with --to."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import tempfile
 import time
@@ -76,31 +78,48 @@ def fuse_torch_file(src: Path, output: Path | None, in_place: bool, options) -> 
     if options.variance != "unbiased":
         from .variance import correct_torch_variance
 
-        example = example_inputs(options, _as_module(source))
-        corrections = correct_torch_variance(_as_module(source), options, example)
+        if source.kind not in (PICKLE, STATE_DICT):
+            raise BadInput(f"--variance biased needs an eager module (a pickle, or a state_dict with --arch), "
+                           f"not {source.kind}", src)
+        corrections = correct_torch_variance(source.module, options, example_inputs(options, source.module))
     else:
         corrections = []
     calibration = _calibrate_first(source, options)
-    report = _fold_source(source, to)
-    if report.untraced and not report.folded:
-        raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "
-                       f"({report.notes[0] if report.notes else ''})", src)
-    report.variance, report.calibration = corrections, calibration
-    report.input, report.size_before = str(src), src.stat().st_size
-    if getattr(options, "verify", False):
-        from .fuse import verify_staged
+    with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=dst.parent) as staging:
+        baseline = _baseline(source, options, Path(staging))
+        report = _fold_source(source, to)
+        if report.untraced and not report.folded:
+            raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "
+                           f"({report.notes[0] if report.notes else ''})", src)
+        report.variance, report.calibration = corrections, calibration
+        report.input, report.size_before = str(src), src.stat().st_size
+        if getattr(options, "verify", False):
+            from .fuse import verify_staged
 
-        with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=dst.parent) as staging:
             staged = Path(staging) / dst.name
             _write(source, report, to, staged, options)
-            if not verify_staged(src, staged, dst, options, report):
+            verify_options = dataclasses.replace(options, trust_pickle=True) if baseline != src else options
+            if not verify_staged(baseline, staged, dst, verify_options, report):
                 report.seconds = time.perf_counter() - start
                 return report
-    else:
-        _write(source, report, to, dst, options)
+        else:
+            _write(source, report, to, dst, options)
     report.output, report.size_after = str(dst), file_size(dst) if to == "onnx" else dst.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _baseline(source: TorchSource, options, staging: Path) -> Path:
+    """What the fused model must equal: the input, or (after --calibrate / --variance biased)
+    the module with its corrected statistics, pickled into the staging folder. That pickle is
+    ours, so verify may load it (and our own output) with trust_pickle."""
+    from .fuse import changes_statistics
+
+    if not getattr(options, "verify", False) or not changes_statistics(options):
+        return source.path
+    path = staging / "reference.pt"
+    torch.save(copy.deepcopy(source.module), path)
+    return path
 
 
 def _calibrate_first(source: TorchSource, options):

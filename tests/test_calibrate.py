@@ -190,3 +190,13 @@ def test_population_upstream_uses_the_corrected_stored_variance(tmp_path):
     (mean2, var2) = bn_stats(calibrated)[1]
     np.testing.assert_allclose(mean2, expected[1][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(var2, expected[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_fuse_calibrate_verify_holds_the_fused_model_to_the_calibrated_one(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = _export(zoo.fill_bn_stats(ConvChain(), (3, 9, 9), steps=1), (3, 9, 9), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", input=np.random.default_rng(4).normal(0, 2, (24, 3, 9, 9)).astype(np.float32))
+    assert cli(["fuse", str(src), "--calibrate", str(tmp_path / "d.npz"), "--batch-size", "8", "--verify",
+                "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify"]["passed"] and report["calibration"]["batches"] == 3 and report["output"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -80,3 +82,35 @@ def test_torch_running_var_times_m_over_m_minus_1():
     assert [c.values_per_channel for c in corrections] == [16 * 36, 16]
     np.testing.assert_allclose(model[1].running_var.numpy(), before[0].numpy() * (576 / 575), rtol=1e-6)
     np.testing.assert_allclose(model[4].running_var.numpy(), before[1].numpy() * (16 / 15), rtol=1e-6)
+
+
+def test_verify_compares_with_the_corrected_model_and_still_catches_a_wrong_fold(tmp_path, monkeypatch, capsys):
+    """--variance biased changes what the model computes on purpose; --verify must then hold the
+    fused model to the corrected one (pass), and still fail a fold that is wrong."""
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_case().model, str(path))
+    args = ["fuse", str(path), "--variance", "biased", "--batch-size", "8", "--verify", "--json"]
+    assert cli(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify"]["passed"] and "corrected statistics" in report["verify"]["original"]
+    import bnfold.rules as rules
+
+    real = rules.fold_bias
+    monkeypatch.setattr(rules, "fold_bias", lambda bias, affine: real(bias, affine) + 0.01)
+    (tmp_path / "m.fused.onnx").unlink()
+    assert cli(args) == 1
+    capsys.readouterr()
+    assert not (tmp_path / "m.fused.onnx").exists()
+
+
+def test_torch_variance_biased_with_verify(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import zoo
+
+    model, shape = zoo.build("resnet18")
+    src = tmp_path / "r.pt"
+    torch.save(model, src)
+    assert cli(["fuse", str(src), "--trust-pickle", "--variance", "biased", "--batch-size", "8", "--shape",
+                "input=2," + ",".join(map(str, shape)), "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify"]["passed"] and len(report["variance"]) == 20 and len(report["folded"]) == 20
