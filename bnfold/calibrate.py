@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from . import dataset
 from .errors import BadInput, UsageError
 from .fold_math import cast_exact
-from .inputs import graph_inputs, input_dtype
+from .inputs import expected_inputs
 from .onnx_graph import ModelIndex, NotConstant
 from .onnx_io import load_onnx
 from .report import to_plain
@@ -108,7 +108,7 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, data: str | Path, bat
         raise BadInput("no BatchNormalization with constant parameters to calibrate", name)
     probe = _probe(model, index, sites, upstream)
     sess = session(probe.SerializeToString(), "cpu", "disabled")
-    expected = {v.name: (input_dtype(v), _dims(v)) for v in graph_inputs(model)}
+    expected = expected_inputs(model)
     outputs = [f"{s.name}__bnfold_x" for s in sites]
     for batch in dataset.batches(data, expected, batch_size):
         values = sess.run(outputs, batch)
@@ -128,10 +128,6 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, data: str | Path, bat
     index.apply()
     report.seconds = time.perf_counter() - start
     return model, report
-
-
-def _dims(v: onnx.ValueInfoProto) -> list:
-    return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
 
 
 def _sites(index: ModelIndex, report: CalibrationReport) -> list[_Site]:

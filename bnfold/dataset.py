@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput, UsageError
+from .inputs import check_array
 
 
 def data_files(path: str | Path) -> list[Path]:
@@ -45,14 +46,8 @@ def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[np.dty
         raise BadInput("inputs hold different numbers of samples", path)
     for name, array in arrays.items():
         dtype, dims = expected[name]
-        if dtype is None:  # a torch module: nothing declared to check against
-            continue
-        if array.dtype != dtype:
-            raise BadInput(f"input {name!r} is {array.dtype}, the model wants {dtype}", path)
-        if array.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != n
-                                          for d, n in zip(dims[1:], array.shape[1:])):
-            raise BadInput(f"input {name!r} has samples of shape {list(array.shape[1:])}, the model wants "
-                           f"{dims[1:]}", path)
+        if dtype is not None:  # None: a torch module, nothing declared to check against
+            check_array(name, array, dtype, dims, path, from_axis=1)
     return counts.pop()
 
 

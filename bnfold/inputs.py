@@ -116,21 +116,36 @@ def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarra
     return arrays
 
 
+def input_dims(value: onnx.ValueInfoProto) -> list:
+    """A graph input's dims: ints where fixed, the symbol (or None) where dynamic."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim]
+
+
+def expected_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]]:
+    return {v.name: (input_dtype(v), input_dims(v)) for v in graph_inputs(model)}
+
+
+def check_array(name: str, array: np.ndarray, dtype: np.dtype, dims: list, path: Path | None,
+                from_axis: int = 0) -> None:
+    """dtype, rank and the fixed dims from `from_axis` on (1: a data set's samples) against the graph."""
+    what = "samples of shape" if from_axis else "shape"
+    if array.dtype != dtype:
+        raise BadInput(f"input {name!r} is {array.dtype}, the model wants {dtype}", path)
+    if array.ndim != len(dims) or any(isinstance(d, int) and d != n
+                                      for d, n in zip(dims[from_axis:], array.shape[from_axis:])):
+        want = ["?" if d is None else d for d in dims[from_axis:]]
+        raise BadInput(f"input {name!r} has {what} {list(array.shape[from_axis:])}, the model wants {want}", path)
+
+
 def check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, path: Path | None = None) -> None:
     """Names, ranks, fixed dimensions and dtypes must match the graph's inputs."""
-    expected = {v.name: v for v in graph_inputs(model)}
+    expected = expected_inputs(model)
     if set(arrays) != set(expected):
         missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
         raise BadInput(f"inputs do not match the graph: missing {missing}, unexpected {extra}", path)
     for name, array in arrays.items():
-        value = expected[name]
-        dims = value.type.tensor_type.shape.dim
-        if array.dtype != input_dtype(value):
-            raise BadInput(f"input {name!r} is {array.dtype}, the graph wants {input_dtype(value)}", path)
-        if len(array.shape) != len(dims) or any(
-                d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n for d, n in zip(dims, array.shape)):
-            want = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-            raise BadInput(f"input {name!r} has shape {list(array.shape)}, the graph wants {want}", path)
+        check_array(name, array, *expected[name], path)
 
 
 def describe_inputs(feeds: dict[str, np.ndarray]) -> list[InputInfo]:
