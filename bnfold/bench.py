@@ -81,8 +81,8 @@ class BenchReport:
         return to_plain(self)
 
 
-def model_info(path: Path) -> ModelInfo:
-    model = read_signature(path)
+def model_info(path: Path, model=None) -> ModelInfo:
+    model = model if model is not None else read_signature(path)
     nodes, bns = count_nodes(model)
     return ModelInfo(str(path), file_size(path, model), nodes, bns)
 
@@ -118,11 +118,11 @@ def bench(original: str | Path, fused: str | Path | None = None, *, providers: S
             fused_on_the_fly = True
         else:
             fused, fused_on_the_fly = Path(fused), False
-        report = BenchReport(model_info(original), model_info(fused), threads, warmup, seed)
+        signature = read_signature(original)
+        report = BenchReport(model_info(original, signature), model_info(fused), threads, warmup, seed)
         if fused_on_the_fly:
             report.fused.path = "(fused on the fly)"
         configs = [(p, lvl, n) for p in providers for n in batch_sizes for lvl in levels]
-        signature = read_signature(original)
         for k, (provider, level, batch) in enumerate(configs):
             feeds = load_inputs(data, signature) if data else make_inputs(signature, shapes=shapes,
                                                                           batch_size=batch, seed=seed)
