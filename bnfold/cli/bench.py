@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -13,7 +12,7 @@ from ..inputs import parse_shapes
 from ..render import Output
 from ..render.bench import render_bench
 from .app import app
-from .fuse import json_kwargs
+from .options import Arch, ArchKwargs, Json, TrustPickle, torch_options
 
 
 def _csv(text: str, what: str, cast=str) -> list:
@@ -40,11 +39,11 @@ def bench(
     shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… for dynamic dims (repeatable)."),
     data: Optional[Path] = typer.Option(None, help=".npz/.npy inputs instead of random ones."),
     seed: int = typer.Option(0, help="Seed for the random inputs and the bootstrap."),
-    trust_pickle: bool = typer.Option(False, help="Torch: allow unpickling a full-module checkpoint."),
-    arch: Optional[str] = typer.Option(None, help="Torch state_dict: package.module:factory."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    trust_pickle: TrustPickle = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
     fail_below: Optional[float] = typer.Option(None, help="Exit 1 if a speed-up's CI upper bound is below this."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_json: Json = False,
 ) -> None:
     """Measure what folding buys: A (original) vs B (fused), interleaved, per provider × batch × level."""
     out = Output(as_json)
@@ -53,8 +52,7 @@ def bench(
                            batch_sizes=_csv(batch_size, "--batch-size", int), levels=_csv(level, "--level"),
                            threads=threads, warmup=warmup, runs=runs, seconds=seconds, shapes=parse_shapes(shape),
                            data=data, seed=seed, progress=tick,
-                           torch_options=SimpleNamespace(trust_pickle=trust_pickle, arch=arch,
-                                                         arch_kwargs=json_kwargs(arch_kwargs)))
+                           torch_options=torch_options(trust_pickle, arch, arch_kwargs))
     render_bench(report, out)
     if fail_below is not None and any(r.speedup_ci[1] < fail_below for r in report.results):
         out.err.print(f"speed-up below {fail_below} in at least one configuration")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -11,7 +10,7 @@ from ..calibrate import calibrate_file
 from ..render import Output
 from ..render.calibrate import render_calibrate
 from .app import app
-from .fuse import json_kwargs
+from .options import Arch, ArchKwargs, Json, TrustPickle, torch_options
 
 
 @app.command()
@@ -28,16 +27,15 @@ def calibrate(
                                                    "matters for --upstream population)."),
     train_batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
     values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased."),
-    trust_pickle: bool = typer.Option(False, help="Torch: allow unpickling a full-module checkpoint."),
-    arch: Optional[str] = typer.Option(None, help="Torch state_dict: package.module:factory."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    trust_pickle: TrustPickle = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    as_json: Json = False,
 ) -> None:
     """Recompute every BN's E\\[x] and Var\\[x] from data, exactly as the BN paper's Algorithm 2."""
     out = Output(as_json)
-    options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs),
-                              variance=variance, train_batch_size=train_batch_size,
-                              values_per_channel=values_per_channel)
+    options = torch_options(trust_pickle, arch, arch_kwargs, variance=variance, train_batch_size=train_batch_size,
+                            values_per_channel=values_per_channel)
     with out.progress("calibrating (batches)", total=None) as tick:
         report = calibrate_file(src, data, batch_size, output, in_place, upstream, options, progress=tick)
     render_calibrate(report, out)

@@ -1,18 +1,18 @@
 """`bnfold fuse`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..errors import EXIT_FAILED, UsageError
+from ..errors import EXIT_FAILED
 from ..fuse import FuseOptions, fuse_file
 from ..inputs import parse_shapes
 from ..render import Output
 from ..render.fold import render_fold
 from .app import app
+from .options import Arch, ArchKwargs, Json, TrustPickle, json_kwargs
 
 
 @app.command()
@@ -25,15 +25,15 @@ def fuse(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
     values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased, overriding N × spatial size."),
     to: str = typer.Option("same", help="Output format for torch inputs: same, onnx, pt2, torchscript."),
-    trust_pickle: bool = typer.Option(False, help="Allow unpickling a full-module checkpoint (runs its code)."),
-    arch: Optional[str] = typer.Option(None, help="package.module:factory that builds the module for a state_dict."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    trust_pickle: TrustPickle = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
     shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… input shape for export (repeatable)."),
     example_input: Optional[Path] = typer.Option(None, help=".npz/.npy example input for torch export."),
     calibrate: Optional[Path] = typer.Option(None, help="Recompute BN statistics from this data first (needs --batch-size)."),
     upstream: str = typer.Option("batch", help="With --calibrate: 'batch' (Alg. 2) or 'population'."),
     verify: bool = typer.Option(False, "--verify", help="Verify and keep the output only if it passes (else exit 1)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_json: Json = False,
 ) -> None:
     """Fold every BatchNormalization that can be folded exactly and write the fused model."""
     out = Output(as_json)
@@ -48,15 +48,3 @@ def fuse(
     render_fold(report, out)
     if report.verify is not None and not report.verify.passed:
         raise typer.Exit(EXIT_FAILED)
-
-
-def json_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object")
-    return value

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -13,7 +12,7 @@ from ..render import Output
 from ..render.verify import render_verify
 from ..verify import verify as run_verify
 from .app import app
-from .fuse import json_kwargs
+from .options import Arch, ArchKwargs, Json, TrustPickle, torch_options
 
 
 @app.command()
@@ -28,17 +27,17 @@ def verify(
     atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default by output dtype)."),
     rtol: Optional[float] = typer.Option(None, help="Relative tolerance (default by output dtype)."),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu, cuda, …"),
-    trust_pickle: bool = typer.Option(False, help="Torch: allow unpickling full-module checkpoints."),
-    arch: Optional[str] = typer.Option(None, help="Torch state_dict: package.module:factory."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    trust_pickle: TrustPickle = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    as_json: Json = False,
 ) -> None:
     """Prove the fused model computes what the original did (exit 1 where it does not)."""
     out = Output(as_json)
-    torch_options = SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs))
     with out.status(f"running {original.name} and {fused.name}"):
         report = run_verify(original, fused, data=data, shapes=parse_shapes(shape), batch_size=batch_size, seed=seed,
-                            batches=batches, atol=atol, rtol=rtol, provider=provider, torch_options=torch_options)
+                            batches=batches, atol=atol, rtol=rtol, provider=provider,
+                            torch_options=torch_options(trust_pickle, arch, arch_kwargs))
     render_verify(report, out)
     if not report.passed:
         raise typer.Exit(EXIT_FAILED)
