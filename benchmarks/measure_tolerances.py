@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import zoo  # noqa: E402
 
 from bnfold import fuse_onnx  # noqa: E402
-from bnfold.compare import compare_outputs, default_tolerance  # noqa: E402
-from bnfold.inputs import make_inputs  # noqa: E402
-from bnfold.runtime import session  # noqa: E402
+from bnfold.check.compare import compare_outputs, default_tolerance  # noqa: E402
+from bnfold.check.inputs import make_inputs  # noqa: E402
+from bnfold.check.runtime import session  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "resnet18")
 

@@ -71,10 +71,10 @@ def batch_for(name: str) -> int:
 
 def latency(models, runs: int, threads: int) -> list[dict]:
     from bnfold import fuse_file
-    from bnfold.bench import time_interleaved
-    from bnfold.inputs import make_inputs
-    from bnfold.stats import bootstrap_ratio_ci, median
-    from bnfold.verify import read_signature
+    from bnfold.check.timing import time_interleaved
+    from bnfold.check.inputs import make_inputs
+    from bnfold.check.timing import bootstrap_ratio_ci, median
+    from bnfold.onnxfold.io import read_signature
 
     rows = []
     for name, files in models.items():
@@ -94,7 +94,7 @@ def latency(models, runs: int, threads: int) -> list[dict]:
 
 def self_check(model: Path, runs: int, threads: int) -> dict:
     """A model against itself must read 1.00 inside its own interval."""
-    from bnfold.bench import bench
+    from bnfold import bench
 
     report = bench(model, model, levels=("default",), runs=runs, threads=threads, warmup=5)
     r = report.results[0]
@@ -172,7 +172,7 @@ def peak_rss() -> int:
 def _external(path: str) -> bool:
     import onnx
 
-    from bnfold.onnx_io import iter_tensors
+    from bnfold.onnxfold.io import iter_tensors
 
     m = onnx.load(path, load_external_data=False)
     return any(onnx.external_data_helper.uses_external_data(t) for t in iter_tensors(m))
@@ -190,11 +190,11 @@ def measure_tool(tool: str, src: Path, dst: Path) -> dict:
 def peers(models, out: Path) -> list[dict]:
     import onnx
 
-    from bnfold.compare import compare_outputs
-    from bnfold.inputs import make_inputs
-    from bnfold.onnx_pass import count_nodes
-    from bnfold.runtime import session
-    from bnfold.verify import read_signature
+    from bnfold.check.compare import compare_outputs
+    from bnfold.check.inputs import make_inputs
+    from bnfold.onnxfold.fold_pass import count_nodes
+    from bnfold.check.runtime import session
+    from bnfold.onnxfold.io import read_signature
 
     rows = []
     for name, files in models.items():
@@ -261,7 +261,7 @@ def synthetic(path: Path, megabytes: int, external: bool) -> Path:
 
 
 def scale(sizes, out: Path) -> list[dict]:
-    from bnfold.onnx_io import file_size
+    from bnfold.onnxfold.io import file_size
 
     rows = []
     for mb in sizes:

@@ -1,6 +1,7 @@
-"""Errors a user can cause and fix. Each maps to one line on stderr and an exit code.
+"""Errors a user can cause and fix, and the one exception a fold rule raises to decline.
 
-Anything that is not a BnfoldError is a bug in bnfold and propagates with its traceback.
+Each BnfoldError maps to one line on stderr and exit code 2. Anything else that escapes
+a command is a bug in bnfold: the CLI prints one line that says so and exits 3.
 """
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # verification mismatch, benchmark below --fail-below
-EXIT_BAD_INPUT = 2  # unreadable or unsupported input, bad usage, missing provider
+EXIT_BAD_INPUT = 2  # unreadable or unsupported input, bad usage, missing provider, "cannot tell"
+EXIT_INTERNAL = 3  # a bug in bnfold
+
+
+class Skip(Exception):
+    """This BN cannot be folded exactly here; str() is the reason shown to the user."""
 
 
 class BnfoldError(Exception):
@@ -36,3 +42,7 @@ class MissingProvider(BnfoldError):
 
 class OutputExists(BnfoldError):
     """Writing would overwrite the input (or another protected file)."""
+
+
+class CannotTell(BnfoldError):
+    """A benchmark too noisy to decide what --fail-below asks."""

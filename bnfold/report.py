@@ -1,4 +1,4 @@
-"""Plain results of the fold stage. Rendering lives in bnfold.render."""
+"""Plain results of every stage (fuse, verify, bench, calibrate). Rendering lives in bnfold.render."""
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +79,144 @@ class FoldReport:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)  # torch modules fx could not trace
-    verify: Any = None  # a VerifyReport when fused with --verify
-    calibration: Any = None  # a CalibrationReport when fused with --calibrate
+    verify: "VerifyReport | None" = None  # with --verify
+    calibration: "CalibrationReport | None" = None  # with --calibrate
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+
+@dataclass
+class InputInfo:
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    passed: bool
+    shape: list[int] = field(default_factory=list)
+    dtype: str = ""
+    atol: float = 0.0
+    rtol: float = 0.0
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    mean_abs_error: float = 0.0
+    cosine_similarity: float = 1.0
+    mismatched: int = 0
+    elements: int = 0
+    mismatch_fraction: float = 0.0
+    nonfinite_mismatches: int = 0
+    min_atol_to_pass: float = 0.0  # at the given rtol
+    min_rtol_to_pass: float = 0.0  # at the given atol
+    argmax_agreement: float | None = None  # classifier-shaped [N, K] outputs
+    worst_index: list[int] | None = None
+    message: str = ""
+
+
+@dataclass
+class VerifyReport:
+    original: str
+    fused: str
+    passed: bool
+    runtime: str  # "onnxruntime", "torch", "torch vs onnxruntime"
+    provider: str
+    atol: float | None  # None: per-dtype defaults (each output says what it used)
+    rtol: float | None
+    seed: int | None  # None when the inputs came from --data
+    batches: int
+    inputs: list[InputInfo] = field(default_factory=list)
+    outputs: list[OutputComparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[OutputComparison]:
+        return [o for o in self.outputs if not o.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    session_ms: float  # time to create the session
+
+
+@dataclass
+class BenchResult:
+    provider: str
+    level: str
+    batch_size: int
+    a: Timing
+    b: Timing
+    speedup: float  # median(A) / median(B): > 1 means B (fused) is faster
+    speedup_ci: list[float]
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    file_size: int
+    nodes: int
+    bn_nodes: int
+
+
+@dataclass
+class BenchReport:
+    original: ModelInfo
+    fused: ModelInfo
+    threads: int
+    warmup: int
+    seed: int
+    inputs: list[InputInfo] = field(default_factory=list)
+    results: list[BenchResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+# -- calibrate --------------------------------------------------------------------------------
+
+
+@dataclass
+class BNStatistics:
+    bn: str
+    values_per_channel: int  # n_b of a full batch
+    mean_old: float  # channel average, for the eye; the file holds every channel
+    mean_new: float
+    var_old: float
+    var_new: float
+    mean_max_change: float  # max over channels of |new − old| / max(|old|, 1e-12)
+    var_max_change: float
+
+
+@dataclass
+class CalibrationReport:
+    input: str
+    output: str | None
+    upstream: str
+    batch_size: int
+    batches: int = 0
+    samples: int = 0
+    dropped_batches: int = 0
+    bns: list[BNStatistics] = field(default_factory=list)
+    variance: list[VarianceCorrection] = field(default_factory=list)  # m/(m−1) applied first
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -117,6 +117,6 @@ def numpy_bn(x: np.ndarray, scale, bias, mean, var, epsilon: float) -> np.ndarra
 
 
 def bn_count(model: onnx.ModelProto) -> int:
-    from bnfold.onnx_io import iter_graphs
+    from bnfold.onnxfold.io import iter_graphs
 
     return sum(n.op_type == "BatchNormalization" for g in iter_graphs(model.graph) for n in g.node)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold import calibrate
-from bnfold.calibrate import calibrate_torch
+from bnfold import CalibrateOptions, VarianceOptions, calibrate
+from bnfold.torchfold.calibrate import calibrate_torch
 from bnfold.cli import run as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_onnx_matches_algorithm_2(tmp_path, name, n_samples, batch, upstream):
     src = _export(model, shape, tmp_path / "m.onnx")
     data = np.random.default_rng(1).normal(0.3, 1.7, (n_samples, *shape)).astype(np.float32)
     np.savez(tmp_path / "d.npz", input=data)
-    calibrated, report = calibrate(src, tmp_path / "d.npz", batch, upstream=upstream)
+    calibrated, report = calibrate(src, CalibrateOptions(tmp_path / "d.npz", batch, upstream))
     assert report.batches == -(-n_samples // batch) and report.samples == n_samples
     expected = algorithm2(model, data, batch, upstream)
     for (mean, var), (ref_mean, ref_var) in zip(bn_stats(calibrated), expected, strict=True):
@@ -103,7 +103,7 @@ def test_torch_matches_algorithm_2_and_update_bn(tmp_path):
     data = np.random.default_rng(2).normal(0.3, 1.7, (48, 3, 9, 9)).astype(np.float32)
     np.save(tmp_path / "d.npy", data)
     ours = copy.deepcopy(model)
-    calibrate_torch(ours, tmp_path / "d.npy", 16)
+    calibrate_torch(ours, CalibrateOptions(tmp_path / "d.npy", 16))
     expected = algorithm2(model, data, 16)
     bns = [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]
     for m, (ref_mean, ref_var) in zip(bns, expected):
@@ -179,8 +179,8 @@ def test_population_upstream_uses_the_corrected_stored_variance(tmp_path):
     src = _export(model, (3, 9, 9), tmp_path / "m.onnx")
     data = np.random.default_rng(5).normal(0, 1, (32, 3, 9, 9)).astype(np.float32)
     np.savez(tmp_path / "d.npz", input=data)
-    calibrated, report = calibrate(src, tmp_path / "d.npz", 16, upstream="population", variance="biased",
-                                   values_per_channel=5)
+    calibrated, report = calibrate(src, CalibrateOptions(tmp_path / "d.npz", 16, "population"),
+                                   VarianceOptions("biased", values_per_channel=5))
     assert [v.factor for v in report.variance] == [pytest.approx(1.25)] * 2
     corrected = copy.deepcopy(model)
     with torch.no_grad():

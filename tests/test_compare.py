@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from bnfold.compare import compare_arrays, compare_outputs, cosine, merge, resolve_tolerance
+from bnfold.check.compare import compare_arrays, compare_outputs, cosine, merge, resolve_tolerance
 
 
 def test_element_fails_only_when_over_both_atol_and_rtol():

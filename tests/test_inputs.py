@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from bnfold.errors import BadInput, UsageError
-from bnfold.inputs import load_inputs, make_inputs, parse_shapes
+from bnfold.check.inputs import load_inputs, make_inputs, parse_shapes
 from onnx_builders import init, make_model
 
 

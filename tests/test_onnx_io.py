@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnfold.onnx_io import load_onnx, save_onnx, tensor_to_array
+from bnfold.onnxfold.io import load_onnx, save_onnx, tensor_to_array
 from onnx_builders import make_model, vi
 
 

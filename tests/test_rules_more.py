@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from bnfold import fuse_onnx
-from bnfold.onnx_pass import fold_model
+from bnfold.onnxfold.fold_pass import fold_model
 from onnx_builders import bn_count, bn_inits, bn_node, init, make_model, run, vi
 
 RNG = np.random.default_rng(11)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnfold.stats import bootstrap_ratio_ci, median, percentile, ratio_of_medians, rotation
+from bnfold.check.timing import bootstrap_ratio_ci, median, percentile, ratio_of_medians, rotation
 
 
 def test_percentiles_by_hand():

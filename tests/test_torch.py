@@ -16,7 +16,7 @@ from torch import nn
 
 from bnfold import fuse_module
 from bnfold.cli import run as cli
-from bnfold.compare import compare_arrays
+from bnfold.check.compare import compare_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

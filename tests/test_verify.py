@@ -135,7 +135,7 @@ def test_fuse_verify_keeps_output_on_pass(pairs, tmp_path, capsys):
 
 def test_fuse_verify_writes_nothing_when_the_fold_is_wrong(pairs, tmp_path, monkeypatch, capsys):
     """A deliberately broken fold (bias off by 0.01) must be caught before anything is written."""
-    import bnfold.rules as rules
+    import bnfold.onnxfold.rules_before as rules
 
     real = rules.fold_bias
     monkeypatch.setattr(rules, "fold_bias", lambda bias, affine: real(bias, affine) + 0.01)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 from rich.console import Console
 
-from ..errors import BnfoldError
+from ..errors import EXIT_INTERNAL, BnfoldError
 
 app = typer.Typer(
     name="bnfold",
@@ -18,11 +19,21 @@ app = typer.Typer(
 DEBUG_ENV = "BNFOLD_DEBUG"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"bnfold {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """Fold BatchNormalization into the layer before it, and prove nothing changed.
 
-    Exit codes: 0 success, 1 verification or benchmark failure, 2 bad input or usage.
+    Exit codes: 0 success; 1 verification mismatch or benchmark below --fail-below;
+    2 bad input or usage (or a benchmark too noisy to tell); 3 internal error (a bug).
     Errors are one line on stderr; BNFOLD_DEBUG=1 shows the traceback.
     """
 
@@ -36,8 +47,18 @@ def run(argv: list[str] | None = None) -> int:
     except BnfoldError as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
         # One line: scripts grep it, people read it; the traceback is one variable away.
-        err.print(f"bnfold: error: {exc} (set {DEBUG_ENV}=1 for the traceback)", markup=False)
+        _say(f"bnfold: error: {exc} (set {DEBUG_ENV}=1 for the traceback)")
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 — anything else is a bug in bnfold: one line, exit 3
+        if os.environ.get(DEBUG_ENV):
+            raise
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        _say(f"bnfold: internal error (a bug in bnfold, please report it): {type(exc).__name__}"
+             f"{': ' + detail if detail else ''} (set {DEBUG_ENV}=1 for the traceback)")
+        return EXIT_INTERNAL
     return 0
+
+
+def _say(line: str) -> None:
+    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(line, markup=False)

@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import EXIT_FAILED
-from ..fuse import FuseOptions, fuse_file
-from ..inputs import parse_shapes
+from ..errors import EXIT_FAILED, UsageError
+from ..options import CalibrateOptions, FuseOptions
 from ..render import Output
 from ..render.fold import render_fold
+from ..stages.fuse import fuse_file
 from .app import app
-from .options import Arch, ArchKwargs, Json, TrustPickle, json_kwargs
+from .options import (Arch, ArchKwargs, Atol, Batches, Data, ExampleInput, Json, Rtol, Seed, Shape, TrainBatchSize,
+                      TrustPickle, ValuesPerChannel, Variance, load_options, variance_options, verify_options)
 
 
 @app.command()
@@ -21,27 +22,37 @@ def fuse(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
     standalone: str = typer.Option("keep", help="BNs that cannot fold: 'keep', or 'affine' to rewrite as Mul+Add."),
-    variance: str = typer.Option("unbiased", help="Stored variance is 'unbiased' (PyTorch) or 'biased'."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size N, for --variance biased."),
-    values_per_channel: Optional[int] = typer.Option(None, help="m for --variance biased, overriding N × spatial size."),
+    variance: Variance = "unbiased",
+    train_batch_size: TrainBatchSize = None,
+    values_per_channel: ValuesPerChannel = None,
     to: str = typer.Option("same", help="Output format for torch inputs: same, onnx, pt2, torchscript."),
     trust_pickle: TrustPickle = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
-    shape: Optional[list[str]] = typer.Option(None, help="NAME=D0,D1,… input shape for export (repeatable)."),
-    example_input: Optional[Path] = typer.Option(None, help=".npz/.npy example input for torch export."),
-    calibrate: Optional[Path] = typer.Option(None, help="Recompute BN statistics from this data first (needs --batch-size)."),
+    shape: Shape = None,
+    example_input: ExampleInput = None,
+    calibrate: Optional[Path] = typer.Option(None, help="Recompute BN statistics from this data first."),
     upstream: str = typer.Option("batch", help="With --calibrate: 'batch' (Alg. 2) or 'population'."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per run: the calibration batch (--calibrate) "
+                                                        "and a dynamic first dimension (--verify)."),
     verify: bool = typer.Option(False, "--verify", help="Verify and keep the output only if it passes (else exit 1)."),
+    data: Data = None,
+    seed: Seed = 0,
+    batches: Batches = 1,
+    atol: Atol = None,
+    rtol: Rtol = None,
     as_json: Json = False,
 ) -> None:
     """Fold every BatchNormalization that can be folded exactly and write the fused model."""
     out = Output(as_json)
+    if calibrate is not None and batch_size is None:
+        raise UsageError("--calibrate needs --batch-size N (samples per calibration batch)")
     options = FuseOptions(
-        standalone=standalone, variance=variance, batch_size=batch_size, values_per_channel=values_per_channel, to=to,
-        trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs),
-        shapes=parse_shapes(shape), example_input=example_input, verify=verify, calibrate=calibrate,
-        upstream=upstream,
+        standalone=standalone, to=to,
+        variance=variance_options(variance, train_batch_size, values_per_channel, batch_size),
+        load=load_options(trust_pickle, arch, arch_kwargs, shape, example_input),
+        calibrate=CalibrateOptions(calibrate, batch_size, upstream) if calibrate is not None else None,
+        verify=verify_options(data, shape, batch_size, seed, batches, atol, rtol) if verify else None,
     )
     with out.status(f"fusing {src}"):
         report = fuse_file(src, output, in_place, options)

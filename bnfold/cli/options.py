@@ -1,18 +1,32 @@
-"""Options several commands share, declared once."""
+"""Options several commands share, declared once, and how they become typed option objects."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..check.inputs import parse_shapes
 from ..errors import UsageError
+from ..options import LoadOptions, VarianceOptions, VerifyOptions
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-TrustPickle = Annotated[bool, typer.Option(help="Torch: allow unpickling a full-module checkpoint (runs its code).")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Torch: allow unpickling a full-module checkpoint "
+                                                                  "(runs its code).")]
 Arch = Annotated[Optional[str], typer.Option(help="Torch state_dict: package.module:factory that builds the module.")]
 ArchKwargs = Annotated[Optional[str], typer.Option(help="JSON keyword arguments for --arch.")]
+Shape = Annotated[Optional[list[str]], typer.Option(help="NAME=D0,D1,… input shape (repeatable).")]
+ExampleInput = Annotated[Optional[Path], typer.Option(help="Torch: .npz/.npy example input for tracing and export.")]
+Variance = Annotated[str, typer.Option(help="Stored variance is 'unbiased' (PyTorch) or 'biased' (× m/(m−1)).")]
+TrainBatchSize = Annotated[Optional[int], typer.Option(help="Training batch size N the stored biased variance was "
+                                                            "taken over (--variance biased).")]
+ValuesPerChannel = Annotated[Optional[int], typer.Option(help="m for --variance biased, instead of N × spatial size.")]
+Data = Annotated[Optional[Path], typer.Option(help="Inputs to compare on: .npz (one array per input) or .npy.")]
+Seed = Annotated[int, typer.Option(help="Seed of the random inputs.")]
+Batches = Annotated[int, typer.Option(help="Number of random input batches (seeds seed, seed+1, …).")]
+Atol = Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: by output dtype).")]
+Rtol = Annotated[Optional[float], typer.Option(help="Relative tolerance (default: by output dtype).")]
 
 
 def json_kwargs(text: str | None) -> dict:
@@ -27,6 +41,19 @@ def json_kwargs(text: str | None) -> dict:
     return value
 
 
-def torch_options(trust_pickle: bool, arch: str | None, arch_kwargs: str | None, **more) -> SimpleNamespace:
-    """How to load a torch checkpoint, as the library's loaders read it."""
-    return SimpleNamespace(trust_pickle=trust_pickle, arch=arch, arch_kwargs=json_kwargs(arch_kwargs), **more)
+def load_options(trust_pickle: bool, arch: str | None, arch_kwargs: str | None, shape: list[str] | None = None,
+                 example_input: Path | None = None) -> LoadOptions:
+    return LoadOptions(trust_pickle, arch, json_kwargs(arch_kwargs), parse_shapes(shape), example_input)
+
+
+def variance_options(variance: str, train_batch_size: int | None, values_per_channel: int | None,
+                     batch_size: int | None = None) -> VarianceOptions:
+    if variance == "biased" and train_batch_size is None and values_per_channel is None and batch_size is not None:
+        raise UsageError("--batch-size is how many samples are fed per run; the training batch size of a biased "
+                         "variance is --train-batch-size N")
+    return VarianceOptions(variance, train_batch_size, values_per_channel)
+
+
+def verify_options(data: Path | None, shape: list[str] | None, batch_size: int | None, seed: int, batches: int,
+                   atol: float | None, rtol: float | None, provider: str = "cpu") -> VerifyOptions:
+    return VerifyOptions(data, parse_shapes(shape), batch_size, seed, batches, atol, rtol, provider)

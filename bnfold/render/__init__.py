@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from ..report import to_plain
 
@@ -69,3 +70,27 @@ class ProgressTick:
 
     def __call__(self, done: int, total: int | None = None) -> None:
         self.bar.update(self.task, completed=done, total=total)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table(title: str, columns: tuple[str, ...], rows) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def variance_table(corrections) -> Table:
+    return table("stored variance corrected by m/(m−1)", ("BN", "m", "factor"),
+                 ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in corrections))

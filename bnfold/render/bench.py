@@ -1,9 +1,8 @@
 """Rich rendering of a BenchReport."""
 from __future__ import annotations
 
-from ..bench import BenchReport
-from . import Output
-from .fold import _size, table
+from ..report import BenchReport
+from . import Output, human_size, table
 
 
 def _ms(t) -> str:
@@ -16,7 +15,7 @@ def render_bench(report: BenchReport, out: Output) -> None:
     con = out.out
     a, b = report.original, report.fused
     con.print(table("models", ("", "A (original)", "B (fused)"), [
-        ("file", a.path, b.path), ("size", _size(a.file_size), _size(b.file_size)),
+        ("file", a.path, b.path), ("size", human_size(a.file_size), human_size(b.file_size)),
         ("nodes", str(a.nodes), str(b.nodes)), ("BatchNormalization", str(a.bn_nodes), str(b.bn_nodes))]))
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
     con.print(f"{report.threads} thread(s), {report.warmup} warm-up runs, interleaved; inputs: {inputs}")

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from ..calibrate import CalibrationReport
-from . import Output
-from .fold import table, variance_table
+from ..report import CalibrationReport
+from . import Output, table, variance_table
 
 
 def render_calibrate(report: CalibrationReport, out: Output) -> None:

@@ -1,34 +1,10 @@
 """Rich rendering of a FoldReport."""
 from __future__ import annotations
 
-from rich.table import Table
-
 from ..report import FoldReport
-from . import Output
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def table(title: str, columns: tuple[str, ...], rows) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in columns:
-        t.add_column(col)
-    for row in rows:
-        t.add_row(*row)
-    return t
-
-
-def variance_table(corrections) -> Table:
-    return table("stored variance corrected by m/(m−1)", ("BN", "m", "factor"),
-                 ((v.bn, str(v.values_per_channel), f"{v.factor:.6g}") for v in corrections))
+from . import Output, human_size, table, variance_table
+from .calibrate import render_calibrate
+from .verify import render_verify
 
 
 def render_fold(report: FoldReport, out: Output) -> None:
@@ -36,8 +12,6 @@ def render_fold(report: FoldReport, out: Output) -> None:
         return
     con = out.out
     if report.calibration is not None:
-        from .calibrate import render_calibrate
-
         render_calibrate(report.calibration, out)
     if report.variance:
         con.print(variance_table(report.variance))
@@ -58,11 +32,9 @@ def render_fold(report: FoldReport, out: Output) -> None:
         con.print(f"[dim]note:[/] {note}")
     con.print(
         f"nodes {report.nodes_before} → {report.nodes_after}, BN {report.bn_before} → {report.bn_after}, "
-        f"size {_size(report.size_before)} → {_size(report.size_after)}, {report.seconds:.2f} s"
+        f"size {human_size(report.size_before)} → {human_size(report.size_after)}, {report.seconds:.2f} s"
     )
     if report.verify is not None:
-        from .verify import render_verify
-
         render_verify(report.verify, out)
     if report.output:
         con.print(f"wrote {report.output}")

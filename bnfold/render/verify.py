@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..verify import VerifyReport
+from ..report import VerifyReport
 from . import Output
 
 
@@ -16,8 +16,8 @@ def render_verify(report: VerifyReport, out: Output) -> None:
         return
     con = out.out
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
-    con.print(f"{report.runtime} ({report.provider}, optimizations off), seed {report.seed}, "
-              f"{report.batches} batch(es): {inputs}")
+    source = "inputs from --data" if report.seed is None else f"seed {report.seed}, {report.batches} batch(es)"
+    con.print(f"{report.runtime} ({report.provider}, optimizations off), {source}: {inputs}")
     # One column per output and one row per figure: fits a terminal for the usual 1–4 outputs.
     t = Table(title="fused vs original", title_justify="left")
     t.add_column("")

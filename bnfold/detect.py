@@ -1,0 +1,45 @@
+"""What kind of model a file holds, read from its content, not its suffix."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from .errors import BadInput
+
+ONNX = "onnx"
+TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict
+
+_PICKLE_PROTOCOL_2_PLUS = b"\x80"
+
+
+def check_readable(path: Path) -> Path:
+    """A regular, non-empty file, or BadInput saying what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput("no such file", path)
+    if path.is_dir():
+        raise BadInput("is a directory, not a model file", path)
+    if not path.is_file():
+        raise BadInput("is not a regular file", path)
+    if path.stat().st_size == 0:
+        raise BadInput("file is empty", path)
+    return path
+
+
+def detect_format(path: str | Path) -> str:
+    path = check_readable(Path(path))
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if zipfile.is_zipfile(path) or head[:1] == _PICKLE_PROTOCOL_2_PLUS:
+        return TORCH
+    if _looks_like_onnx(head):
+        return ONNX
+    if path.suffix.lower() in (".onnx",):
+        return ONNX  # let the ONNX loader say precisely what is wrong
+    raise BadInput("not an ONNX model or PyTorch checkpoint (unrecognised content)", path)
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # A ModelProto starts with a protobuf field tag; ir_version (field 1, varint) is first in
+    # every file written by onnx.save. Text and random bytes almost never start with 0x08 + a small int.
+    return len(head) >= 2 and head[0] == 0x08 and head[1] < 0x20

@@ -1,0 +1,317 @@
+"""Load and save ONNX models: external data, atomic writes, never the input by accident.
+
+Weights stay where they are while we work. `load_onnx(lazy=True)` parses the graph but
+leaves every large tensor payload in its file (inline payloads too, see onnxfold.wire); tensors
+are read one at a time when a fold needs them, and saving streams each payload into the new
+file. Peak memory stays near the size of what the fold changes, which lets a model of
+several GB fuse on a small machine.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from . import wire
+from ..detect import check_readable
+from ..errors import BadInput, OutputExists, UsageError
+
+# Protobuf cannot serialize a message over 2 GiB; stay clear of the limit.
+PROTOBUF_LIMIT = 2**31 - 2**20
+# Tensors smaller than this stay inline in memory and in written external data (shapes, scalars).
+EXTERNAL_THRESHOLD = 1024
+
+
+@dataclass
+class OnnxSource:
+    """A parsed model and where its tensor payloads live."""
+
+    model: onnx.ModelProto
+    path: Path
+    base_dir: Path
+    has_external_data: bool  # the file itself used external data (not our lazy references)
+
+
+def load_onnx(path: str | Path, lazy: bool = True) -> OnnxSource:
+    """Parse an ONNX file. Lazy: payloads stay in their files; else everything is loaded."""
+    path = check_readable(Path(path))
+    try:
+        if lazy:
+            model = wire.load_lazy(path, EXTERNAL_THRESHOLD)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'cannot parse'})", path)
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise BadInput("not a valid ONNX model (no graph)", path)
+    if not model.opset_import:
+        raise BadInput("not a valid ONNX model (no opset_import)", path)
+    external = any(external_data_helper.uses_external_data(t)
+                   and external_data_helper.ExternalDataInfo(t).location != path.name for t in iter_tensors(model))
+    source = OnnxSource(model, path, path.parent, external)
+    check_external_files(source)
+    if not lazy and external:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return source
+
+
+def read_signature(path: Path) -> onnx.ModelProto:
+    """The graph without weights: enough to know the inputs and outputs."""
+    path = check_readable(Path(path))
+    try:
+        return wire.load_lazy(path, EXTERNAL_THRESHOLD)
+    except (DecodeError, ValueError, IndexError, OSError) as exc:
+        raise BadInput(f"not a valid ONNX model ({exc})", path) from None
+
+
+def check_external_files(source: OnnxSource) -> None:
+    for tensor in iter_tensors(source.model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            data_path = source.base_dir / info.location
+            if not data_path.is_file():
+                raise BadInput(f"external data file {info.location!r} of tensor {tensor.name!r} is missing", source.path)
+            if info.length and info.offset + info.length > data_path.stat().st_size:
+                raise BadInput(f"external data file {info.location!r} is truncated", source.path)
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graphs(g)
+
+
+def iter_tensors(model: onnx.ModelProto, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant-node tensors of every graph."""
+    for depth, graph in enumerate(iter_graphs(model.graph)):
+        if main_initializers or depth > 0:  # the main graph comes first
+            yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def tensor_to_array(tensor: onnx.TensorProto, base_dir: Path | str) -> np.ndarray:
+    """Read one tensor, from the proto or its external file, leaving the proto as it was."""
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    direct = _read_numeric_payload(tensor, Path(base_dir))
+    if direct is not None:
+        return direct
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)
+    del loaded.external_data[:]
+    loaded.data_location = onnx.TensorProto.DEFAULT
+    loaded.raw_data = _external_bytes(tensor, Path(base_dir))
+    return numpy_helper.to_array(loaded)
+
+
+def _read_numeric_payload(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray | None:
+    """Numeric payloads are read straight into an array: one copy instead of three."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or sys.byteorder != "little":
+        return None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    storage = onnx.helper.tensor_dtype_to_np_dtype(onnx.helper.tensor_dtype_to_storage_tensor_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if np.dtype(storage).itemsize != dtype.itemsize or count * dtype.itemsize != _external_size(tensor, base_dir):
+        return None  # packed sub-byte types and the like go through onnx's own reader
+    info = external_data_helper.ExternalDataInfo(tensor)
+    array = np.fromfile(base_dir / info.location, dtype=dtype, count=count, offset=info.offset or 0)
+    return array.reshape(tuple(tensor.dims))
+
+
+def _external_size(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    return info.length if info.length else (Path(base_dir) / info.location).stat().st_size - (info.offset or 0)
+
+
+def _copy_external(tensor: onnx.TensorProto, base_dir: Path, out: BinaryIO, chunk: int = 64 << 20) -> int:
+    """Stream a payload into `out` in chunks; returns its length."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    remaining = _external_size(tensor, base_dir)
+    total = remaining
+    with open(Path(base_dir) / info.location, "rb") as fh:
+        fh.seek(info.offset or 0)
+        while remaining:
+            block = fh.read(min(chunk, remaining))
+            if not block:
+                raise BadInput(f"external data of tensor {tensor.name!r} is truncated", Path(base_dir) / info.location)
+            out.write(block)
+            remaining -= len(block)
+    return total
+
+
+def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    with open(base_dir / info.location, "rb") as fh:
+        fh.seek(info.offset or 0)
+        return fh.read(info.length) if info.length else fh.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths
+
+
+def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused") -> Path:
+    """NAME.fused.EXT (or NAME.<tag>.EXT) beside the input."""
+    ext = suffix if suffix is not None else src.suffix
+    return src.with_name(f"{src.stem}.{tag}{ext}")
+
+
+def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
+                   tag: str = "fused") -> Path:
+    if in_place:
+        if output is not None and Path(output).resolve() != Path(src).resolve():
+            raise UsageError("--in-place and -o name different files; give one of them", output)
+        return Path(src)
+    dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
+    if dst.exists() and dst.resolve() == Path(src).resolve():
+        raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
+    if dst.is_dir():
+        raise UsageError("output path is a directory", dst)
+    if not dst.parent.exists():
+        raise UsageError("output directory does not exist", dst.parent)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, external: bool | None = None,
+              accept_invalid: Callable[[Exception], bool] | None = None) -> Path:
+    """Write `model` to `dst` atomically; external data goes to `dst.name + '.data'`.
+
+    `base_dir` is where tensors that use external data (or lazy references) are read from.
+    `external` None keeps data external when the model is too large for one protobuf.
+    Before the rename the result passes onnx.checker with full shape inference, run on a
+    header file whose tensors point at the written payloads, so the check costs no copy of
+    the weights. `accept_invalid(error)` may let a failed check pass (an input that already
+    failed it); otherwise the error propagates and nothing is written.
+    """
+    dst = Path(dst)
+    base_dir = Path(base_dir or dst.parent)
+    if external is None:
+        external = _payload_bytes(model, base_dir) > PROTOBUF_LIMIT
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=dst.parent))
+    try:
+        tmp_model, data_name = tmp_dir / dst.name, dst.name + ".data"
+        if external:
+            written = _stream_external_data(model, base_dir, tmp_dir / data_name, data_name)
+            tmp_model.write_bytes(written.SerializeToString())
+            check_path = tmp_model
+        else:
+            check_path = _write_inline(model, base_dir, tmp_model)
+        _check(check_path, accept_invalid)
+        if external:
+            os.replace(tmp_dir / data_name, dst.parent / data_name)
+        os.replace(tmp_model, dst)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dst
+
+
+def _check(path: Path, accept_invalid: Callable[[Exception], bool] | None) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        if accept_invalid is None or not accept_invalid(exc):
+            raise
+
+
+def _payload_bytes(model: onnx.ModelProto, base_dir: Path) -> int:
+    return model.ByteSize() + sum(_external_size(t, base_dir) for t in iter_tensors(model)
+                                  if external_data_helper.uses_external_data(t))
+
+
+def _write_inline(model: onnx.ModelProto, base_dir: Path, path: Path) -> Path:
+    """Write an inline model, streaming payloads; returns the file for the checker (a small
+    header whose streamed tensors point into the written file, when any were streamed)."""
+    shell = wire.shell_without_initializers(model)
+    for tensor in iter_tensors(shell):  # the shell's own copies: Constant nodes and subgraphs
+        if external_data_helper.uses_external_data(tensor):
+            _load_into(tensor, base_dir)
+    initializers = model.graph.initializer
+    with open(path, "wb") as out:
+        streamed = wire.write_inline(shell, initializers, out, lambda t: _external_size(t, base_dir),
+                                     lambda t, fh: _copy_external(t, base_dir, fh))
+    if not streamed:
+        return path
+    where = {i: (offset, length) for i, offset, length in streamed}
+    for i, tensor in enumerate(initializers):
+        head = onnx.TensorProto()
+        head.CopyFrom(tensor)  # a reference or a small inline tensor: cheap
+        if i in where:
+            wire.point_to_external(head, path.name, *where[i])
+        shell.graph.initializer.append(head)
+    header_path = path.with_name(".check-" + path.name)
+    header_path.write_bytes(shell.SerializeToString())
+    return header_path
+
+
+def _load_into(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    payload = _external_bytes(tensor, base_dir)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = payload
+
+
+def _stream_external_data(model: onnx.ModelProto, base_dir: Path, data_path: Path, location: str) -> onnx.ModelProto:
+    """Every large tensor into one data file, one payload in memory at a time; returns the
+    model that points at it (`model` itself is left as it was)."""
+    shell = wire.shell_without_initializers(model)
+    with open(data_path, "wb") as out:
+        for tensor in iter_tensors(shell):  # Constant nodes and subgraphs: the shell's copies
+            _externalize(tensor, base_dir, out, location)
+        for tensor in model.graph.initializer:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            _externalize(copy, base_dir, out, location)
+            shell.graph.initializer.append(copy)
+    return shell
+
+
+def _externalize(tensor: onnx.TensorProto, base_dir: Path, out: BinaryIO, location: str) -> None:
+    offset = out.tell()
+    if external_data_helper.uses_external_data(tensor):
+        length = _copy_external(tensor, base_dir, out)
+    elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+        length = out.write(tensor.raw_data)
+    else:
+        return
+    wire.point_to_external(tensor, location, offset, length)
+
+
+def file_size(path: Path, model: onnx.ModelProto | None = None) -> int:
+    """Model file plus its external data files (`model`: the parsed file, if at hand)."""
+    path = Path(path)
+    total = path.stat().st_size
+    if model is None:
+        model = wire.load_lazy(path, EXTERNAL_THRESHOLD)
+    seen = {path.name}
+    for tensor in iter_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            loc = external_data_helper.ExternalDataInfo(tensor).location
+            if loc not in seen:
+                seen.add(loc)
+                p = path.parent / loc
+                if p.exists():
+                    total += p.stat().st_size
+    return total

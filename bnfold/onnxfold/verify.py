@@ -1,0 +1,60 @@
+"""verify for ONNX: both models in onnxruntime with graph optimizations disabled (ORT's own
+optimizer would fold the original's BNs too and could hide a wrong fold), on the same
+seeded random (or given) inputs, every output compared by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from ..check.compare import compare_outputs, merge
+from ..check.inputs import describe_inputs, graph_inputs, load_inputs, make_inputs
+from ..check.runtime import run_session, session
+from ..errors import BadInput
+from ..options import VerifyOptions
+from ..report import VerifyReport
+from .io import read_signature
+
+
+def verify_onnx(original: Path, fused: Path, options: VerifyOptions) -> VerifyReport:
+    signature = read_signature(original)
+    check_same_inputs(signature, read_signature(fused), fused)
+    sess_a, sess_b = session(original, options.provider), session(fused, options.provider)
+    seed = None if options.data is not None else options.seed
+    batches = 1 if options.data is not None else options.batches  # the user's data is one fixed set
+    report = VerifyReport(str(original), str(fused), False, "onnxruntime", options.provider, options.atol,
+                          options.rtol, seed, batches)
+    runs = []
+    for k in range(batches):
+        if options.data is not None:
+            feeds = load_inputs(options.data, signature)
+        else:
+            feeds = make_inputs(signature, shapes=options.shapes, batch_size=options.batch_size,
+                                seed=options.seed + k)
+        if k == 0:
+            report.inputs = describe_inputs(feeds)
+        runs.append(compare_outputs(run_session(sess_a, feeds, original), run_session(sess_b, feeds, fused),
+                                    options.atol, options.rtol))
+    report.outputs = merge(runs)
+    report.passed = all(o.passed for o in report.outputs)
+    return report
+
+
+def input_signature(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """Each fed input's element type and dims (ints, symbols or None)."""
+    return {v.name: (v.type.tensor_type.elem_type,
+                     [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in v.type.tensor_type.shape.dim])
+            for v in graph_inputs(model)}
+
+
+def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, path: Path) -> None:
+    """Names and element types must match; fixed dims must not contradict each other."""
+    sig_a, sig_b = input_signature(a), input_signature(b)
+    if {k: v[0] for k, v in sig_a.items()} != {k: v[0] for k, v in sig_b.items()}:
+        raise BadInput(f"inputs differ from the original's: {sorted(sig_b)} vs {sorted(sig_a)}", path)
+    for name, (_, dims_a) in sig_a.items():
+        dims_b = sig_b[name][1]
+        if len(dims_a) != len(dims_b) or any(isinstance(x, int) and isinstance(y, int) and x and y and x != y
+                                             for x, y in zip(dims_a, dims_b)):
+            raise BadInput(f"input {name!r} has shape {dims_b}, the original's is {dims_a}", path)

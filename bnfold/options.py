@@ -1,0 +1,146 @@
+"""What each command can be told, as typed dataclasses; the defaults are what a user gets
+with no flags. Every value is checked when the object is made, so a bad option fails
+before any work starts (and before any file is written)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+STANDALONE = ("keep", "affine")
+VARIANCE = ("unbiased", "biased")
+UPSTREAM = ("batch", "population")
+TO = ("same", "onnx", "pt2", "torchscript")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> None:
+    if value not in allowed:
+        raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _at_least(value: int | None, low: int, flag: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise UsageError(f"{flag} must be an integer ≥ {low}, not {value!r}")
+
+
+def _finite(value: float | None, flag: str, *, positive: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise UsageError(f"{flag} must be a finite number {'> 0' if positive else '≥ 0'}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a PyTorch checkpoint, and what input to trace or export it with."""
+
+    trust_pickle: bool = False
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    example_input: Path | None = None
+
+
+@dataclass(frozen=True)
+class VarianceOptions:
+    """What the stored running variance is (SPEC §3). "biased": × m/(m−1) before use, with
+    m = train_batch_size × the BN input's spatial size, or values_per_channel."""
+
+    variance: str = "unbiased"
+    train_batch_size: int | None = None
+    values_per_channel: int | None = None
+
+    def __post_init__(self):
+        _one_of(self.variance, VARIANCE, "--variance")
+        _at_least(self.train_batch_size, 1, "--train-batch-size")
+        _at_least(self.values_per_channel, 2, "--values-per-channel")
+        if self.biased and self.train_batch_size is None and self.values_per_channel is None:
+            raise UsageError("--variance biased needs the training batch size (--train-batch-size N) "
+                             "or --values-per-channel m")
+
+    @property
+    def biased(self) -> bool:
+        return self.variance == "biased"
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """Recompute E[x] and Var[x] from `data` in batches of `batch_size` (Algorithm 2)."""
+
+    data: Path
+    batch_size: int
+    upstream: str = "batch"
+
+    def __post_init__(self):
+        _one_of(self.upstream, UPSTREAM, "--upstream")
+        _at_least(self.batch_size, 2, "--batch-size (a batch of one sample has no variance)")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Inputs and tolerances of a comparison. `batch_size` fills a dynamic first dimension."""
+
+    data: Path | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    batch_size: int | None = None
+    seed: int = 0
+    batches: int = 1
+    atol: float | None = None
+    rtol: float | None = None
+    provider: str = "cpu"
+
+    def __post_init__(self):
+        _at_least(self.batch_size, 1, "--batch-size")
+        _at_least(self.batches, 1, "--batches")
+        _finite(self.atol, "--atol")
+        _finite(self.rtol, "--rtol")
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """Everything `bnfold fuse` can be told."""
+
+    standalone: str = "keep"  # BNs that cannot fold: "keep", or "affine" (Mul+Add)
+    variance: VarianceOptions = field(default_factory=VarianceOptions)
+    to: str = "same"  # torch inputs: same, onnx, pt2, torchscript
+    load: LoadOptions = field(default_factory=LoadOptions)
+    calibrate: CalibrateOptions | None = None  # recompute statistics first
+    verify: VerifyOptions | None = None  # verify before the output is put in place
+
+    def __post_init__(self):
+        _one_of(self.standalone, STANDALONE, "--standalone")
+        _one_of(self.to, TO, "--to")
+
+    @property
+    def changes_statistics(self) -> bool:
+        """--calibrate and --variance biased change what the model computes, on purpose: the
+        fused model is then verified against the corrected model, not against the input."""
+        return self.calibrate is not None or self.variance.biased
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How `bnfold bench` times A against B."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    batch_sizes: tuple[int, ...] = (1,)
+    levels: tuple[str, ...] = ("disabled", "default")
+    threads: int | None = None
+    warmup: int = 5
+    runs: int | None = None
+    seconds: float | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    data: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for n in self.batch_sizes:
+            _at_least(n, 1, "--batch-size")
+        _at_least(self.threads, 1, "--threads")
+        _at_least(self.warmup, 0, "--warmup")
+        _at_least(self.runs, 2, "--runs")
+        _finite(self.seconds, "--seconds", positive=True)
+        if not self.providers or not self.batch_sizes or not self.levels:
+            raise UsageError("--provider, --batch-size and --level each need at least one value")

@@ -1,0 +1,1 @@
+"""One module per command's stage: which format package does the work, and where its output goes."""

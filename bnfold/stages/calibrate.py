@@ -1,0 +1,35 @@
+"""The `calibrate` stage: recompute every BN's statistics from data (Algorithm 2) and write the
+model in its own format (NAME.calibrated.EXT)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import detect
+from ..options import CalibrateOptions, LoadOptions, VarianceOptions
+from ..report import CalibrationReport
+from .staging import Staging, move_into_place, resolve_output
+
+
+def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Path | None = None,
+                   in_place: bool = False, variance: VarianceOptions | None = None, load: LoadOptions | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+    start = time.perf_counter()
+    src = Path(src)
+    variance, load = variance or VarianceOptions(), load or LoadOptions()
+    dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated")
+    with Staging(dst) as stage:
+        staged = stage.output()
+        if detect.detect_format(src) == detect.ONNX:
+            from ..onnxfold.calibrate import calibrate_onnx_file
+
+            report = calibrate_onnx_file(src, staged, options, variance, progress)
+        else:
+            from ..torchfold.calibrate import calibrate_torch_file  # torch only on the torch path
+
+            report = calibrate_torch_file(src, staged, options, variance, load, progress)
+        move_into_place(staged, dst)
+    report.input, report.output = str(src), str(dst)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,74 @@
+"""The `fuse` stage: which format package folds the file, and where the result goes.
+
+The output is written into a staging folder beside its destination; with --verify it is
+verified there (against the input, or against the input with corrected statistics when
+--calibrate or --variance biased changed them on purpose) and moved into place only if it
+passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .. import detect
+from ..errors import UsageError
+from ..options import FuseOptions
+from ..report import FoldReport
+from .staging import Staging, move_into_place, resolve_output
+from .verify import verify
+
+TORCH_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+
+
+def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool = False,
+              options: FuseOptions | None = None) -> FoldReport:
+    """Fuse the model in `src` and write it (atomically) to `output` or NAME.fused.EXT."""
+    options = options or FuseOptions()
+    src = Path(src)
+    kind = detect.detect_format(src)
+    if kind == detect.ONNX and options.to not in ("same", "onnx"):
+        raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
+    suffix = ".onnx" if kind == detect.ONNX else TORCH_SUFFIX.get(options.to)
+    dst = resolve_output(src, Path(output) if output else None, in_place, suffix)
+    with Staging(dst) as stage:
+        staged = stage.output()
+        reference = None
+        if options.verify is not None and options.changes_statistics:
+            reference = stage.path("reference.onnx" if kind == detect.ONNX else "reference.pt")
+        report = _fuse(kind, src, staged, options, reference)
+        if options.verify is not None and not _verified(reference or src, staged, options, report):
+            return report
+        move_into_place(staged, dst)
+    report.output = str(dst)
+    report.size_after = _output_size(dst, kind, options)
+    return report
+
+
+def _fuse(kind: str, src: Path, staged: Path, options: FuseOptions, reference: Path | None) -> FoldReport:
+    if kind == detect.ONNX:
+        from ..onnxfold.fuse import fuse_onnx_file
+
+        return fuse_onnx_file(src, staged, options, reference)
+    from ..torchfold.fuse import fuse_torch_file  # torch is imported only on the torch path
+
+    return fuse_torch_file(src, staged, options, reference)
+
+
+def _verified(baseline: Path, staged: Path, options: FuseOptions, report: FoldReport) -> bool:
+    """Verify the staged output against `baseline`; a staged reference is our own file, so
+    a pickle of it may be loaded."""
+    load = options.load
+    if baseline.parent == staged.parent:
+        load = dataclasses.replace(load, trust_pickle=True)
+    report.verify = verify(baseline, staged, options.verify, load)
+    if baseline.parent == staged.parent:
+        report.verify.original = f"{report.input} with its corrected statistics, before folding"
+    return report.verify.passed
+
+
+def _output_size(dst: Path, kind: str, options: FuseOptions) -> int:
+    from ..onnxfold.io import file_size
+
+    if kind == detect.ONNX or options.to == "onnx":
+        return file_size(dst)
+    return dst.stat().st_size

@@ -1,0 +1,96 @@
+"""`calibrate` on a torch module: BN modules run in training mode (batch statistics, Alg. 2's
+N_BN^tr) with momentum 0, so their stored statistics do not move while they are measured;
+forward pre-hooks record each BN's input, and bnfold.population combines the moments."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..check import arrays
+from ..errors import BadInput
+from ..options import CalibrateOptions, LoadOptions, VarianceOptions
+from ..population import BatchAccumulator, finish_report, statistics_row
+from ..report import CalibrationReport
+from .io import PICKLE, STATE_DICT, atomic_write, load_torch, save_state_dict
+from .variance import correct_torch_variance, tracked_bns
+
+
+def calibrate_torch(module: nn.Module, options: CalibrateOptions,
+                    progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+    """New running_mean and running_var for every BN of `module`, in place."""
+    module.eval()
+    bns = tracked_bns(module)
+    if not bns:
+        raise BadInput("no BatchNorm module with running statistics to calibrate")
+    report = CalibrationReport(type(module).__name__, None, options.upstream, options.batch_size)
+    captured: dict[int, np.ndarray] = {}
+    hooks = [m.register_forward_pre_hook(InputCapture(captured, k)) for k, (_, m) in enumerate(bns)]
+    saved = [(m.momentum, m.training) for _, m in bns]
+    totals = BatchAccumulator.for_sites(len(bns))
+    try:
+        for _, m in bns:
+            m.momentum = 0.0
+            m.train(options.upstream == "batch")
+        for batch in positional_batches(options):
+            with torch.no_grad():
+                module(*(torch.from_numpy(a) for a in batch))
+            totals.add([captured[k] for k in range(len(bns))])
+            report.samples += len(batch[0])
+            if progress is not None:
+                progress(totals.batches + totals.dropped, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+        for (_, m), (momentum, training) in zip(bns, saved):
+            m.momentum, m.training = momentum, training
+    finish_report(report, totals, options.data)
+    for (name, m), stat in zip(bns, totals.stats):
+        old_mean, old_var = m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy()
+        with torch.no_grad():
+            m.running_mean.copy_(torch.from_numpy(stat.mean).to(m.running_mean.dtype))
+            m.running_var.copy_(torch.from_numpy(stat.var).to(m.running_var.dtype))
+        report.bns.append(statistics_row(name, stat, old_mean, old_var))
+    return report
+
+
+class InputCapture:
+    """Forward pre-hook keeping the input a BN module sees, for its batch statistics."""
+
+    def __init__(self, store: dict, key: int):
+        self.store, self.key = store, key
+
+    def __call__(self, _module, args) -> None:
+        self.store[self.key] = args[0].detach().cpu().numpy()
+
+
+def positional_batches(options: CalibrateOptions) -> Iterator[list[np.ndarray]]:
+    """Batches as positional inputs: one array per input, in the first file's order."""
+    first = arrays.data_files(options.data)[0]
+    names = list(arrays.read_file(first, ["input"]))
+    untyped = {name: (None, None) for name in names}
+    for batch in arrays.batches(options.data, untyped, options.batch_size):
+        yield [batch[name] for name in names]
+
+
+def calibrate_torch_file(src: Path, target: Path, options: CalibrateOptions, variance: VarianceOptions,
+                         load: LoadOptions, progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+    """Calibrate an eager checkpoint and write it in its own format to `target`."""
+    source = load_torch(src, load)
+    if source.kind not in (PICKLE, STATE_DICT):
+        raise BadInput(f"calibrate needs an eager module (a pickle, or a state_dict with --arch), not {source.kind}",
+                       src)
+    corrections = []
+    if variance.biased:
+        example = tuple(torch.from_numpy(a) for a in next(iter(positional_batches(options))))
+        corrections = correct_torch_variance(source.module, variance, example)
+    report = calibrate_torch(source.module, options, progress)
+    report.variance = corrections
+    if source.kind == STATE_DICT:
+        save_state_dict(source, source.module.state_dict(), target)
+    else:
+        atomic_write(target, lambda p: torch.save(source.module, str(p)))
+    return report

@@ -1,0 +1,116 @@
+"""Write a torch module in the format it came in, or as ONNX / torch.export / TorchScript."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import BadInput, UsageError
+from ..onnxfold.io import save_onnx
+from ..options import LoadOptions
+from .fx import guess_example
+from .io import EXPORT, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch, save_state_dict
+
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+
+
+def runnable(source: TorchSource):
+    """A callable module: an exported program is unlifted into a GraphModule (a new one per call)."""
+    return source.module.module() if source.kind == EXPORT else source.module
+
+
+def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
+    """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
+    if options.example_input:
+        return load_arrays(options.example_input)
+    if options.shapes:
+        dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
+            else torch.float32
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in options.shapes.values())
+    return guess_example(module) if isinstance(module, nn.Module) else None
+
+
+def write_module(source: TorchSource, module, to: str, dst: Path, options: LoadOptions) -> None:
+    """`module` (the folded one) to `dst`: in the source's format ("same"), or converted."""
+    if to == "same":
+        _write_same(source, module, dst)
+        return
+    example = example_for(source, options, module)
+    if to == "onnx":
+        buffer = io.BytesIO()
+        to_onnx(module, example, buffer)
+        save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    elif to == "torchscript":
+        traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
+        atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
+    else:
+        program = export_program(module, example, {})
+        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+
+
+def _write_same(source: TorchSource, module, dst: Path) -> None:
+    if source.kind == STATE_DICT:
+        save_state_dict(source, module.state_dict(), dst)
+    elif source.kind == TORCHSCRIPT:
+        atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
+    elif source.kind == EXPORT:
+        args, kwargs = source.module.example_inputs or ((), {})
+        program = export_program(module, args, kwargs, dynamic_dims(source.module))
+        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+    else:
+        atomic_write(dst, lambda p: torch.save(module, str(p)))
+
+
+def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:
+    if source.kind == EXPORT and not options.shapes and not options.example_input:
+        return tuple(source.module.example_inputs[0])
+    example = example_inputs(options, module)
+    if example is None:
+        raise UsageError("cannot tell the model's input shape: pass --shape NAME=D0,D1,… or --example-input")
+    return example
+
+
+def dynamic_dims(program) -> tuple | None:
+    """The original program's dynamic dimensions, so that the re-export keeps them."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    for name in user_inputs:
+        val = nodes[name].meta.get("val")
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(val, "shape", ())) if not isinstance(d, int)}
+        shapes.append(dims or None)
+    return tuple(shapes) if any(shapes) else None
+
+
+def export_program(module, args, kwargs, dynamic_shapes=None):
+    try:
+        return torch.export.export(module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:  # noqa: BLE001 — export failures are many and varied
+        raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]})") from None
+
+
+def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions) -> Path:
+    """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks."""
+    source = load_torch(src, options)
+    module = runnable(source)
+    example = example_for(source, options, module)
+    buffer = io.BytesIO()
+    to_onnx(module, example, buffer)
+    return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+
+
+def to_onnx(module, example, target) -> None:
+    """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs."""
+    names = [f"input{i}" if i else "input" for i in range(len(example))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(example), target, dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL, opset_version=17, input_names=names,
+                          dynamic_axes={name: {0: "batch"} for name in names})

@@ -1,0 +1,57 @@
+"""A torch layer's folded parameters: BN tensors → the affine map, the float64 fold cast once to
+the layer's dtype, and writing the result back. Shared by the fx, TorchScript and ATen passes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import Skip
+from ..fold_math import Affine, bn_affine, cast_exact, fold_bias, scale_weight
+
+
+def attr_at(root: nn.Module, path: str):
+    """The attribute at a dotted path ("layer1.0.bn1.running_var")."""
+    owner, _, name = path.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def affine_of(gamma, beta, mean: torch.Tensor, var: torch.Tensor, eps: float) -> Affine:
+    """s·x + t of a BN from its tensors; γ/β None (affine=False) mean 1 and 0."""
+    channels = mean.shape[0]
+    return bn_affine(_f64(gamma) if gamma is not None else np.ones(channels),
+                     _f64(beta) if beta is not None else np.zeros(channels), _f64(mean), _f64(var), float(eps))
+
+
+def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, axis: int, groups: int,
+                 what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's new weight and bias, in float64 and cast once to its dtype (nothing written yet)."""
+    out_channels = weight.shape[axis] * (groups if axis == 1 else 1)
+    if out_channels != affine.scale.shape[0]:
+        raise Skip(f"BN has {affine.scale.shape[0]} channels but {what} outputs {out_channels}")
+    # bfloat16 has no numpy dtype: check the range in float32 and let torch round to bf16
+    np_dtype = np.float32 if weight.dtype == torch.bfloat16 else torch.empty((), dtype=weight.dtype).numpy().dtype
+    return (cast_exact(scale_weight(_f64(weight), affine.scale, axis=axis, groups=groups), np_dtype, "weight"),
+            cast_exact(fold_bias(_f64(bias) if bias is not None else None, affine), np_dtype, "bias"))
+
+
+def folded_params(layer: nn.Module, affine: Affine, axis: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    return fold_tensors(layer.weight, layer.bias, affine, axis, groups, type(layer).__name__)
+
+
+def write_params(layer: nn.Module, new_w: np.ndarray, new_b: np.ndarray | None) -> None:
+    weight = layer.weight
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(new_w).to(weight.device, weight.dtype))
+        if new_b is None:
+            return
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.from_numpy(new_b).to(weight.device, weight.dtype))
+        else:
+            layer.bias.copy_(torch.from_numpy(new_b).to(weight.device, weight.dtype))
+
+
