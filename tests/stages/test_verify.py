@@ -15,7 +15,7 @@ import torch
 import bnfold
 from bnfold.cli import run as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import zoo  # noqa: E402
 

@@ -20,7 +20,7 @@ from bnfold import CalibrateOptions, VarianceOptions, calibrate
 from bnfold.torchfold.calibrate import calibrate_torch
 from bnfold.cli import run as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import zoo  # noqa: E402
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from bnfold import fuse_onnx
 from onnx_builders import bn_count, bn_inits, bn_node, init, make_model, run, vi
-from test_rules import conv_case, matmul_case
+from test_rules_before import conv_case, matmul_case
 
 RNG = np.random.default_rng(7)
 

@@ -18,7 +18,7 @@ from bnfold.cli import run as cli
 from bnfold.errors import BadInput, UsageError
 from bnfold.torchfold.variance import correct_torch_variance
 from onnx_builders import numpy_bn, run, with_outputs
-from test_rules import conv_case, gemm_case
+from test_rules_before import conv_case, gemm_case
 
 
 def _check(case, m: int):
@@ -105,7 +105,7 @@ def test_verify_compares_with_the_corrected_model_and_still_catches_a_wrong_fold
 
 
 def test_torch_variance_biased_with_verify(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import zoo
 
     model, shape = zoo.build("resnet18")

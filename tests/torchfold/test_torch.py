@@ -18,7 +18,7 @@ from bnfold import fuse_module
 from bnfold.cli import run as cli
 from bnfold.check.compare import compare_arrays
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import zoo  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 from bnfold.cli import run as cli
 from onnx_builders import bn_count, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import make_examples  # noqa: E402
 
