@@ -7,6 +7,14 @@ fusing on a laptop and not. Here the protobuf wire format is walked directly: ev
 parsed as if it used external data pointing back into the .onnx file itself. Writing streams
 each payload from wherever it lives, one tensor at a time.
 
+Why not onnx's own helpers or onnx-ir: `onnx.load(..., load_external_data=False)` still parses
+every inline payload into memory (protobuf has no lazy bytes), and `external_data_helper`
+only moves payloads that are already in memory, or reads ones already external. onnx-ir loads
+through the same protobuf parse (it memory-maps only payloads that were external in the file)
+and saves inline models by serializing one proto in memory. None of them turns the inline
+payloads of a single-file model into references that stay on disk, which is all this module
+does; everything else (external data, shape inference, checking) is left to onnx.
+
 Wire format: a field is a varint key (field_number << 3 | wire_type) followed by a varint
 (type 0), 8 bytes (1), a varint length and that many bytes (2), or 4 bytes (5).
 ModelProto.graph is field 7, GraphProto.initializer field 5, TensorProto.raw_data field 9.

@@ -67,3 +67,16 @@ def test_overwriting_an_existing_output_is_atomic(tmp_path):
     save_onnx(_model(), dst)
     assert onnx.load(str(dst)).graph.node[0].op_type == "Conv"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "loaded"])
+@pytest.mark.parametrize("external", [True, False], ids=["external", "inline"])
+def test_save_leaves_the_callers_model_alone(tmp_path, lazy, external):
+    src = tmp_path / "src.onnx"
+    onnx.save(_model(), str(src))
+    model = load_onnx(src, lazy=lazy).model
+    before = model.SerializeToString()
+    save_onnx(model, tmp_path / "a.onnx", base_dir=tmp_path,
+              external=external)
+    assert model.SerializeToString() == before
+    np.testing.assert_array_equal(_arrays(onnx.load(str(tmp_path / "a.onnx")))["W1"], _arrays(_model())["W1"])

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnfold import CalibrateOptions, VarianceOptions, calibrate
@@ -200,3 +201,35 @@ def test_fuse_calibrate_verify_holds_the_fused_model_to_the_calibrated_one(tmp_p
                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verify"]["passed"] and report["calibration"]["batches"] == 3 and report["output"]
+
+
+def test_literal_algorithm_2_over_stored_activations(tmp_path):
+    """A reference that shares no structure with the implementation: the conv's activations for
+    the whole data set are computed once, then Alg. 2 is applied literally, batch by batch:
+    E[x] = mean of the batch means, Var[x] = m/(m−1) · mean of the biased batch variances."""
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (3, 8, 8), steps=1)
+    data = np.random.default_rng(7).normal(0.5, 2.0, (48, 3, 8, 8)).astype(np.float32)
+    conv = model[0]
+    with torch.no_grad():
+        acts = F.conv2d(torch.from_numpy(data).double(), conv.weight.double(), conv.bias.double()).numpy()
+    batch = 16
+    per_batch = [acts[i:i + batch].transpose(1, 0, 2, 3).reshape(4, -1) for i in range(0, 48, batch)]
+    m = per_batch[0].shape[1]  # N·p·q = 16·6·6
+    expected_mean = np.mean([v.mean(axis=1) for v in per_batch], axis=0)
+    expected_var = m / (m - 1) * np.mean([v.var(axis=1) for v in per_batch], axis=0)
+    np.testing.assert_allclose(expected_mean, acts.mean(axis=(0, 2, 3)), rtol=1e-12)  # equal batches
+
+    src = _export(model, (3, 8, 8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", input=data)
+    calibrated, report = calibrate(src, CalibrateOptions(tmp_path / "d.npz", batch))
+    [(mean, var)] = bn_stats(calibrated)
+    assert report.bns[0].values_per_channel == m
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-5)
+
+    np.save(tmp_path / "d.npy", data)
+    ours = copy.deepcopy(model)
+    calibrate_torch(ours, CalibrateOptions(tmp_path / "d.npy", batch))
+    torch.testing.assert_close(ours[1].running_mean.double(), torch.from_numpy(expected_mean), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1].running_var.double(), torch.from_numpy(expected_var), rtol=1e-5, atol=0)
