@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
 from rich.console import Console
 
-from ..errors import EXIT_INTERNAL, BnfoldError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError
 
 app = typer.Typer(
     name="bnfold",
@@ -38,12 +39,44 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so every staging folder and scratch
+    file is removed on the way out (the default action would kill the process on the spot)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. Usage errors are click's (exit 2)."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         app(args=argv, prog_name="bnfold")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _say(f"bnfold: interrupted by {signal.Signals(signum).name}; nothing was written")
+        return 128 + signum
+    except OSError as exc:  # the disk is full, a folder is not writable, …: the machine, not the model
+        if os.environ.get(DEBUG_ENV):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"bnfold: error: {where}{exc.strerror or exc} (set {DEBUG_ENV}=1 for the traceback)")
+        return EXIT_BAD_INPUT
     except BnfoldError as exc:
         if os.environ.get(DEBUG_ENV):
             raise

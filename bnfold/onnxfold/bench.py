@@ -20,6 +20,7 @@ from ..options import BenchOptions
 from ..report import BenchReport, BenchResult, ModelInfo
 from .fold_pass import count_nodes
 from .io import file_size, read_signature
+from .verify import check_same_inputs
 
 Progress = Callable[[int, int], None]
 
@@ -43,8 +44,10 @@ def bench_onnx(original: Path, fused: Path, options: BenchOptions, threads: int,
     """Time `original` (A) against `fused` (B)."""
     providers = resolve_providers(options.providers)
     seconds = 2.0 if options.runs is None and options.seconds is None else options.seconds
-    signature = read_signature(original)
-    report = BenchReport(model_info(original, signature), model_info(fused), threads, options.warmup, options.seed)
+    signature, fused_signature = read_signature(original), read_signature(fused)
+    check_same_inputs(signature, fused_signature, fused)
+    report = BenchReport(model_info(original, signature), model_info(fused, fused_signature), threads,
+                         options.warmup, options.seed)
     configs = [(p, lvl, n) for p in providers for n in options.batch_sizes for lvl in options.levels]
     for k, (provider, level, batch) in enumerate(configs):
         if options.data:

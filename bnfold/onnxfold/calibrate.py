@@ -28,7 +28,7 @@ from ..population import BatchAccumulator, PopulationStats, finish_report, stati
 from ..report import CalibrationReport
 from .affine import BN, is_standard
 from .index import ModelIndex, NotConstant
-from .io import load_onnx, save_onnx
+from .io import check_tensors, load_onnx, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -52,6 +52,7 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, options: CalibrateOpt
     start = time.perf_counter()
     if isinstance(model_or_path, onnx.ModelProto):
         model, name, base = model_or_path, "<memory>", Path(base_dir or ".")
+        check_tensors(model, base)
     else:
         source = load_onnx(model_or_path, lazy=False)
         model, name, base = source.model, str(source.path), source.base_dir
@@ -166,7 +167,8 @@ def _write(index: ModelIndex, sites: list[_Site], stats: list[PopulationStats],
 
 
 def calibrate_onnx_file(src: Path, target: Path, options: CalibrateOptions, variance: VarianceOptions,
-                        progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+                        progress: Callable[[int, int], None] | None = None,
+                        data_name: str | None = None) -> CalibrationReport:
     model, report = calibrate(src, options, variance, progress)
-    save_onnx(model, target, base_dir=src.parent)
+    save_onnx(model, target, base_dir=src.resolve().parent, data_name=data_name)
     return report

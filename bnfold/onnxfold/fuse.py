@@ -16,7 +16,7 @@ from ..report import CalibrationReport, FoldReport
 from .calibrate import calibrate
 from .fold_pass import fold_model
 from .index import TensorSpill
-from .io import OnnxSource, file_size, load_onnx, save_onnx
+from .io import OnnxSource, check_tensors, file_size, load_onnx, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -33,6 +33,7 @@ def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions 
     options = options or FuseOptions()
     if isinstance(model_or_path, onnx.ModelProto):
         model, name, base = model_or_path, "<memory>", Path(base_dir or ".")
+        check_tensors(model, base)
     else:
         source = load_onnx(model_or_path, lazy=False)
         model, name, base = source.model, str(source.path), source.base_dir
@@ -45,7 +46,8 @@ def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions 
     return model, report
 
 
-def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Path | None = None) -> FoldReport:
+def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Path | None = None,
+                   data_name: str | None = None) -> FoldReport:
     """Fuse the ONNX file `src` into `target`. New payloads spill to a scratch file beside
     `target`, so a large model never holds more than one folded tensor in memory."""
     start = time.perf_counter()
@@ -65,7 +67,7 @@ def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Pat
             if calibration is not None:
                 report.calibration, report.variance = calibration, calibration.variance
             save_onnx(model, target, base_dir=source.base_dir, external=source.has_external_data or None,
-                      accept_invalid=partial(_input_also_invalid, src, report))
+                      accept_invalid=partial(_input_also_invalid, src, report), data_name=data_name)
         finally:
             spill.close()
     report.size_before = size_before

@@ -22,7 +22,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from . import wire
+from . import payloads, wire
 from ..detect import check_readable
 from ..errors import BadInput, OutputExists, UsageError
 
@@ -43,46 +43,53 @@ class OnnxSource:
 
 
 def load_onnx(path: str | Path, lazy: bool = True) -> OnnxSource:
-    """Parse an ONNX file. Lazy: payloads stay in their files; else everything is loaded."""
+    """Parse an ONNX file. Lazy: payloads stay in their files; else everything is loaded.
+
+    Every tensor is checked (payloads.check_tensors) before anything reads it: external data
+    must stay inside the model's folder and every payload must match its dims and dtype.
+    """
     path = check_readable(Path(path))
+    real = path.resolve()  # a model reached through a symlink reads its data beside the target
     try:
         if lazy:
-            model = wire.load_lazy(path, EXTERNAL_THRESHOLD)
+            model = wire.load_lazy(real, EXTERNAL_THRESHOLD)
         else:
-            model = onnx.load(str(path), load_external_data=False)
+            model = onnx.load(str(real), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'cannot parse'})", path)
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise BadInput("not a valid ONNX model (no graph)", path)
     if not model.opset_import:
         raise BadInput("not a valid ONNX model (no opset_import)", path)
-    external = any(external_data_helper.uses_external_data(t)
-                   and external_data_helper.ExternalDataInfo(t).location != path.name for t in iter_tensors(model))
-    source = OnnxSource(model, path, path.parent, external)
-    check_external_files(source)
-    if not lazy and external:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    files = check_tensors(model, real.parent, path)
+    source = OnnxSource(model, path, real.parent, bool(files - {real}))
+    if not lazy and source.has_external_data:
+        external_data_helper.load_external_data_for_model(model, str(real.parent))
     return source
 
 
 def read_signature(path: Path) -> onnx.ModelProto:
-    """The graph without weights: enough to know the inputs and outputs."""
+    """The graph with its payloads left on disk, checked like load_onnx: enough to know the
+    inputs and outputs, and safe to hand to onnxruntime, which reads the data itself."""
     path = check_readable(Path(path))
+    real = path.resolve()
     try:
-        return wire.load_lazy(path, EXTERNAL_THRESHOLD)
+        model = wire.load_lazy(real, EXTERNAL_THRESHOLD)
     except (DecodeError, ValueError, IndexError, OSError) as exc:
         raise BadInput(f"not a valid ONNX model ({exc})", path) from None
+    check_tensors(model, real.parent, path)
+    return model
 
 
-def check_external_files(source: OnnxSource) -> None:
-    for tensor in iter_tensors(source.model):
-        if external_data_helper.uses_external_data(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            data_path = source.base_dir / info.location
-            if not data_path.is_file():
-                raise BadInput(f"external data file {info.location!r} of tensor {tensor.name!r} is missing", source.path)
-            if info.length and info.offset + info.length > data_path.stat().st_size:
-                raise BadInput(f"external data file {info.location!r} is truncated", source.path)
+def check_tensors(model: onnx.ModelProto, base_dir: Path, path: Path | str | None = None) -> set[Path]:
+    """Check every tensor of `model` before any is read; returns the data files it uses."""
+    root = Path(base_dir).resolve()
+    files = set()
+    for tensor in iter_tensors(model):
+        ref = payloads.check_tensor(tensor, root, path)
+        if ref is not None:
+            files.add(ref.file)
+    return files
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -196,8 +203,9 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
 
 
 def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, external: bool | None = None,
-              accept_invalid: Callable[[Exception], bool] | None = None) -> Path:
-    """Write `model` to `dst` atomically; external data goes to `dst.name + '.data'`.
+              accept_invalid: Callable[[Exception], bool] | None = None, data_name: str | None = None) -> Path:
+    """Write `model` to `dst` atomically; external data goes to `data_name`, by default
+    `dst.name + '.data'` unless the model itself reads that file (then `.1.data`, …).
 
     `base_dir` is where tensors that use external data (or lazy references) are read from.
     `external` None keeps data external when the model is too large for one protobuf.
@@ -210,9 +218,11 @@ def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, e
     base_dir = Path(base_dir or dst.parent)
     if external is None:
         external = _payload_bytes(model, base_dir) > PROTOBUF_LIMIT
+    if external and data_name is None:
+        data_name = free_data_name(dst, model_files(model, base_dir))
     tmp_dir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=dst.parent))
     try:
-        tmp_model, data_name = tmp_dir / dst.name, dst.name + ".data"
+        tmp_model = tmp_dir / dst.name
         if external:
             written = _stream_external_data(model, base_dir, tmp_dir / data_name, data_name)
             tmp_model.write_bytes(written.SerializeToString())
@@ -226,6 +236,29 @@ def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return dst
+
+
+def model_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
+    """The resolved files the model's external payloads live in."""
+    root = Path(base_dir).resolve()
+    return {(root / external_data_helper.ExternalDataInfo(t).location).resolve() for t in iter_tensors(model)
+            if external_data_helper.uses_external_data(t)}
+
+
+def input_files(path: Path) -> set[Path]:
+    """The model file and every data file it reads, resolved: what a fuse must never write."""
+    real = Path(path).resolve()
+    return {real} | check_tensors(read_signature(path), real.parent, path)
+
+
+def free_data_name(dst: Path, protected: set[Path]) -> str:
+    """`NAME.data` beside `dst`, or `NAME.1.data`, … if that file is one the input uses."""
+    folder = Path(dst).parent.resolve()
+    name, k = f"{Path(dst).name}.data", 0
+    while folder / name in protected:
+        k += 1
+        name = f"{Path(dst).name}.{k}.data"
+    return name
 
 
 def _check(path: Path, accept_invalid: Callable[[Exception], bool] | None) -> None:

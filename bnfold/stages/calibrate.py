@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import detect
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..report import CalibrationReport
-from .staging import Staging, move_into_place, resolve_output
+from .staging import Staging, move_into_place, remove_replaced, resolve_output
 
 
 def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Path | None = None,
@@ -18,18 +18,29 @@ def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Pat
     start = time.perf_counter()
     src = Path(src)
     variance, load = variance or VarianceOptions(), load or LoadOptions()
-    dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated")
+    onnx_input = detect.detect_format(src) == detect.ONNX
+    used = _input_files(src) if onnx_input else {src.resolve()}
+    dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated", protected=used)
     with Staging(dst) as stage:
         staged = stage.output()
-        if detect.detect_format(src) == detect.ONNX:
+        if onnx_input:
             from ..onnxfold.calibrate import calibrate_onnx_file
+            from ..onnxfold.io import free_data_name
 
-            report = calibrate_onnx_file(src, staged, options, variance, progress)
+            report = calibrate_onnx_file(src, staged, options, variance, progress, free_data_name(dst, used))
         else:
             from ..torchfold.calibrate import calibrate_torch_file  # torch only on the torch path
 
             report = calibrate_torch_file(src, staged, options, variance, load, progress)
-        move_into_place(staged, dst)
+        written = move_into_place(staged, dst)
+    if in_place:
+        remove_replaced(used, written, dst)
     report.input, report.output = str(src), str(dst)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _input_files(src: Path) -> set[Path]:
+    from ..onnxfold.io import input_files
+
+    return input_files(src)

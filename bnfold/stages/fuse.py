@@ -14,7 +14,7 @@ from .. import detect
 from ..errors import UsageError
 from ..options import FuseOptions
 from ..report import FoldReport
-from .staging import Staging, move_into_place, resolve_output
+from .staging import Staging, move_into_place, remove_replaced, resolve_output
 from .verify import verify
 
 TORCH_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -29,39 +29,63 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     if kind == detect.ONNX and options.to not in ("same", "onnx"):
         raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
     suffix = ".onnx" if kind == detect.ONNX else TORCH_SUFFIX.get(options.to)
-    dst = resolve_output(src, Path(output) if output else None, in_place, suffix)
+    used = _input_files(kind, src)
+    dst = resolve_output(src, Path(output) if output else None, in_place, suffix, protected=used)
     with Staging(dst) as stage:
         staged = stage.output()
         reference = None
         if options.verify is not None and options.changes_statistics:
             reference = stage.path("reference.onnx" if kind == detect.ONNX else "reference.pt")
-        report = _fuse(kind, src, staged, options, reference)
-        if options.verify is not None and not _verified(reference or src, staged, options, report):
+        notes: list[str] = []
+        report = _fuse(kind, src, staged, options, reference, _data_name(dst, used, notes))
+        report.notes += notes
+        if options.verify is not None and not _verified(src, reference, staged, options, report):
             return report
-        move_into_place(staged, dst)
+        written = move_into_place(staged, dst)
+    if in_place:
+        report.notes += [f"removed {p.name}: the input's data, replaced" for p in remove_replaced(used, written, dst)]
     report.output = str(dst)
     report.size_after = _output_size(dst, kind, options)
     return report
 
 
-def _fuse(kind: str, src: Path, staged: Path, options: FuseOptions, reference: Path | None) -> FoldReport:
+def _input_files(kind: str, src: Path) -> set[Path]:
+    if kind == detect.ONNX:
+        from ..onnxfold.io import input_files
+
+        return input_files(src)
+    return {src.resolve()}
+
+
+def _data_name(dst: Path, used: set[Path], notes: list[str]) -> str:
+    from ..onnxfold.io import free_data_name
+
+    name = free_data_name(dst, used)
+    if name != f"{dst.name}.data":
+        notes.append(f"external data goes to {name}: {dst.name}.data is read by the input")
+    return name
+
+
+def _fuse(kind: str, src: Path, staged: Path, options: FuseOptions, reference: Path | None,
+          data_name: str) -> FoldReport:
     if kind == detect.ONNX:
         from ..onnxfold.fuse import fuse_onnx_file
 
-        return fuse_onnx_file(src, staged, options, reference)
+        return fuse_onnx_file(src, staged, options, reference, data_name)
     from ..torchfold.fuse import fuse_torch_file  # torch is imported only on the torch path
 
     return fuse_torch_file(src, staged, options, reference)
 
 
-def _verified(baseline: Path, staged: Path, options: FuseOptions, report: FoldReport) -> bool:
-    """Verify the staged output against `baseline`; a staged reference is our own file, so
-    a pickle of it may be loaded."""
-    load = options.load
-    if baseline.parent == staged.parent:
-        load = dataclasses.replace(load, trust_pickle=True)
+def _verified(src: Path, reference: Path | None, staged: Path, options: FuseOptions, report: FoldReport) -> bool:
+    """Verify the staged output against the input, or against the reference (the input with
+    corrected statistics) staged beside it; that reference is our own file, so a pickle of it
+    may be loaded."""
+    baseline = reference or src
+    ours = reference is not None
+    load = dataclasses.replace(options.load, trust_pickle=True) if ours else options.load
     report.verify = verify(baseline, staged, options.verify, load)
-    if baseline.parent == staged.parent:
+    if ours:
         report.verify.original = f"{report.input} with its corrected statistics, before folding"
     return report.verify.passed
 

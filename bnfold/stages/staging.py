@@ -17,7 +17,9 @@ def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused"
 
 
 def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
-                   tag: str = "fused") -> Path:
+                   tag: str = "fused", protected: set[Path] = frozenset()) -> Path:
+    """Where to write. `protected`: resolved files the input uses (its external data), which
+    no output may replace; only --in-place may replace the input itself."""
     if in_place:
         if output is not None and Path(output).resolve() != Path(src).resolve():
             raise UsageError("--in-place and -o name different files; give one of them", output)
@@ -25,9 +27,13 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
     dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
+    if dst.exists() and dst.resolve() in protected:
+        raise OutputExists("output would overwrite a data file the input reads", dst)
     if dst.is_dir():
         raise UsageError("output path is a directory", dst)
-    if not dst.parent.exists():
+    if dst.exists() and not dst.is_file():
+        raise UsageError("output path exists and is not a regular file (a device, FIFO or socket); refused", dst)
+    if not dst.parent.is_dir():
         raise UsageError("output directory does not exist", dst.parent)
     return dst
 
@@ -48,15 +54,31 @@ class Staging:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def path(self, name: str) -> Path:
-        return self.dir / name
+        """A private file (a reference model, …), in a subfolder so it can never be taken for
+        part of the output."""
+        (self.dir / "private").mkdir(exist_ok=True)
+        return self.dir / "private" / name
 
     def output(self) -> Path:
         return self.dir / self.dst.name
 
 
-def move_into_place(staged: Path, dst: Path) -> None:
-    """The staged file and its external-data file, if it has one, renamed over `dst`."""
-    data = staged.with_name(staged.name + ".data")
-    if data.exists():
-        os.replace(data, dst.with_name(dst.name + ".data"))
+def move_into_place(staged: Path, dst: Path) -> list[Path]:
+    """The staged file and its data files (named after it) renamed beside `dst`, data first so
+    the model never points at a missing file; returns the paths written."""
+    written = []
+    for part in sorted(staged.parent.iterdir()):
+        if part.is_file() and part.name.startswith(staged.name + "."):
+            written.append(dst.with_name(part.name))
+            os.replace(part, written[-1])
     os.replace(staged, dst)
+    return [*written, dst]
+
+
+def remove_replaced(used: set[Path], written: list[Path], keep: Path) -> list[Path]:
+    """After --in-place: the input's data files the new model no longer uses."""
+    now = {p.resolve() for p in written}
+    stale = sorted(p for p in used if p not in now and p != keep.resolve() and p.is_file())
+    for path in stale:
+        path.unlink()
+    return stale
