@@ -119,12 +119,26 @@ def finish_report(report: CalibrationReport, totals: BatchAccumulator, data) -> 
         raise BadInput("no batch with at least 2 values per channel", data)
 
 
+def require_storable(name: str, stat: PopulationStats, dtype, path=None) -> None:
+    """The new statistics must be finite and fit the BN's dtype, or they are not written."""
+    for what, values in (("mean", stat.mean), ("variance", stat.var)):
+        if not np.isfinite(values).all():
+            raise BadInput(f"BN {name!r}: the data gives a non-finite {what} (activations overflow or are NaN)",
+                           path)
+        limit = float(np.finfo(dtype).max) if np.issubdtype(dtype, np.floating) else None
+        if limit is not None and np.abs(values).max() > limit:
+            raise BadInput(f"BN {name!r}: the {what} from the data ({np.abs(values).max():.3g}) overflows "
+                           f"{np.dtype(dtype).name}", path)
+
+
 def max_relative_change(old: np.ndarray, new: np.ndarray) -> float:
     old64 = np.asarray(old, dtype=np.float64)
     return float(np.max(np.abs(new - old64) / np.maximum(np.abs(old64), 1e-12)))
 
 
 def statistics_row(name: str, stat: PopulationStats, old_mean, old_var) -> BNStatistics:
+    shift = np.abs(stat.mean - np.asarray(old_mean, dtype=np.float64))
+    std = np.sqrt(np.maximum(np.asarray(old_var, dtype=np.float64), 1e-12))
     return BNStatistics(name, stat.first_batch_values, float(old_mean.mean()), float(stat.mean.mean()),
-                        float(old_var.mean()), float(stat.var.mean()), max_relative_change(old_mean, stat.mean),
+                        float(old_var.mean()), float(stat.var.mean()), float(shift.max()), float((shift / std).max()),
                         max_relative_change(old_var, stat.var))

@@ -200,8 +200,11 @@ class BNStatistics:
     mean_new: float
     var_old: float
     var_new: float
-    mean_max_change: float  # max over channels of |new − old| / max(|old|, 1e-12)
-    var_max_change: float
+    # Means near 0 make a relative change meaningless: a mean's drift is given absolutely and
+    # in units of the channel's standard deviation, the scale BN divides by.
+    mean_max_abs_change: float  # max over channels of |new − old|
+    mean_max_change_in_std: float  # max over channels of |new − old| / sqrt(old σ²)
+    var_max_change: float  # max over channels of |new − old| / old σ²
 
 
 @dataclass

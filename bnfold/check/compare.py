@@ -1,8 +1,9 @@
 """Compare the outputs of two models, element by element, in float64.
 
-An element of the fused output b fails against the original a when
+An element of the fused output b fails against the original a only when it is over BOTH
+tolerances (polygraphy's rule):
 
-    |a − b| > atol + rtol · |a|        (over BOTH the absolute and the relative tolerance)
+    |a − b| > atol   and   |a − b| > rtol · |a|
 
 or when one of the two is NaN/±Inf and the other is not the same non-finite value. For
 each output the report also gives the smallest atol (at the given rtol) and the smallest
@@ -68,7 +69,7 @@ def compare_arrays(name: str, original: np.ndarray, fused: np.ndarray, atol: flo
     with np.errstate(invalid="ignore"):  # inf − inf where both are inf: masked out below
         diff = np.where(finite, np.abs(a - b), 0.0)
     abs_a = np.where(finite, np.abs(a), 0.0)
-    over = diff > atol + rtol * abs_a
+    over = (diff > atol) & (diff > rtol * abs_a)
     failed = over | nonfinite_bad
     result.mismatched = int(failed.sum())
     result.nonfinite_mismatches = int(nonfinite_bad.sum())
@@ -79,9 +80,11 @@ def compare_arrays(name: str, original: np.ndarray, fused: np.ndarray, atol: flo
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(abs_a > 0, diff / abs_a, np.where(diff > 0, np.inf, 0.0))
         result.max_rel_error = float(rel.max())
-        result.min_atol_to_pass = float(max(0.0, (diff - rtol * abs_a).max()))
+        # An element passes once either tolerance covers it: the smallest atol that passes all
+        # (at the given rtol) is the largest error the rtol does not cover, and vice versa.
+        result.min_atol_to_pass = float(np.where(diff > rtol * abs_a, diff, 0.0).max())
         with np.errstate(divide="ignore", invalid="ignore"):
-            need = np.where(diff > atol, np.where(abs_a > 0, (diff - atol) / abs_a, np.inf), 0.0)
+            need = np.where(diff > atol, np.where(abs_a > 0, diff / abs_a, np.inf), 0.0)
         result.min_rtol_to_pass = float(need.max())
         result.cosine_similarity = cosine(a[finite], b[finite])
         worst = failed if failed.any() else np.ones_like(failed)

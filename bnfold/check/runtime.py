@@ -89,6 +89,11 @@ def run_session(sess: ort.InferenceSession, feeds: dict, path: Path | None = Non
     return dict(zip(names, values))
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: Exception, limit: int = 600) -> str:
+    """onnxruntime's message, whole: its first line, or its sentences up to `limit` characters."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = text[0] if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(". ", 0, limit)
+    return line[: cut + 1] if cut > 0 else line[:limit] + "…"

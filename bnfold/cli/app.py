@@ -15,6 +15,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: full option names at any width, no "<bool>" after flags, and
+    # readable when piped into a file or a pager.
+    rich_markup_mode=None,
 )
 
 DEBUG_ENV = "BNFOLD_DEBUG"

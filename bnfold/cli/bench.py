@@ -26,7 +26,7 @@ def _csv(text: str, what: str, cast=str) -> tuple:
     return values
 
 
-@app.command()
+@app.command(short_help="Time the original against the fused model.")
 def bench(
     original: Path = typer.Argument(..., help="The model before fusing (A).", show_default=False),
     fused: Optional[Path] = typer.Argument(None, help="The fused model (B); fused on the fly if omitted."),

@@ -15,7 +15,7 @@ from .options import (Arch, ArchKwargs, Json, TrainBatchSize, TrustPickle, Value
                       variance_options)
 
 
-@app.command()
+@app.command(short_help="Recompute BN statistics from data (Algorithm 2).")
 def calibrate(
     src: Path = typer.Argument(..., help="Model whose BN statistics to recompute (.onnx, torch pickle/state_dict).",
                                show_default=False),
@@ -33,7 +33,7 @@ def calibrate(
     arch_kwargs: ArchKwargs = None,
     as_json: Json = False,
 ) -> None:
-    """Recompute every BN's E\\[x] and Var\\[x] from data, exactly as the BN paper's Algorithm 2."""
+    """Recompute every BN's E[x] and Var[x] from data, exactly as the BN paper's Algorithm 2."""
     out = Output(as_json)
     options = CalibrateOptions(data, batch_size, upstream)
     with out.progress("calibrating (batches)", total=None) as tick:

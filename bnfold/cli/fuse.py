@@ -16,7 +16,7 @@ from .options import (Arch, ArchKwargs, Atol, Batches, Data, ExampleInput, Json,
                       TrustPickle, ValuesPerChannel, Variance, load_options, variance_options, verify_options)
 
 
-@app.command()
+@app.command(short_help="Fold every foldable BN and write the fused model.")
 def fuse(
     src: Path = typer.Argument(..., help="Model to fuse: .onnx or a PyTorch checkpoint.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT)."),

@@ -16,7 +16,7 @@ TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Torch: allow 
                                                                   "(runs its code).")]
 Arch = Annotated[Optional[str], typer.Option(help="Torch state_dict: package.module:factory that builds the module.")]
 ArchKwargs = Annotated[Optional[str], typer.Option(help="JSON keyword arguments for --arch.")]
-Shape = Annotated[Optional[list[str]], typer.Option(help="NAME=D0,D1,… input shape (repeatable).")]
+Shape = Annotated[Optional[list[str]], typer.Option(metavar="NAME=D0,D1,…", help="Input shape (repeatable).")]
 ExampleInput = Annotated[Optional[Path], typer.Option(help="Torch: .npz/.npy example input for tracing and export.")]
 Variance = Annotated[str, typer.Option(help="Stored variance is 'unbiased' (PyTorch) or 'biased' (× m/(m−1)).")]
 TrainBatchSize = Annotated[Optional[int], typer.Option(help="Training batch size N the stored biased variance was "

@@ -15,7 +15,7 @@ from .options import (Arch, ArchKwargs, Atol, Batches, Data, Json, Rtol, Seed, S
                       verify_options)
 
 
-@app.command()
+@app.command(short_help="Prove the fused model computes what the original did.")
 def verify(
     original: Path = typer.Argument(..., help="The model before fusing.", show_default=False),
     fused: Path = typer.Argument(..., help="The fused model.", show_default=False),

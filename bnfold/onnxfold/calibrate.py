@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,11 @@ from ..check.runtime import session
 from ..errors import BadInput
 from ..fold_math import cast_exact
 from ..options import CalibrateOptions, VarianceOptions
-from ..population import BatchAccumulator, PopulationStats, finish_report, statistics_row
+from ..population import BatchAccumulator, PopulationStats, finish_report, require_storable, statistics_row
 from ..report import CalibrationReport
 from .affine import BN, is_standard
 from .index import ModelIndex, NotConstant
-from .io import check_tensors, load_onnx, save_onnx
+from .io import check_tensors, input_also_invalid, load_onnx, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -161,6 +162,7 @@ def _write(index: ModelIndex, sites: list[_Site], stats: list[PopulationStats],
     scope = index.scopes[0]
     for site, stat in zip(sites, stats):
         old_mean, old_var = (index.constant(scope, site.node.input[i]) for i in (3, 4))
+        require_storable(site.name, stat, old_var.dtype)
         index.replace_input(scope, site.node, 3, cast_exact(stat.mean, old_mean.dtype, "mean"), f"{site.name}_mean")
         index.replace_input(scope, site.node, 4, cast_exact(stat.var, old_var.dtype, "variance"), f"{site.name}_var")
         report.bns.append(statistics_row(site.name, stat, old_mean, old_var))
@@ -170,5 +172,6 @@ def calibrate_onnx_file(src: Path, target: Path, options: CalibrateOptions, vari
                         progress: Callable[[int, int], None] | None = None,
                         data_name: str | None = None) -> CalibrationReport:
     model, report = calibrate(src, options, variance, progress)
-    save_onnx(model, target, base_dir=src.resolve().parent, data_name=data_name)
+    save_onnx(model, target, base_dir=src.resolve().parent, data_name=data_name,
+              accept_invalid=partial(input_also_invalid, src, report.warnings))
     return report

@@ -58,7 +58,11 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
             unfolded.append((scope, op, skipped))
     if standalone == "affine":
         rewrite_standalone(index, report, unfolded)
-    index.apply()
+    dropped_inputs = index.apply()
+    if dropped_inputs and model.ir_version >= 4:
+        report.notes.append(f"{len(dropped_inputs)} replaced initializer(s) were also graph inputs "
+                            "(keep_initializers_as_inputs) and are no longer inputs: the fused model takes the "
+                            "feeds the original needs, and its folded weights cannot be overridden by a feed")
     report.nodes_after, report.bn_after = count_nodes(model)
     report.seconds = time.perf_counter() - start
     return report

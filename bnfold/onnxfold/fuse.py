@@ -16,7 +16,7 @@ from ..report import CalibrationReport, FoldReport
 from .calibrate import calibrate
 from .fold_pass import fold_model
 from .index import TensorSpill
-from .io import OnnxSource, check_tensors, file_size, load_onnx, save_onnx
+from .io import OnnxSource, check_tensors, file_size, input_also_invalid, load_onnx, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -67,7 +67,7 @@ def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Pat
             if calibration is not None:
                 report.calibration, report.variance = calibration, calibration.variance
             save_onnx(model, target, base_dir=source.base_dir, external=source.has_external_data or None,
-                      accept_invalid=partial(_input_also_invalid, src, report), data_name=data_name)
+                      accept_invalid=partial(input_also_invalid, src, report.warnings), data_name=data_name)
         finally:
             spill.close()
     report.size_before = size_before
@@ -81,14 +81,3 @@ def _calibrate_first(source: OnnxSource, options: FuseOptions) -> CalibrationRep
     _, report = calibrate(source.model, options.calibrate, options.variance, base_dir=source.base_dir)
     report.input = str(source.path)
     return report
-
-
-def _input_also_invalid(src: Path, report: FoldReport, error: Exception) -> bool:
-    """A checker failure is ours only if the input passes the same check."""
-    try:
-        onnx.checker.check_model(str(src), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as src_error:
-        first = str(src_error).strip().splitlines()[0][:160] if str(src_error).strip() else type(src_error).__name__
-        report.warnings.append(f"the input already fails onnx.checker ({first}); the output was not held to it")
-        return True
-    return False

@@ -219,8 +219,14 @@ class ModelIndex:
             scope.producers[out] = node
         self.uses.update(i for i in node.input if i)
 
-    def apply(self) -> None:
-        """Write recorded deletions and insertions into the protobuf, innermost graphs first."""
+    def apply(self) -> list[str]:
+        """Write recorded deletions and insertions into the protobuf, innermost graphs first.
+
+        A replaced initializer that was also a graph input (IR 3 requires it; old exporters'
+        keep_initializers_as_inputs does it in any IR) leaves the inputs too: the new model runs
+        with exactly the feeds the original needed. Returns the names of such inputs.
+        """
+        dropped_inputs = []
         for scope in reversed(self.scopes):
             graph = scope.graph
             for i in range(len(scope.nodes) - 1, -1, -1):
@@ -230,9 +236,10 @@ class ModelIndex:
                 if key in scope.removed:
                     del graph.node[i]
             _delete_where(graph.initializer, lambda t: t.name in scope.dropped_initializers)
-            if self.model.ir_version < 4:
-                _delete_where(graph.input, lambda v: v.name in scope.dropped_initializers)
+            dropped_inputs += [v.name for v in graph.input if v.name in scope.dropped_initializers]
+            _delete_where(graph.input, lambda v: v.name in scope.dropped_initializers)
             _delete_where(graph.value_info, lambda v: v.name in scope.dead_names)
+        return dropped_inputs
 
 
 class TensorSpill:

@@ -82,7 +82,8 @@ def read_signature(path: Path) -> onnx.ModelProto:
 
 
 def check_tensors(model: onnx.ModelProto, base_dir: Path, path: Path | str | None = None) -> set[Path]:
-    """Check every tensor of `model` before any is read; returns the data files it uses."""
+    """Check every string and tensor of `model` before any is read; returns the data files it uses."""
+    payloads.check_text(model, path)
     root = Path(base_dir).resolve()
     files = set()
     for tensor in iter_tensors(model):
@@ -259,6 +260,18 @@ def free_data_name(dst: Path, protected: set[Path]) -> str:
         k += 1
         name = f"{Path(dst).name}.{k}.data"
     return name
+
+
+def input_also_invalid(src: Path, warnings: list[str], error: Exception) -> bool:
+    """A checker failure of the output is ours only if the input passes the same check."""
+    try:
+        onnx.checker.check_model(str(src), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as src_error:
+        text = str(src_error).strip()
+        first = text.splitlines()[0][:160] if text else type(src_error).__name__
+        warnings.append(f"the input already fails onnx.checker ({first}); the output was not held to it")
+        return True
+    return False
 
 
 def _check(path: Path, accept_invalid: Callable[[Exception], bool] | None) -> None:

@@ -43,6 +43,8 @@ class ExternalRef:
 def check_tensor(tensor: onnx.TensorProto, root: Path, model_path: Path | str | None) -> ExternalRef | None:
     """Raise BadInput naming the tensor if its payload is not what it claims; returns where an
     external payload lives."""
+    if tensor.data_type == T.UNDEFINED or tensor.data_type not in T.DataType.values():
+        raise _bad(tensor, f"has no known data type ({tensor.data_type})", model_path)
     count = element_count(tensor, model_path)
     expected = _expected_bytes(tensor.data_type, count)
     if tensor.data_location == T.EXTERNAL or len(tensor.external_data):
@@ -123,6 +125,30 @@ def _non_negative(tensor, entries: dict, key: str, default, model_path) -> int |
     if not text.isdigit():  # no sign, no spaces inside, no decimals
         raise _bad(tensor, f"external data {key} {entries[key]!r} is not a non-negative integer", model_path)
     return int(text)
+
+
+def check_text(message, model_path, depth: int = 0) -> None:
+    """Every string field of the model must be UTF-8: protobuf hands undecodable text back as
+    bytes, which no name lookup, report or runtime expects. Tensor payloads are not walked."""
+    if depth > 64:
+        raise BadInput("the model nests subgraphs more than 64 deep", model_path)
+    for descriptor, value in _fields(message):
+        values = value if descriptor.is_repeated else (value,)
+        if descriptor.type == descriptor.TYPE_STRING:
+            bad = next((v for v in values if isinstance(v, bytes)), None)
+            if bad is not None:
+                raise BadInput(f"{descriptor.containing_type.name}.{descriptor.name} {bad[:40]!r} is not UTF-8 "
+                               "text", model_path)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            for item in values:
+                check_text(item, model_path, depth + 1)
+
+
+def _fields(message):
+    if isinstance(message, onnx.TensorProto):  # ListFields would copy the payload
+        return [(message.DESCRIPTOR.fields_by_name[f], getattr(message, f)) for f in ("name", "doc_string",
+                                                                                     "external_data")]
+    return message.ListFields()
 
 
 def _bad(tensor: onnx.TensorProto, problem: str, model_path) -> BadInput:

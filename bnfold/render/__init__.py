@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +40,7 @@ class Output:
         return self.as_json
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     @contextmanager
     def status(self, message: str) -> Iterator[None]:
@@ -82,12 +84,19 @@ def human_size(n: int | None) -> str:
     return str(n)
 
 
+def plain(value) -> str:
+    """Text from a model or the user (names, paths, reasons), safe to print: rich markup in it
+    is escaped, so a node named "[/]" is shown, not interpreted."""
+    return escape(str(value))
+
+
 def table(title: str, columns: tuple[str, ...], rows) -> Table:
-    t = Table(title=title, title_justify="left")
+    """A table whose string cells are plain text; styled cells are passed as rich Text."""
+    t = Table(title=escape(title), title_justify="left")
     for col in columns:
         t.add_column(col)
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*(cell if isinstance(cell, Text) else plain(cell) for cell in row))
     return t
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from ..report import BenchReport
-from . import Output, human_size, table
+from rich.text import Text
+
+from . import Output, human_size, plain, table
 
 
 def _ms(t) -> str:
@@ -18,10 +20,10 @@ def render_bench(report: BenchReport, out: Output) -> None:
         ("file", a.path, b.path), ("size", human_size(a.file_size), human_size(b.file_size)),
         ("nodes", str(a.nodes), str(b.nodes)), ("BatchNormalization", str(a.bn_nodes), str(b.bn_nodes))]))
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
-    con.print(f"{report.threads} thread(s), {report.warmup} warm-up runs, interleaved; inputs: {inputs}")
+    con.print(f"{report.threads} thread(s), {report.warmup} warm-up runs, interleaved; inputs: {plain(inputs)}")
     rows = []
     for r in report.results:
-        rows.append((f"{r.provider} {r.level} ×{r.batch_size}", _ms(r.a), _ms(r.b), f"[bold]{r.speedup:.3f}×[/]",
+        rows.append((f"{r.provider} {r.level} ×{r.batch_size}", _ms(r.a), _ms(r.b), Text(f"{r.speedup:.3f}×", style="bold"),
                      f"{r.speedup_ci[0]:.3f}–{r.speedup_ci[1]:.3f}", str(r.a.runs)))
     con.print(table("latency ms, median (p10–p90); speed-up = A / B", ("provider level batch", "A original",
                                                                          "B fused", "speed-up", "95% CI", "runs"),
@@ -29,4 +31,4 @@ def render_bench(report: BenchReport, out: Output) -> None:
     sessions = ", ".join(f"{r.provider} {r.level}: {r.a.session_ms:.0f}/{r.b.session_ms:.0f}" for r in report.results)
     con.print(f"session creation ms A/B: {sessions}")
     for note in report.notes:
-        con.print(f"[dim]note:[/] {note}")
+        con.print(f"[dim]note:[/] {plain(note)}")

@@ -1,10 +1,8 @@
 """Rich rendering of a CalibrationReport."""
 from __future__ import annotations
 
-from rich.markup import escape
-
 from ..report import CalibrationReport
-from . import Output, table, variance_table
+from . import Output, plain, table, variance_table
 
 
 def render_calibrate(report: CalibrationReport, out: Output) -> None:
@@ -15,10 +13,11 @@ def render_calibrate(report: CalibrationReport, out: Output) -> None:
         con.print(variance_table(report.variance))
     con.print(f"{report.samples} samples in {report.batches} batches of {report.batch_size} "
               f"({report.dropped_batches} dropped), upstream BNs on {report.upstream} statistics")
-    con.print(table(escape("E[x] and Var[x] per BN (channel averages; max relative change over channels)"),
-                    ("BN", "m", "mean old → new", "Δ mean", "var old → new", "Δ var"),
+    con.print(table(("E[x] and Var[x] per BN (channel averages; Δ: the largest change over channels)"),
+                    ("BN", "m", "mean old → new", "Δ mean (abs, σ)", "var old → new", "Δ var"),
                     ((b.bn, str(b.values_per_channel), f"{b.mean_old:.4g} → {b.mean_new:.4g}",
-                      f"{b.mean_max_change:.2%}", f"{b.var_old:.4g} → {b.var_new:.4g}", f"{b.var_max_change:.2%}")
+                      f"{b.mean_max_abs_change:.3g} ({b.mean_max_change_in_std:.2f}σ)",
+                      f"{b.var_old:.4g} → {b.var_new:.4g}", f"{b.var_max_change:.2%}")
                      for b in report.bns)))
     if report.output:
-        con.print(f"wrote {report.output}")
+        con.print(f"wrote {plain(report.output)}")

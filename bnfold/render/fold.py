@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..report import FoldReport
-from . import Output, human_size, table, variance_table
+from . import Output, human_size, plain, table, variance_table
 from .calibrate import render_calibrate
 from .verify import render_verify
 
@@ -29,7 +29,7 @@ def render_fold(report: FoldReport, out: Output) -> None:
     if not report.folded and not report.skipped and not report.rewritten:
         con.print("no BatchNormalization found")
     for note in report.notes:
-        con.print(f"[dim]note:[/] {note}")
+        con.print(f"[dim]note:[/] {plain(note)}")
     con.print(
         f"nodes {report.nodes_before} → {report.nodes_after}, BN {report.bn_before} → {report.bn_after}, "
         f"size {human_size(report.size_before)} → {human_size(report.size_after)}, {report.seconds:.2f} s"
@@ -37,7 +37,7 @@ def render_fold(report: FoldReport, out: Output) -> None:
     if report.verify is not None:
         render_verify(report.verify, out)
     if report.output:
-        con.print(f"wrote {report.output}")
+        con.print(f"wrote {plain(report.output)}")
     elif report.verify is not None and not report.verify.passed:
         con.print("[red]nothing written[/]: verification failed")
 

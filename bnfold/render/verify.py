@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..report import VerifyReport
-from . import Output
+from . import Output, plain
 
 
 def _g(x: float | None) -> str:
@@ -17,12 +17,12 @@ def render_verify(report: VerifyReport, out: Output) -> None:
     con = out.out
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
     source = "inputs from --data" if report.seed is None else f"seed {report.seed}, {report.batches} batch(es)"
-    con.print(f"{report.runtime} ({report.provider}, optimizations off), {source}: {inputs}")
+    con.print(f"{report.runtime} ({plain(report.provider)}, optimizations off), {source}: {plain(inputs)}")
     # One column per output and one row per figure: fits a terminal for the usual 1–4 outputs.
     t = Table(title="fused vs original", title_justify="left")
     t.add_column("")
     for o in report.outputs:
-        t.add_column(o.name, justify="right")
+        t.add_column(plain(o.name), justify="right")
     rows = [
         ("result", lambda o: "[green]pass[/]" if o.passed else "[red]FAIL[/]"),
         ("max abs error", lambda o: _g(o.max_abs_error)),
@@ -40,8 +40,8 @@ def render_verify(report: VerifyReport, out: Output) -> None:
     con.print(t)
     for o in report.failures:
         where = f" (worst at index {o.worst_index})" if o.worst_index else ""
-        con.print(f"[red]{o.name}[/]: {o.message}{where}")
+        con.print(f"[red]{plain(o.name)}[/]: {plain(o.message)}{where}")
     for note in report.notes:
-        con.print(f"[dim]note:[/] {note}")
+        con.print(f"[dim]note:[/] {plain(note)}")
     con.print("[green]PASS[/]: the fused model computes what the original did" if report.passed
               else "[red]FAIL[/]: the fused model differs from the original")

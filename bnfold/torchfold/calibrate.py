@@ -13,7 +13,7 @@ from torch import nn
 from ..check import arrays
 from ..errors import BadInput
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
-from ..population import BatchAccumulator, finish_report, statistics_row
+from ..population import BatchAccumulator, finish_report, require_storable, statistics_row
 from ..report import CalibrationReport
 from .io import PICKLE, STATE_DICT, atomic_write, load_torch, save_state_dict
 from .variance import correct_torch_variance, tracked_bns
@@ -50,6 +50,8 @@ def calibrate_torch(module: nn.Module, options: CalibrateOptions,
     finish_report(report, totals, options.data)
     for (name, m), stat in zip(bns, totals.stats):
         old_mean, old_var = m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy()
+        require_storable(name, stat, np.float32 if m.running_var.dtype == torch.bfloat16 else
+                         m.running_var.detach().cpu().numpy().dtype)
         with torch.no_grad():
             m.running_mean.copy_(torch.from_numpy(stat.mean).to(m.running_mean.dtype))
             m.running_var.copy_(torch.from_numpy(stat.var).to(m.running_var.dtype))

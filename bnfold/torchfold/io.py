@@ -70,8 +70,9 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
             raise BadInput("holds a pickled module; unpickling runs code from the file: pass --trust-pickle "
                            "if you trust it (or save a state_dict and use --arch)", path) from None
         return TorchSource(PICKLE, path, _load_pickle(path))
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise BadInput(f"not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})", path) from None
+    except Exception as exc:  # noqa: BLE001 — a corrupt pickle can raise anything; weights_only ran no code
+        raise BadInput(f"not a PyTorch checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})",
+                       path) from None
     if isinstance(obj, nn.Module):
         return TorchSource(PICKLE, path, obj)
     return _from_state_dict(path, obj, arch, arch_kwargs or {})

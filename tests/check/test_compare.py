@@ -13,13 +13,13 @@ def test_element_fails_only_when_over_both_atol_and_rtol():
     a = np.array([100.0, 1.0, 0.0, -50.0], np.float64)
     # diffs:      0.05   0.05  0.05   0.0
     b = np.array([100.05, 1.05, 0.05, -50.0], np.float64)
-    # atol 0.01, rtol 1e-3: limits 0.11, 0.011, 0.01 → the 100 passes on rtol, 1.0 and 0.0 fail
+    # atol 0.01, rtol 1e-3: the 100 passes (0.05 ≤ rtol·100 = 0.1); 1.0 and 0.0 are over both
     c = compare_arrays("y", a, b, atol=0.01, rtol=1e-3)
     assert not c.passed and c.mismatched == 2 and c.elements == 4
     assert c.mismatch_fraction == pytest.approx(0.5)
     assert c.max_abs_error == pytest.approx(0.05, rel=1e-5)
     assert c.mean_abs_error == pytest.approx(0.15 / 4, rel=1e-4)
-    # smallest atol at rtol 1e-3: max(0.05 − 0.1, 0.05 − 0.001, 0.05 − 0) = 0.05
+    # smallest atol at rtol 1e-3: the largest error rtol does not cover, 0.05
     assert c.min_atol_to_pass == pytest.approx(0.05, rel=1e-4)
     # smallest rtol at atol 0.01: the 0.0 element can never pass on rtol → inf
     assert math.isinf(c.min_rtol_to_pass)
@@ -30,11 +30,20 @@ def test_min_rtol_to_pass_by_hand():
     a = np.array([2.0, 4.0], np.float64)
     b = np.array([2.1, 4.1], np.float64)
     c = compare_arrays("y", a, b, atol=0.02, rtol=0.0)
-    # (0.1 − 0.02) / 2 = 0.04 and (0.1 − 0.02) / 4 = 0.02
-    assert c.min_rtol_to_pass == pytest.approx(0.04)
+    # both are over atol; rtol must cover each alone: 0.1 / 2 = 0.05 and 0.1 / 4 = 0.025
+    assert c.min_rtol_to_pass == pytest.approx(0.05)
     assert c.max_rel_error == pytest.approx(0.05)
-    assert compare_arrays("y", a, b, atol=0.02, rtol=0.0401).passed
-    assert not compare_arrays("y", a, b, atol=0.02, rtol=0.0399).passed
+    assert compare_arrays("y", a, b, atol=0.02, rtol=0.0501).passed
+    assert not compare_arrays("y", a, b, atol=0.02, rtol=0.0499).passed
+
+
+def test_over_both_is_stricter_than_the_sum_rule():
+    """a = 1, b = 1.015, atol = rtol = 0.01: within atol + rtol·|a| = 0.02, but over each alone."""
+    c = compare_arrays("y", np.array([1.0]), np.array([1.015]), atol=0.01, rtol=0.01)
+    assert not c.passed and c.mismatched == 1
+    assert c.min_atol_to_pass == pytest.approx(0.015) and c.min_rtol_to_pass == pytest.approx(0.015)
+    assert compare_arrays("y", np.array([1.0]), np.array([1.015]), atol=0.0151, rtol=0.01).passed
+    assert compare_arrays("y", np.array([1.0]), np.array([1.015]), atol=0.01, rtol=0.0151).passed
 
 
 def test_cosine_by_hand():

@@ -20,6 +20,7 @@ from torch import nn
 from bnfold import CalibrateOptions, VarianceOptions, calibrate
 from bnfold.torchfold.calibrate import calibrate_torch
 from bnfold.cli import run as cli
+from onnx_builders import run as run_onnx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -233,3 +234,35 @@ def test_literal_algorithm_2_over_stored_activations(tmp_path):
     calibrate_torch(ours, CalibrateOptions(tmp_path / "d.npy", batch))
     torch.testing.assert_close(ours[1].running_mean.double(), torch.from_numpy(expected_mean), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1].running_var.double(), torch.from_numpy(expected_var), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("upstream", ["batch", "population"])
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_one_step_equals_two_steps(tmp_path, kind, upstream):
+    """`fuse --calibrate … --variance biased` must compute the network that `calibrate …
+    --variance biased` followed by `fuse` computes: the m/(m−1) correction applies once."""
+    torch.manual_seed(0)
+    model = zoo.fill_bn_stats(ConvChain(), (3, 9, 9), steps=1)
+    if kind == "onnx":
+        src = _export(model, (3, 9, 9), tmp_path / "m.onnx")
+    else:
+        src = tmp_path / "m.pt"
+        torch.save(model.eval(), src)
+    data = np.random.default_rng(8).normal(0.2, 1.5, (32, 3, 9, 9)).astype(np.float32)
+    np.save(tmp_path / "d.npy", data)
+    ext = src.suffix
+    common = ["--variance", "biased", "--train-batch-size", "4", "--upstream", upstream]
+    trust = ["--trust-pickle", "--shape", "input=2,3,9,9"] if kind == "torch" else []
+    assert cli(["fuse", str(src), "--calibrate", str(tmp_path / "d.npy"), "--batch-size", "8", *common, *trust,
+                "-o", str(tmp_path / f"one{ext}")]) == 0
+    assert cli(["calibrate", str(src), "--data", str(tmp_path / "d.npy"), "--batch-size", "8", *common,
+                *trust[:1], "-o", str(tmp_path / f"cal{ext}")]) == 0
+    assert cli(["fuse", str(tmp_path / f"cal{ext}"), *trust, "-o", str(tmp_path / f"two{ext}")]) == 0
+    x = np.random.default_rng(9).normal(size=(4, 3, 9, 9)).astype(np.float32)
+    if kind == "onnx":
+        one, two = (run_onnx(onnx.load(str(tmp_path / f"{n}.onnx")), {"input": x})[0] for n in ("one", "two"))
+    else:
+        with torch.no_grad():
+            one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False)(torch.from_numpy(x)).numpy()
+                        for n in ("one", "two"))
+    np.testing.assert_allclose(one, two, rtol=1e-6, atol=1e-6)
