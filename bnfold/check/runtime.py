@@ -79,9 +79,11 @@ def session(model: str | Path | bytes, provider: str = "cpu", level: str = "disa
         raise BadInput(f"onnxruntime cannot load the model: {_first_line(exc)}", where) from None
 
 
-def run_session(sess: ort.InferenceSession, feeds: dict, path: Path | None = None) -> dict:
-    """Every output by name; inputs the graph cannot take are bad input, not a bug."""
-    names = [o.name for o in sess.get_outputs()]
+def run_session(sess: ort.InferenceSession, feeds: dict, path: Path | None = None,
+                names: list[str] | None = None) -> dict:
+    """The outputs (default: all) by name; a model or inputs onnxruntime cannot run are bad
+    input, not a bug."""
+    names = names or [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 — onnxruntime raises its own Fail/InvalidArgument/... types

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from ..check import arrays
 from ..check.inputs import expected_inputs
-from ..check.runtime import session
+from ..check.runtime import run_session, session
 from ..errors import BadInput
 from ..fold_math import cast_exact
 from ..options import CalibrateOptions, VarianceOptions
@@ -69,7 +69,7 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, options: CalibrateOpt
     outputs = [f"{s.name}__bnfold_x" for s in sites]
     totals = BatchAccumulator.for_sites(len(sites))
     for batch in arrays.batches(options.data, expected_inputs(model), options.batch_size):
-        totals.add(sess.run(outputs, batch))
+        totals.add(list(run_session(sess, batch, Path(name), outputs).values()))
         report.samples += len(next(iter(batch.values())))
         if progress is not None:
             progress(totals.batches + totals.dropped, 0)

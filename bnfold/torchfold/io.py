@@ -44,7 +44,11 @@ class TorchSource:
 def sniff(path: Path) -> str:
     """The checkpoint kind, from the file's content."""
     if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise BadInput(f"not a readable zip archive ({exc})", path) from None
         if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
             return EXPORT
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
