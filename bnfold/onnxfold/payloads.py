@@ -26,7 +26,12 @@ T = onnx.TensorProto
 _ITEMSIZE = {T.FLOAT: 4, T.UINT8: 1, T.INT8: 1, T.UINT16: 2, T.INT16: 2, T.INT32: 4, T.INT64: 8, T.BOOL: 1,
              T.FLOAT16: 2, T.DOUBLE: 8, T.UINT32: 4, T.UINT64: 8, T.COMPLEX64: 8, T.COMPLEX128: 16,
              T.BFLOAT16: 2, T.FLOAT8E4M3FN: 1, T.FLOAT8E4M3FNUZ: 1, T.FLOAT8E5M2: 1, T.FLOAT8E5M2FNUZ: 1}
-_HALF_BYTE = {T.INT4, T.UINT4} | ({T.FLOAT4E2M1} if hasattr(T, "FLOAT4E2M1") else set())
+# Packed types: bits per element (onnx packs them into whole bytes, rounding the total up).
+_PACKED_BITS = {getattr(T, name): bits for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4),
+                                                          ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6),
+                                                          ("FLOAT6E3M2", 6)) if hasattr(T, name)}
+if hasattr(T, "FLOAT8E8M0"):
+    _ITEMSIZE[T.FLOAT8E8M0] = 1
 # Typed fields: which one holds which data type, and how many entries an element takes.
 _TYPED = {"float_data": {T.FLOAT: 1, T.COMPLEX64: 2}, "double_data": {T.DOUBLE: 1, T.COMPLEX128: 2},
           "int64_data": {T.INT64: 1}, "uint64_data": {T.UINT32: 1, T.UINT64: 1}, "string_data": {T.STRING: 1}}
@@ -43,8 +48,8 @@ class ExternalRef:
 def check_tensor(tensor: onnx.TensorProto, root: Path, model_path: Path | str | None) -> ExternalRef | None:
     """Raise BadInput naming the tensor if its payload is not what it claims; returns where an
     external payload lives."""
-    if tensor.data_type == T.UNDEFINED or tensor.data_type not in T.DataType.values():
-        raise _bad(tensor, f"has no known data type ({tensor.data_type})", model_path)
+    if tensor.data_type not in _ITEMSIZE and tensor.data_type not in _PACKED_BITS and tensor.data_type != T.STRING:
+        raise _bad(tensor, f"has a data type bnfold does not read ({tensor.data_type})", model_path)
     count = element_count(tensor, model_path)
     expected = _expected_bytes(tensor.data_type, count)
     if tensor.data_location == T.EXTERNAL or len(tensor.external_data):
@@ -71,9 +76,9 @@ def element_count(tensor: onnx.TensorProto, model_path) -> int:
 def _expected_bytes(data_type: int, count: int) -> int | None:
     if data_type in _ITEMSIZE:
         return count * _ITEMSIZE[data_type]
-    if data_type in _HALF_BYTE:
-        return (count + 1) // 2
-    return None  # strings and types this onnx does not know: left to onnx's reader
+    if data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[data_type] + 7) // 8
+    return None  # strings: one entry per element, checked in string_data
 
 
 def _check_typed_fields(tensor: onnx.TensorProto, count: int, model_path) -> None:
@@ -83,7 +88,8 @@ def _check_typed_fields(tensor: onnx.TensorProto, count: int, model_path) -> Non
             raise _bad(tensor, f"{field} holds {len(values)} values, its dims need {count * per_type[tensor.data_type]}",
                        model_path)
     if len(tensor.int32_data) and tensor.data_type not in _TYPED_OTHER:
-        want = (count + 1) // 2 if tensor.data_type in _HALF_BYTE else count
+        bits = _PACKED_BITS.get(tensor.data_type)
+        want = (count * bits + 7) // 8 if bits else count  # packed types: one byte per int32 entry
         if len(tensor.int32_data) != want:
             raise _bad(tensor, f"int32_data holds {len(tensor.int32_data)} values, its dims need {want}", model_path)
 
