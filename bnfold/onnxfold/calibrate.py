@@ -86,6 +86,9 @@ def _sites(index: ModelIndex, report: CalibrationReport) -> list[_Site]:
         for k, node in enumerate(scope.nodes):
             if not is_standard(node, BN):
                 continue
+            if len(node.input) < 5:
+                raise BadInput(f"BatchNormalization {node.name or node.output[0]!r} has {len(node.input)} inputs, "
+                               "not 5")
             name = node.name or node.output[0]
             if depth > 0:
                 report.warnings.append(f"BN {name!r} in subgraph {scope.path} is not calibrated")

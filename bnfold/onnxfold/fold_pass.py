@@ -151,6 +151,7 @@ def find_site(index: ModelIndex, scope: Scope, op: AffineOp, rules) -> tuple[Fol
     rule = next((r for r in rules if r.producer == node.op_type and r.via_add == (add is not None)), None)
     if rule is None or node.domain not in ("", "ai.onnx"):
         raise Skip(f"producer {node.op_type} {_node_name(node)!r} is not a foldable layer")
+    _require_operands(node)
     return FoldSite(index, scope, op.node, node, op.affine, add), rule
 
 
@@ -165,7 +166,14 @@ def find_next_site(index: ModelIndex, scope: Scope, op: AffineOp):
     rule = next_rule_for(consumer.op_type) if consumer.domain in ("", "ai.onnx") else None
     if rule is None:
         raise Skip(f"{consumer.op_type} {_node_name(consumer)!r} is not a foldable layer")
+    _require_operands(consumer)
     return FoldSite(index, scope, op.node, consumer, op.affine), rule
+
+
+def _require_operands(layer: onnx.NodeProto) -> None:
+    """Conv, ConvTranspose, Gemm and MatMul take data and a weight; a malformed model may not."""
+    if len(layer.input) < 2 or not layer.input[0] or not layer.input[1]:
+        raise Skip(f"{layer.op_type} {_node_name(layer)!r} lacks its data or weight input")
 
 
 def _require_sole_use(index: ModelIndex, scope: Scope, node: onnx.NodeProto, value: str) -> None:
