@@ -12,6 +12,7 @@ from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .affine import BN, ELEMENTWISE, AffineOp, bn_op, elementwise_op, is_standard
+from .const_eval import ConstantEvaluator
 from .index import ModelIndex, NotConstant, Scope, TensorSpill
 from .io import iter_graphs
 from .rules_after import next_rule_for
@@ -45,6 +46,8 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
     report.nodes_before, report.bn_before = count_nodes(model)
     index = ModelIndex(model, base_dir, spill)
+    evaluator = ConstantEvaluator(index)
+    index.evaluate_constant = evaluator
     kept: list[tuple[Scope, AffineOp, str]] = []
     for scope, node in list(candidate_nodes(index)):
         if is_standard(node, BN):
@@ -58,10 +61,18 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
             unfolded.append((scope, op, skipped))
     if standalone == "affine":
         rewrite_standalone(index, report, unfolded)
+    _note_evaluated(evaluator.prune(), report)
     index.apply()
     report.nodes_after, report.bn_after = count_nodes(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _note_evaluated(dropped, report: FoldReport) -> None:
+    if dropped:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(dropped.items()))
+        report.notes.append(f"{sum(dropped.values())} node(s) that computed folded parameters from constants "
+                            f"were evaluated once and removed ({ops})")
 
 
 def candidate_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
