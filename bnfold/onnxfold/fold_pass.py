@@ -16,7 +16,9 @@ from .const_eval import ConstantEvaluator
 from .index import ModelIndex, NotConstant, Scope, TensorSpill
 from .io import iter_graphs
 from .rules_after import next_rule_for
-from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite
+from .readers import move_meta_readers, require_sole_use
+from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite, producer_behind_add
+from .rules_through import THROUGH_OPS, ThroughSite, find_through_site
 from .standalone import rewrite_standalone
 
 
@@ -96,12 +98,24 @@ def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, 
         report.skipped.append(SkippedBN(name, f"broken statistics: {why}", _producer_name(scope, bn), scope.path))
         return
     try:
-        site, rule = find_site(index, scope, op, RULES)
-        apply_rewrite(site, op, rule.plan(site))
+        producer, pattern = fold_into_previous(index, scope, op)
     except (Skip, FoldOverflow) as why:
         kept.append((scope, op, str(why)))
         return
-    report.folded.append(FoldedBN(name, _node_name(site.producer), rule.pattern, scope.path))
+    report.folded.append(FoldedBN(name, producer, pattern, scope.path))
+
+
+def fold_into_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> tuple[str, str]:
+    """Fold a BN into the layer before it, directly or through shape-only ops; returns
+    (the layer's name, the pattern). Raises Skip or FoldOverflow and leaves the graph alone."""
+    before = scope.producers.get(op.data)
+    if before is not None and is_standard(before, *THROUGH_OPS):
+        through = find_through_site(index, scope, op.node, op.affine)
+        apply_through_rewrite(through, op, through.rule.plan(through.site))
+        return _node_name(through.site.producer), through.pattern
+    site, rule = find_site(index, scope, op, RULES)
+    apply_rewrite(site, op, rule.plan(site))
+    return _node_name(site.producer), rule.pattern
 
 
 def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
@@ -151,10 +165,10 @@ def find_site(index: ModelIndex, scope: Scope, op: AffineOp, rules) -> tuple[Fol
     if node is None:
         where = "a graph input" if x in scope.inputs or x in scope.initializers else "from an outer graph"
         raise Skip(f"input {x!r} is {where}, not the output of a layer")
-    _require_sole_use(index, scope, node, x)
+    require_sole_use(index, scope, node, x)
     add = None
     if is_standard(node, "Add") and is_standard(op.node, BN):
-        add, node = node, _producer_behind_add(index, scope, node)
+        add, node = node, producer_behind_add(index, scope, node)
     rule = next((r for r in rules if r.producer == node.op_type and r.via_add == (add is not None)), None)
     if rule is None or node.domain not in ("", "ai.onnx"):
         raise Skip(f"producer {node.op_type} {_node_name(node)!r} is not a foldable layer")
@@ -175,34 +189,6 @@ def find_next_site(index: ModelIndex, scope: Scope, op: AffineOp):
     return FoldSite(index, scope, op.node, consumer, op.affine), rule
 
 
-def _require_sole_use(index: ModelIndex, scope: Scope, node: onnx.NodeProto, value: str) -> None:
-    if value in scope.outputs:
-        raise Skip(f"output {value!r} of {node.op_type} is also a graph output")
-    if len([o for o in node.output if o]) > 1:
-        raise Skip(f"{node.op_type} {node.name!r} has several outputs")
-    others = index.uses[value] - 1
-    if others > 0:
-        raise Skip(f"output {value!r} of {node.op_type} is also used by {others} other node(s)")
-
-
-def _producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) -> onnx.NodeProto:
-    """MatMul → Add(constant bias) → BN: the MatMul, if the Add's other operand is constant."""
-    for mm_out in add.input:
-        mm = scope.producers.get(mm_out)
-        if mm is None or mm.op_type != "MatMul":
-            continue
-        other = next((n for n in add.input if n != mm_out), None)
-        if other is None:
-            continue
-        try:
-            index.constant(scope, other)
-        except NotConstant:
-            continue
-        _require_sole_use(index, scope, mm, mm_out)
-        return mm
-    raise Skip("producer Add is not a MatMul plus a constant bias")
-
-
 def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
     """Write the folded weight and bias, wire the layer's last node to the op's output, drop the op."""
     index, scope, layer = site.index, site.scope, site.producer
@@ -219,6 +205,28 @@ def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
         target.output[0] = op.node.output[0]
         scope.producers[op.node.output[0]] = target
     scope.dead_names.add(old_out)
+    move_meta_readers(index, scope, old_out, op.node.output[0])
+    index.remove_node(scope, op.node)
+
+
+def apply_through_rewrite(through: ThroughSite, op: AffineOp, rw: Rewrite) -> None:
+    """The layer gets the folded weight, the shift goes right after it (bias slot, its bias Add
+    or a new Add that keeps the layer's output name), and the chain's last op takes the BN's output."""
+    site = through.site
+    index, scope, layer = site.index, site.scope, site.producer
+    _write_weight(site, rw)
+    if rw.bias_slot is BiasSlot.NEW_ADD:
+        _add_bias_after(site, rw, layer.output[0])
+    else:
+        target = layer if rw.bias_slot is BiasSlot.PRODUCER else site.add
+        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
+    last = through.chain[-1]
+    old_out = last.output[0]
+    last.output[0] = op.node.output[0]
+    scope.producers[op.node.output[0]] = last
+    del scope.producers[old_out]  # else releasing it would retire `last` if it is an Identity
+    scope.dead_names.add(old_out)
+    move_meta_readers(index, scope, old_out, op.node.output[0])
     index.remove_node(scope, op.node)
 
 
