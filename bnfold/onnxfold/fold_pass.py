@@ -18,6 +18,7 @@ from .io import iter_graphs
 from .rules_after import next_rule_for
 from .readers import move_meta_readers, require_sole_use
 from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite, producer_behind_add
+from .rules_branches import merge_branches
 from .rules_through import THROUGH_OPS, ThroughSite, find_through_site
 from .standalone import rewrite_standalone
 
@@ -39,10 +40,13 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
                spill: TensorSpill | None = None, standalone: str = "keep") -> FoldReport:
     """Fold every BN that can be folded exactly, in place on `model`.
 
-    First each BN (and each per-channel Mul/Add) is folded into the layer before it; a BN
-    that cannot be is then tried against the layer after it. With standalone="affine" the
-    BNs still left become Mul+Add. With `spill`, new payloads go to its scratch file
-    instead of memory (see TensorSpill).
+    First each BN (and each per-channel Mul/Add) is folded into the layer before it, directly
+    or through shape-only ops. Then sums of parallel branches of one input (Convs, folded
+    Convs, bare BNs) become one Conv, and a BN that could not fold is tried again (a merged
+    Conv may now precede it), then against the layer after it. With standalone="affine" the
+    BNs still left become Mul+Add. Parameters computed from constants are evaluated where a
+    fold reads them. With `spill`, new payloads go to its scratch file instead of memory
+    (see TensorSpill).
     """
     start = time.perf_counter()
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
@@ -56,6 +60,9 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
             _fold_bn_into_previous(index, scope, node, report, kept)
         else:
             _fold_elementwise_into_previous(index, scope, node, report)
+    merged_bns = merge_branches(index, report)
+    if merged_bns or report.merged:
+        kept = _fold_again_into_previous(index, [k for k in kept if id(k[1].node) not in merged_bns], report)
     unfolded = []
     for scope, op, reason in kept:
         skipped = _fold_bn_into_next(index, scope, op, reason, report)
@@ -68,6 +75,18 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     report.nodes_after, report.bn_after = count_nodes(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fold_again_into_previous(index: ModelIndex, kept, report: FoldReport):
+    still_kept = []
+    for scope, op, reason in kept:
+        try:
+            producer, pattern = fold_into_previous(index, scope, op)
+        except (Skip, FoldOverflow):
+            still_kept.append((scope, op, reason))
+            continue
+        report.folded.append(FoldedBN(op.name, producer, pattern, scope.path))
+    return still_kept
 
 
 def _note_evaluated(dropped, report: FoldReport) -> None:
