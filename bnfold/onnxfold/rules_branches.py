@@ -96,12 +96,13 @@ def sum_tree(index: ModelIndex, scope: Scope, root: onnx.NodeProto) -> tuple[lis
     return adds + [root], terms
 
 
-def source_of(scope: Scope, value: str) -> str:
-    """The input a term is computed from: a Conv's or BN's data input, else the value itself."""
+def sources_of(scope: Scope, value: str) -> set[str]:
+    """What a term can be a branch of: itself (an identity branch), and the data input of the
+    Conv or BN that computes it."""
     node = scope.producers.get(value)
     if node is not None and (is_standard(node, "Conv") or is_standard(node, BN)) and node.input:
-        return node.input[0]
-    return value
+        return {value, node.input[0]}
+    return {value}
 
 
 def plan_merge(index: ModelIndex, scope: Scope, root: onnx.NodeProto) -> MergePlan | None:
@@ -110,11 +111,12 @@ def plan_merge(index: ModelIndex, scope: Scope, root: onnx.NodeProto) -> MergePl
     if index.opset < 7:
         return None  # legacy broadcasting Add
     adds, terms = sum_tree(index, scope, root)
-    sources = {source_of(scope, t) for t in terms}
-    convs = [t for t in terms if is_standard(scope.producers.get(t) or onnx.NodeProto(), "Conv")]
-    if len(terms) < 2 or len(sources) != 1 or not convs:
+    common = set.intersection(*(sources_of(scope, t) for t in terms))
+    # x in conv(x) + bn(x) is not itself summed; x in conv(x) + x is.
+    source = min(common, key=lambda s: (s in terms, s), default=None)
+    if len(terms) < 2 or source is None or \
+            not any(t != source and is_standard(scope.producers[t], "Conv") for t in terms):
         return None
-    source = sources.pop()
     branches = [_branch(index, scope, term, source) for term in terms]
     return _merge(index, scope, adds, branches, source)
 

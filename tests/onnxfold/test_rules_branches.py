@@ -269,3 +269,26 @@ def test_a_branch_read_elsewhere_is_kept():
     fused, report = fuse_onnx(copy.deepcopy(model))
     assert report.merged == [] and "Conv 'conv1' is also used outside the sum" in report.unmerged[0].reason
     assert fused.SerializeToString() == before
+
+
+def test_conv_plus_its_input_when_that_input_is_a_conv_output():
+    """FastViT's RepCPE after a layer: x = Conv(a); y = DWConv7×7(x) + x. The sum is of branches
+    of x (x itself is the identity branch), not of a: one Conv of x replaces it."""
+    rng = np.random.default_rng(9)
+    inits = [init("Wp", rng.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32)),
+             init("Wd", rng.normal(0, 0.3, (4, 1, 7, 7)).astype(np.float32)),
+             init("bd", rng.normal(0, 0.2, 4).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["a", "Wp"], ["x"], name="patch"),
+             helper.make_node("Conv", ["x", "Wd", "bd"], ["pe"], name="pe", group=4, pads=[3, 3, 3, 3]),
+             helper.make_node("Add", ["pe", "x"], ["y"], name="add")]
+    model = make_model(nodes, [vi("a", [2, 3, 9, 9])], [vi("y", None)], inits)
+    fused, report = fuse_onnx(copy.deepcopy(model))
+    assert len(report.merged) == 1 and report.merged[0].branches == ["Conv 'pe' 7×7", "identity"]
+    assert [n.op_type for n in fused.graph.node] == ["Conv", "Conv"]
+    onnx.checker.check_model(fused, full_check=True)
+    feeds = {"a": rng.normal(0, 1, (2, 3, 9, 9)).astype(np.float32)}
+    np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    p = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = numpy_ref.conv(feeds["a"], p["Wp"])
+    want = numpy_ref.conv(x, p["Wd"], p["bd"], pads=[3] * 4, group=4) + x
+    np.testing.assert_allclose(run(fused, feeds)[0], want, rtol=1e-5, atol=1e-5)
