@@ -134,10 +134,32 @@ def latency(model: dict, deploy: Path, runs: int, threads: int) -> list[dict]:
     return rows
 
 
+def compare_structure(a: Path, b: Path) -> dict:
+    """Are two graphs the same network node for node (ops, attributes, weight shapes), and how
+    far apart are their weights? Timing cannot tell 2 % apart on a loaded machine; this can."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    weights = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (ma, mb)]
+    same, worst = len(ma.graph.node) == len(mb.graph.node), 0.0
+    for na, nb in zip(ma.graph.node, mb.graph.node):
+        attrs = [{x.name: helper.get_attribute_value(x) for x in n.attribute} for n in (na, nb)]
+        same &= na.op_type == nb.op_type and attrs[0] == attrs[1] and len(na.input) == len(nb.input)
+        for ia, ib in zip(na.input, nb.input):
+            wa, wb = weights[0].get(ia), weights[1].get(ib)
+            if (wa is None) != (wb is None) or (wa is not None and wa.shape != wb.shape):
+                same = False
+            elif wa is not None:
+                worst = max(worst, float(np.max(np.abs(wa.astype(np.float64) - wb)))) if wa.size else worst
+    return {"same": bool(same), "nodes": len(ma.graph.node), "max_weight_diff": worst}
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
-def markdown(command: str, count_rows, peer_status, lat_rows, threads: int, runs: int) -> str:
+def markdown(command: str, count_rows, peer_status, lat_rows, structure: dict, load: tuple, threads: int,
+             runs: int) -> str:
     import onnxruntime
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
@@ -175,7 +197,12 @@ def markdown(command: str, count_rows, peer_status, lat_rows, threads: int, runs
                      + (f"{r[f'{peer}_ms']:.2f} | " if peer else "")
                      + f"{r['bnfold_ms']:.2f} | {r['deploy_ms']:.2f} | {r['unfused_vs_bnfold']:.2f} | "
                      f"{r['bnfold_vs_deploy']:.3f} ({ci[0]:.3f}–{ci[1]:.3f}) |")
-    lines.append(END)
+    verdict = "the same" if structure["same"] else "NOT the same"
+    lines += ["", f"bnfold's output and the deploy form are {verdict} graph: {structure['nodes']} nodes, op for op, "
+              f"attribute for attribute and weight shape for weight shape; weights differ by at most "
+              f"{structure['max_weight_diff']:.1e} (both summed in float64 and cast once; bnfold uses ε as ONNX stores it, in float32). "
+              f"Load average during the latency runs: {load[0]:.1f} → {load[1]:.1f} on {os.cpu_count()} cores "
+              "(other work on the machine widens the intervals).", END]
     return "\n".join(lines)
 
 
@@ -205,8 +232,12 @@ def main() -> None:
         models = build_models(out, args.quick)
         count_rows = counts(models, out)
         repvgg = models["repvgg_a0 (train form)"]
-        lat_rows = latency(repvgg, deploy_form(repvgg, out), runs, args.threads)
-    text = markdown(command, count_rows, installed_peers(), lat_rows, args.threads, runs)
+        deploy = deploy_form(repvgg, out)
+        structure = compare_structure(repvgg["outputs"]["bnfold"], deploy)
+        load_before = os.getloadavg()[0]
+        lat_rows = latency(repvgg, deploy, runs, args.threads)
+        load = (load_before, os.getloadavg()[0])
+    text = markdown(command, count_rows, installed_peers(), lat_rows, structure, load, args.threads, runs)
     print(text)
     if args.out:
         write_section(args.out, text)
