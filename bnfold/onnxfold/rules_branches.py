@@ -118,7 +118,7 @@ def plan_merge(index: ModelIndex, scope: Scope, root: onnx.NodeProto) -> MergePl
             not any(t != source and is_standard(scope.producers[t], "Conv") for t in terms):
         return None
     branches = [_branch(index, scope, term, source) for term in terms]
-    return _merge(index, scope, adds, branches, source)
+    return _merge(adds, branches, source)
 
 
 def _branch(index: ModelIndex, scope: Scope, term: str, source: str) -> Branch:
@@ -182,46 +182,61 @@ def _same_pads(index: ModelIndex, conv: onnx.NodeProto, kernel, strides, dilatio
 # -- what must hold, and the merged kernel -----------------------------------------------------------
 
 
-def _merge(index: ModelIndex, scope: Scope, adds, branches: list[Branch], source: str) -> MergePlan:
-    convs = [b for b in branches if b.node is not None and b.window is not None]
+def _merge(adds, branches: list[Branch], source: str) -> MergePlan:
+    convs = [b for b in branches if b.weight is not None]
     first = convs[0]
+    _require_alike(first, convs[1:])
     c_out, c_in_group = first.weight.shape[:2]
     dims = first.weight.ndim - 2
-    for b in convs[1:]:
-        if b.group != first.group:
-            raise Skip(f"groups differ: {first.label} has {first.group}, {b.label} {b.group}")
-        if b.weight.shape[:2] != first.weight.shape[:2] or b.weight.ndim != first.weight.ndim:
-            raise Skip(f"weights differ in shape: {first.label} {first.weight.shape}, {b.label} {b.weight.shape}")
-        if b.weight.dtype != first.weight.dtype:
-            raise Skip(f"weights differ in dtype: {first.weight.dtype} and {b.weight.dtype}")
-    affines = [b for b in branches if b.window is None]
-    if affines and c_out != first.group * c_in_group:
-        raise Skip(f"an identity branch needs as many output as input channels ({c_out} ≠ {first.group * c_in_group})")
-    for b in affines:
-        if b.affine is None:  # x itself
-            b.affine = Affine(np.ones(c_out), np.zeros(c_out))
-        elif b.affine.scale.shape[0] != c_out:
-            raise Skip(f"{b.label} has {b.affine.scale.shape[0]} channels, the Convs {c_out}")
-        b.window = Window((1,) * dims, (1,) * dims, (1,) * dims, (0,) * dims, (0,) * dims)
+    _as_centre_taps([b for b in branches if b.weight is None], c_out, first.group * c_in_group, dims)
     merged = _merged_window(branches, dims)
-    weight = np.zeros((c_out, c_in_group, *merged.kernel))
-    bias = np.zeros(c_out)
-    for b in branches:
-        offset = tuple((merged.pads_begin[a] - b.window.pads_begin[a]) // merged.dilations[a] for a in range(dims))
-        if b.weight is not None:
-            weight[(slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, b.window.kernel)))] += b.weight
-            if b.bias is not None:
-                bias += b.bias.astype(np.float64).reshape(-1)
-        else:
-            channels = np.arange(c_out)
-            weight[(channels, channels % c_in_group, *offset)] += b.affine.scale
-            bias += b.affine.shift
+    weight, bias = _summed_kernel(branches, merged, c_out, c_in_group)
     bias_dtype = next((b.bias.dtype for b in convs if b.bias is not None), first.weight.dtype)
     attributes = {"kernel_shape": list(merged.kernel), "strides": list(merged.strides),
                   "dilations": list(merged.dilations), "pads": list(merged.pads_begin + merged.pads_end),
                   "group": first.group}
     return MergePlan(adds, branches, source, cast_exact(weight, first.weight.dtype, "merged weight"),
                      cast_exact(bias, bias_dtype, "merged bias"), attributes)
+
+
+def _require_alike(first: Branch, others: list[Branch]) -> None:
+    for b in others:
+        if b.group != first.group:
+            raise Skip(f"groups differ: {first.label} has {first.group}, {b.label} {b.group}")
+        if b.weight.shape[:2] != first.weight.shape[:2] or b.weight.ndim != first.weight.ndim:
+            raise Skip(f"weights differ in shape: {first.label} {first.weight.shape}, {b.label} {b.weight.shape}")
+        if b.weight.dtype != first.weight.dtype:
+            raise Skip(f"weights differ in dtype: {first.weight.dtype} and {b.weight.dtype}")
+
+
+def _as_centre_taps(affines: list[Branch], c_out: int, c_in: int, dims: int) -> None:
+    """A per-channel affine is a 1-tap kernel with no padding: it reads position o of channel c."""
+    if affines and c_out != c_in:
+        raise Skip(f"an identity branch needs as many output as input channels ({c_out} ≠ {c_in})")
+    for b in affines:
+        if b.affine is None:  # x itself
+            b.affine = Affine(np.ones(c_out), np.zeros(c_out))
+        elif b.affine.scale.shape[0] != c_out:
+            raise Skip(f"{b.label} has {b.affine.scale.shape[0]} channels, the Convs {c_out}")
+        b.window = Window((1,) * dims, (1,) * dims, (1,) * dims, (0,) * dims, (0,) * dims)
+
+
+def _summed_kernel(branches: list[Branch], merged: Window, c_out: int, c_in_group: int) -> tuple[np.ndarray, ...]:
+    """Σ W̃ᵢ and Σ bᵢ in float64; an affine puts s_c at [c, c mod (C_in/g), centre]."""
+    dims = len(merged.kernel)
+    weight = np.zeros((c_out, c_in_group, *merged.kernel))
+    bias = np.zeros(c_out)
+    channels = np.arange(c_out)
+    for b in branches:
+        offset = [(merged.pads_begin[a] - b.window.pads_begin[a]) // merged.dilations[a] for a in range(dims)]
+        if b.weight is not None:
+            weight[(slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, b.window.kernel)))] += b.weight
+            if b.bias is not None:
+                bias += b.bias.astype(np.float64).reshape(-1)
+        else:
+            weight[(channels, channels % c_in_group, *offset)] += b.affine.scale
+            bias += b.affine.shift
+    return weight, bias
 
 
 def _merged_window(branches: list[Branch], dims: int) -> Window:

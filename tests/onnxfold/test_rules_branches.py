@@ -292,3 +292,16 @@ def test_conv_plus_its_input_when_that_input_is_a_conv_output():
     x = numpy_ref.conv(feeds["a"], p["Wp"])
     want = numpy_ref.conv(x, p["Wd"], p["bd"], pads=[3] * 4, group=4) + x
     np.testing.assert_allclose(run(fused, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_merges_and_kept_sums_are_rendered(capsys):
+    from bnfold.render import Output
+    from bnfold.render.fold import render_fold
+
+    _, merged = fuse_onnx(build(CASES["repvgg_identity"])[0])
+    _, kept = fuse_onnx(build(UNMERGED["groups_differ"][0])[0])
+    render_fold(merged, Output())
+    render_fold(kept, Output())
+    text = capsys.readouterr().out
+    assert "merged 1 sum(s) of parallel branches" in text and "3×3" in text and "(identity)" in text
+    assert "kept 1 sum(s) of parallel branches" in text and "groups differ" in text
