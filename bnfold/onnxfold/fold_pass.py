@@ -13,10 +13,10 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .affine import BN, ELEMENTWISE, AffineOp, bn_op, elementwise_op, is_standard
 from .const_eval import ConstantEvaluator
-from .index import ModelIndex, NotConstant, Scope, TensorSpill
+from .index import ModelIndex, Scope, TensorSpill
 from .io import iter_graphs
-from .rules_after import next_rule_for
 from .readers import move_meta_readers, require_sole_use
+from .rules_after import next_rule_for
 from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite, producer_behind_add
 from .rules_branches import merge_branches
 from .rules_through import THROUGH_OPS, ThroughSite, find_through_site
@@ -61,7 +61,7 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
         else:
             _fold_elementwise_into_previous(index, scope, node, report)
     merged_bns = merge_branches(index, report)
-    if merged_bns or report.merged:
+    if report.merged:
         kept = _fold_again_into_previous(index, [k for k in kept if id(k[1].node) not in merged_bns], report)
     unfolded = []
     for scope, op, reason in kept:
@@ -78,6 +78,7 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
 
 
 def _fold_again_into_previous(index: ModelIndex, kept, report: FoldReport):
+    """A BN that found an Add before it may now find the Conv merged in its place."""
     still_kept = []
     for scope, op, reason in kept:
         try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from bnfold import fuse_onnx
 from onnx_builders import bn_count, bn_inits, bn_node, init, make_model, run, vi, with_outputs
