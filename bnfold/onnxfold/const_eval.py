@@ -32,6 +32,7 @@ EVALUATED_OPS = frozenset({
 })
 MAX_NODES = 64  # nodes in the subgraph behind one value
 MAX_ELEMENTS = 1 << 24  # elements of any value computed on the way (64 MB in float32)
+MAX_REMEMBERED = 1 << 28  # bytes of values kept for reuse; the oldest go first, to be recomputed if asked again
 
 Defined = tuple[Scope, onnx.NodeProto]
 
@@ -51,14 +52,16 @@ class ConstantEvaluator:
         key = (id(scope), name)
         if key in self.failures:
             raise NotConstant(self.failures[key])
-        if key not in self.values:
+        value = self.values.get(key)
+        if value is None:
             try:
                 for s, n in self._subgraph(scope, node):
                     self._run(s, n)
             except NotConstant as why:
                 self.failures[key] = str(why)
                 raise
-        return self.values[key]
+            value = self.values[key]  # just computed: the newest, never the one evicted
+        return value
 
     # -- what must hold ---------------------------------------------------------------------
 
@@ -129,8 +132,16 @@ class ConstantEvaluator:
 
             outputs = ReferenceEvaluator(model).run(None, {})
         for name, value in zip([o for o in node.output if o], outputs):
-            self.values[(id(scope), name)] = np.asarray(value)
+            self._remember((id(scope), name), np.asarray(value))
         self.evaluated.append((scope, node))
+
+    def _remember(self, key: tuple[int, str], value: np.ndarray) -> None:
+        self.values[key] = value
+        total = sum(v.nbytes for v in self.values.values())
+        for old in list(self.values):
+            if total <= MAX_REMEMBERED or old == key:
+                break
+            total -= self.values.pop(old).nbytes
 
     def _input_value(self, scope: Scope, node: onnx.NodeProto, i: int) -> np.ndarray:
         name = node.input[i]

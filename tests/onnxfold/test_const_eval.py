@@ -208,3 +208,13 @@ def test_numpy_reference_conv_matches_torch():
     want = torch.nn.functional.conv2d(padded, torch.from_numpy(w), torch.from_numpy(b), stride=(2, 1),
                                       dilation=(1, 2), groups=2).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_values_forgotten_for_memory_are_recomputed(monkeypatch):
+    """With nothing remembered between evaluations, every fold still gets its value."""
+    monkeypatch.setattr(const_eval, "MAX_REMEMBERED", 0)
+    model, feeds = CASES["conv_dynamo_bias_chain"]()
+    fused, report = fuse_onnx(copy.deepcopy(model))
+    assert len(report.folded) == 2 and bn_count(fused) == 0
+    assert not [n for n in fused.graph.node if n.op_type in COMPUTING_OPS]
+    np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
