@@ -264,6 +264,7 @@ class ThroughLayer:
     channel_axis: Callable[[FoldSite], ChannelAxis]
 
 
+# Conv, ConvTranspose and Gemm fold as they do directly (their plans never look at BN's axis).
 THROUGH_LAYERS: dict[tuple[str, bool], ThroughLayer] = {
     ("Conv", False): ThroughLayer(FoldRule("Conv", "Conv", plan_conv), _conv_channel_axis),
     ("ConvTranspose", False): ThroughLayer(FoldRule("ConvTranspose", "ConvTranspose", plan_conv_transpose),
