@@ -155,6 +155,24 @@ def compare_structure(a: Path, b: Path) -> dict:
     return {"same": bool(same), "nodes": len(ma.graph.node), "max_weight_diff": worst}
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def peer_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("onnxoptimizer", "onnxslim", "onnxsim", "onnxscript"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed (its rows say failed)"
+    return found
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -170,7 +188,8 @@ def markdown(command: str, count_rows, peer_status, lat_rows, structure: dict, l
              f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
              "Models built in code (`tests/onnxfold/lookalikes.py`, `examples/zoo.py`), random weights, real BN "
              "statistics. LeViT-128 and repvgg_a0 exported with the TorchScript exporter (BN kept), ResNet-18 with the "
-             "dynamo exporter and `optimize=False`. Peers: " + ", ".join(f"{k} {v}" for k, v in peer_status.items())
+             "dynamo exporter and `optimize=False` (torch " + torch_version() + "). Peers: "
+             + ", ".join(f"{k} {v}" for k, v in peer_status.items())
              + "; `ort_basic` is onnxruntime's own offline optimizer at the basic level.", "",
              "### BNs, Convs and nodes before → after", "",
              "| model | tool | BN | Conv | nodes | max abs error | verify |", "|---|---|---|---|---|---|---|"]
@@ -225,8 +244,6 @@ def main() -> None:
     runs = args.runs or (5 if args.quick else 40)
     command = "python benchmarks/reparam_bench.py" + (" --quick" if args.quick else "") + \
         (f" --runs {args.runs}" if args.runs else "") + (f" --out {args.out}" if args.out else "")
-    from run_suite import installed_peers
-
     with tempfile.TemporaryDirectory(prefix="bnfold-reparam-") as tmp:
         out = Path(tmp)
         models = build_models(out, args.quick)
@@ -237,7 +254,7 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         lat_rows = latency(repvgg, deploy, runs, args.threads)
         load = (load_before, os.getloadavg()[0])
-    text = markdown(command, count_rows, installed_peers(), lat_rows, structure, load, args.threads, runs)
+    text = markdown(command, count_rows, peer_versions(), lat_rows, structure, load, args.threads, runs)
     print(text)
     if args.out:
         write_section(args.out, text)
