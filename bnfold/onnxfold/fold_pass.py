@@ -12,10 +12,14 @@ from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .affine import BN, ELEMENTWISE, AffineOp, bn_op, elementwise_op, is_standard
-from .index import ModelIndex, NotConstant, Scope, TensorSpill
+from .const_eval import ConstantEvaluator
+from .index import ModelIndex, Scope, TensorSpill
 from .io import iter_graphs
+from .readers import move_meta_readers, require_sole_use
 from .rules_after import next_rule_for
-from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite
+from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite, producer_behind_add
+from .rules_branches import merge_branches
+from .rules_through import THROUGH_OPS, ThroughSite, find_through_site
 from .standalone import rewrite_standalone
 
 
@@ -36,21 +40,29 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
                spill: TensorSpill | None = None, standalone: str = "keep") -> FoldReport:
     """Fold every BN that can be folded exactly, in place on `model`.
 
-    First each BN (and each per-channel Mul/Add) is folded into the layer before it; a BN
-    that cannot be is then tried against the layer after it. With standalone="affine" the
-    BNs still left become Mul+Add. With `spill`, new payloads go to its scratch file
-    instead of memory (see TensorSpill).
+    First each BN (and each per-channel Mul/Add) is folded into the layer before it, directly
+    or through shape-only ops. Then sums of parallel branches of one input (Convs, folded
+    Convs, bare BNs) become one Conv, and a BN that could not fold is tried again (a merged
+    Conv may now precede it), then against the layer after it. With standalone="affine" the
+    BNs still left become Mul+Add. Parameters computed from constants are evaluated where a
+    fold reads them. With `spill`, new payloads go to its scratch file instead of memory
+    (see TensorSpill).
     """
     start = time.perf_counter()
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
     report.nodes_before, report.bn_before = count_nodes(model)
     index = ModelIndex(model, base_dir, spill)
+    evaluator = ConstantEvaluator(index)
+    index.evaluate_constant = evaluator
     kept: list[tuple[Scope, AffineOp, str]] = []
     for scope, node in list(candidate_nodes(index)):
         if is_standard(node, BN):
             _fold_bn_into_previous(index, scope, node, report, kept)
         else:
             _fold_elementwise_into_previous(index, scope, node, report)
+    merged_bns = merge_branches(index, report)
+    if report.merged:
+        kept = _fold_again_into_previous(index, [k for k in kept if id(k[1].node) not in merged_bns], report)
     unfolded = []
     for scope, op, reason in kept:
         skipped = _fold_bn_into_next(index, scope, op, reason, report)
@@ -58,6 +70,7 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
             unfolded.append((scope, op, skipped))
     if standalone == "affine":
         rewrite_standalone(index, report, unfolded)
+    _note_evaluated(evaluator.prune(), report)
     dropped_inputs = index.apply()
     if dropped_inputs and model.ir_version >= 4:
         report.notes.append(f"{len(dropped_inputs)} replaced initializer(s) were also graph inputs "
@@ -66,6 +79,26 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     report.nodes_after, report.bn_after = count_nodes(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fold_again_into_previous(index: ModelIndex, kept, report: FoldReport):
+    """A BN that found an Add before it may now find the Conv merged in its place."""
+    still_kept = []
+    for scope, op, reason in kept:
+        try:
+            producer, pattern = fold_into_previous(index, scope, op)
+        except (Skip, FoldOverflow):
+            still_kept.append((scope, op, reason))
+            continue
+        report.folded.append(FoldedBN(op.name, producer, pattern, scope.path))
+    return still_kept
+
+
+def _note_evaluated(dropped, report: FoldReport) -> None:
+    if dropped:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(dropped.items()))
+        report.notes.append(f"{sum(dropped.values())} node(s) that computed folded parameters from constants "
+                            f"were evaluated once and removed ({ops})")
 
 
 def candidate_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
@@ -89,12 +122,24 @@ def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, 
         report.skipped.append(SkippedBN(name, f"broken statistics: {why}", _producer_name(scope, bn), scope.path))
         return
     try:
-        site, rule = find_site(index, scope, op, RULES)
-        apply_rewrite(site, op, rule.plan(site))
+        producer, pattern = fold_into_previous(index, scope, op)
     except (Skip, FoldOverflow) as why:
         kept.append((scope, op, str(why)))
         return
-    report.folded.append(FoldedBN(name, _node_name(site.producer), rule.pattern, scope.path))
+    report.folded.append(FoldedBN(name, producer, pattern, scope.path))
+
+
+def fold_into_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> tuple[str, str]:
+    """Fold a BN into the layer before it, directly or through shape-only ops; returns
+    (the layer's name, the pattern). Raises Skip or FoldOverflow and leaves the graph alone."""
+    before = scope.producers.get(op.data)
+    if before is not None and is_standard(before, *THROUGH_OPS):
+        through = find_through_site(index, scope, op.node, op.affine)
+        apply_through_rewrite(through, op, through.rule.plan(through.site))
+        return _node_name(through.site.producer), through.pattern
+    site, rule = find_site(index, scope, op, RULES)
+    apply_rewrite(site, op, rule.plan(site))
+    return _node_name(site.producer), rule.pattern
 
 
 def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
@@ -144,10 +189,10 @@ def find_site(index: ModelIndex, scope: Scope, op: AffineOp, rules) -> tuple[Fol
     if node is None:
         where = "a graph input" if x in scope.inputs or x in scope.initializers else "from an outer graph"
         raise Skip(f"input {x!r} is {where}, not the output of a layer")
-    _require_sole_use(index, scope, node, x)
+    require_sole_use(index, scope, node, x)
     add = None
     if is_standard(node, "Add") and is_standard(op.node, BN):
-        add, node = node, _producer_behind_add(index, scope, node)
+        add, node = node, producer_behind_add(index, scope, node)
     rule = next((r for r in rules if r.producer == node.op_type and r.via_add == (add is not None)), None)
     if rule is None or node.domain not in ("", "ai.onnx"):
         raise Skip(f"producer {node.op_type} {_node_name(node)!r} is not a foldable layer")
@@ -176,34 +221,6 @@ def _require_operands(layer: onnx.NodeProto) -> None:
         raise Skip(f"{layer.op_type} {_node_name(layer)!r} lacks its data or weight input")
 
 
-def _require_sole_use(index: ModelIndex, scope: Scope, node: onnx.NodeProto, value: str) -> None:
-    if value in scope.outputs:
-        raise Skip(f"output {value!r} of {node.op_type} is also a graph output")
-    if len([o for o in node.output if o]) > 1:
-        raise Skip(f"{node.op_type} {node.name!r} has several outputs")
-    others = index.uses[value] - 1
-    if others > 0:
-        raise Skip(f"output {value!r} of {node.op_type} is also used by {others} other node(s)")
-
-
-def _producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) -> onnx.NodeProto:
-    """MatMul → Add(constant bias) → BN: the MatMul, if the Add's other operand is constant."""
-    for mm_out in add.input:
-        mm = scope.producers.get(mm_out)
-        if mm is None or mm.op_type != "MatMul":
-            continue
-        other = next((n for n in add.input if n != mm_out), None)
-        if other is None:
-            continue
-        try:
-            index.constant(scope, other)
-        except NotConstant:
-            continue
-        _require_sole_use(index, scope, mm, mm_out)
-        return mm
-    raise Skip("producer Add is not a MatMul plus a constant bias")
-
-
 def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
     """Write the folded weight and bias, wire the layer's last node to the op's output, drop the op."""
     index, scope, layer = site.index, site.scope, site.producer
@@ -220,6 +237,28 @@ def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
         target.output[0] = op.node.output[0]
         scope.producers[op.node.output[0]] = target
     scope.dead_names.add(old_out)
+    move_meta_readers(index, scope, old_out, op.node.output[0])
+    index.remove_node(scope, op.node)
+
+
+def apply_through_rewrite(through: ThroughSite, op: AffineOp, rw: Rewrite) -> None:
+    """The layer gets the folded weight, the shift goes right after it (bias slot, its bias Add
+    or a new Add that keeps the layer's output name), and the chain's last op takes the BN's output."""
+    site = through.site
+    index, scope, layer = site.index, site.scope, site.producer
+    _write_weight(site, rw)
+    if rw.bias_slot is BiasSlot.NEW_ADD:
+        _add_bias_after(site, rw, layer.output[0])
+    else:
+        target = layer if rw.bias_slot is BiasSlot.PRODUCER else site.add
+        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
+    last = through.chain[-1]
+    old_out = last.output[0]
+    last.output[0] = op.node.output[0]
+    scope.producers[op.node.output[0]] = last
+    del scope.producers[old_out]  # else releasing it would retire `last` if it is an Identity
+    scope.dead_names.add(old_out)
+    move_meta_readers(index, scope, old_out, op.node.output[0])
     index.remove_node(scope, op.node)
 
 

@@ -61,6 +61,8 @@ class ModelIndex:
         self.uses: Counter[str] = Counter()
         self._collect(model.graph, None, "")
         self._types: dict[str, onnx.TypeProto] | None = None
+        # Set by the fold pass: evaluates a value computed from constants (const_eval), or raises NotConstant.
+        self.evaluate_constant = None
         self._names = {n for s in self.scopes for n in (*s.producers, *s.initializers, *s.inputs)}
 
     def _collect(self, graph: onnx.GraphProto, parent: Scope | None, path: str) -> None:
@@ -113,6 +115,8 @@ class ModelIndex:
             return self.constant(scope, node.input[0])
         if node.op_type == "DequantizeLinear":
             raise NotConstant(f"{name!r} is quantized (DequantizeLinear); fold before quantizing")
+        if self.evaluate_constant is not None:
+            return self.evaluate_constant(scope, node, name)
         raise NotConstant(f"{name!r} is computed by {node.op_type} {node.name!r}")
 
     def owner_of_initializer(self, scope: Scope, name: str) -> Scope | None:

@@ -19,6 +19,7 @@ from onnx import helper
 from ..errors import Skip
 from ..fold_math import Affine, cast_exact, channel_view, fold_bias, scale_weight
 from .index import ModelIndex, NotConstant, Scope
+from .readers import require_sole_use
 
 
 @dataclass
@@ -220,6 +221,24 @@ def _legacy_channel_bias(site: FoldSite, add_bias: np.ndarray, rank: int) -> np.
 def _add_bias_name(site: FoldSite) -> str:
     mm_out = site.producer.output[0]
     return next(name for name in site.add.input if name != mm_out)
+
+
+def producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) -> onnx.NodeProto:
+    """MatMul → Add(constant bias) → BN: the MatMul, if the Add's other operand is constant."""
+    for mm_out in add.input:
+        mm = scope.producers.get(mm_out)
+        if mm is None or mm.op_type != "MatMul":
+            continue
+        other = next((n for n in add.input if n != mm_out), None)
+        if other is None:
+            continue
+        try:
+            index.constant(scope, other)
+        except NotConstant:
+            continue
+        require_sole_use(index, scope, mm, mm_out)
+        return mm
+    raise Skip("producer Add is not a MatMul plus a constant bias")
 
 
 def plan_matmul_add(site: FoldSite) -> Rewrite:

@@ -26,6 +26,14 @@ def render_fold(report: FoldReport, out: Output) -> None:
     if report.rewritten:
         con.print(table(f"rewrote {len(report.rewritten)} BatchNormalization as Mul+Add",
                         ("BN", "why it could not fold"), ((_scoped(r.bn, r.graph), r.reason) for r in report.rewritten)))
+    if report.merged:
+        con.print(table(f"merged {len(report.merged)} sum(s) of parallel branches into one Conv each",
+                        ("Add", "into", "kernel", "branches"),
+                        ((_scoped(m.add, m.graph), m.conv, "×".join(map(str, m.kernel)), ", ".join(m.branches))
+                         for m in report.merged)))
+    if report.unmerged:
+        con.print(table(f"kept {len(report.unmerged)} sum(s) of parallel branches", ("Add", "why they were kept"),
+                        ((_scoped(u.add, u.graph), u.reason) for u in report.unmerged)))
     if not report.folded and not report.skipped and not report.rewritten:
         con.print("no BatchNormalization found")
     for note in report.notes:
