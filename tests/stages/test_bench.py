@@ -68,7 +68,7 @@ def test_runs_are_interleaved(tiny, monkeypatch):
     monkeypatch.setattr(bench_mod, "session", lambda *a, **k: Recorder(real_session(*a, **k), next(tags)))
     feeds = {"input": np.zeros((1, 3, 8, 8), np.float32)}
     bench_mod.time_interleaved([tiny, tiny], feeds, "cpu", "disabled", 1, warmup=0, runs=4, seconds=None)
-    assert "".join(calls) == "ABBAABBA"
+    assert "".join(calls) == "AB" + "ABBAABBA"  # one checked run each, then the rotated rounds
 
 
 def test_fail_below_exits_1(tiny, capsys):
