@@ -29,7 +29,7 @@ from ..population import BatchAccumulator, PopulationStats, finish_report, requi
 from ..report import CalibrationReport
 from .affine import BN, is_standard
 from .index import ModelIndex, NotConstant
-from .io import check_tensors, input_also_invalid, load_onnx, save_onnx
+from .io import input_also_invalid, model_from, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -51,12 +51,7 @@ def calibrate(model_or_path: onnx.ModelProto | str | Path, options: CalibrateOpt
     BNs normalize with it while the others are measured.
     """
     start = time.perf_counter()
-    if isinstance(model_or_path, onnx.ModelProto):
-        model, name, base = model_or_path, "<memory>", Path(base_dir or ".")
-        check_tensors(model, base)
-    else:
-        source = load_onnx(model_or_path, lazy=False)
-        model, name, base = source.model, str(source.path), source.base_dir
+    model, name, base = model_from(model_or_path, base_dir)
     report = CalibrationReport(name, None, options.upstream, options.batch_size)
     if variance is not None and variance.biased:
         report.variance = correct_biased_variance(model, base, variance, path=name)

@@ -16,7 +16,7 @@ from ..report import CalibrationReport, FoldReport
 from .calibrate import calibrate
 from .fold_pass import fold_model
 from .index import TensorSpill
-from .io import OnnxSource, check_tensors, file_size, input_also_invalid, load_onnx, save_onnx
+from .io import OnnxSource, file_size, input_also_invalid, load_onnx, model_from, save_onnx
 from .variance import correct_biased_variance
 
 
@@ -31,12 +31,7 @@ def fuse_onnx(model_or_path: onnx.ModelProto | str | Path, options: FuseOptions 
     before folding (statistics corrected, nothing folded): what the fused model must equal.
     """
     options = options or FuseOptions()
-    if isinstance(model_or_path, onnx.ModelProto):
-        model, name, base = model_or_path, "<memory>", Path(base_dir or ".")
-        check_tensors(model, base)
-    else:
-        source = load_onnx(model_or_path, lazy=False)
-        model, name, base = source.model, str(source.path), source.base_dir
+    model, name, base = model_from(model_or_path, base_dir)
     report = FoldReport(input=name, output=None, format=ONNX)
     if options.variance.biased:
         report.variance = correct_biased_variance(model, base, options.variance, path=name)

@@ -24,7 +24,7 @@ from onnx import external_data_helper, numpy_helper
 
 from . import payloads, wire
 from ..detect import check_readable
-from ..errors import BadInput, OutputExists, UsageError
+from ..errors import BadInput
 
 # Protobuf cannot serialize a message over 2 GiB; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -66,6 +66,19 @@ def load_onnx(path: str | Path, lazy: bool = True) -> OnnxSource:
     if not lazy and source.has_external_data:
         external_data_helper.load_external_data_for_model(model, str(real.parent))
     return source
+
+
+def model_from(model_or_path: onnx.ModelProto | str | Path, base_dir: str | Path | None = None
+               ) -> tuple[onnx.ModelProto, str, Path]:
+    """(model, name for messages, folder its payloads are read from) for the Python API: a path
+    is loaded whole; an in-memory model is checked like a loaded one (and changed in place by
+    the caller)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        base = Path(base_dir or ".")
+        check_tensors(model_or_path, base)
+        return model_or_path, "<memory>", base
+    source = load_onnx(model_or_path, lazy=False)
+    return source.model, str(source.path), source.base_dir
 
 
 def read_signature(path: Path) -> onnx.ModelProto:
@@ -171,32 +184,6 @@ def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
     with open(base_dir / info.location, "rb") as fh:
         fh.seek(info.offset or 0)
         return fh.read(info.length) if info.length else fh.read()
-
-
-# ---------------------------------------------------------------------------------------------
-# Output paths
-
-
-def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused") -> Path:
-    """NAME.fused.EXT (or NAME.<tag>.EXT) beside the input."""
-    ext = suffix if suffix is not None else src.suffix
-    return src.with_name(f"{src.stem}.{tag}{ext}")
-
-
-def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
-                   tag: str = "fused") -> Path:
-    if in_place:
-        if output is not None and Path(output).resolve() != Path(src).resolve():
-            raise UsageError("--in-place and -o name different files; give one of them", output)
-        return Path(src)
-    dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
-    if dst.exists() and dst.resolve() == Path(src).resolve():
-        raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
-    if dst.is_dir():
-        raise UsageError("output path is a directory", dst)
-    if not dst.parent.exists():
-        raise UsageError("output directory does not exist", dst.parent)
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------
