@@ -6,6 +6,7 @@ it folds with the same rules.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +41,25 @@ def is_standard(node: onnx.NodeProto, *op_types: str) -> bool:
 
 
 def node_attr(node: onnx.NodeProto, name: str, default):
+    """An attribute's value, or `default`; Skip if it is not of the default's kind (a float
+    where a float is meant, an int, a list, a string), as in a malformed model."""
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            value = helper.get_attribute_value(a)
+            if not _same_kind(value, default):
+                raise Skip(f"attribute {name}={value!r} of {node.op_type} {node.name!r} is not of the expected type")
+            return value
     return default
+
+
+def _same_kind(value, default) -> bool:
+    if default is None:
+        return value is not None
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+    return isinstance(value, type(default))
 
 
 def bn_op(index: ModelIndex, scope: Scope, bn: onnx.NodeProto) -> AffineOp:

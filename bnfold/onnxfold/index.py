@@ -90,7 +90,13 @@ class ModelIndex:
     # -- constants --------------------------------------------------------------------------
 
     def constant(self, scope: Scope, name: str) -> np.ndarray:
-        """The value of `name` if it is known before run time; NotConstant(reason) if not."""
+        """The numeric value of `name` if it is known before run time; NotConstant(reason) if not."""
+        value = self._lookup(scope, name)
+        if value.dtype.kind in "OSU":  # strings: nothing a fold can scale
+            raise NotConstant(f"{name!r} holds {value.dtype} values, not numbers")
+        return value
+
+    def _lookup(self, scope: Scope, name: str) -> np.ndarray:
         s: Scope | None = scope
         while s is not None:
             if name in s.initializers:
@@ -105,6 +111,8 @@ class ModelIndex:
 
     def _constant_from_node(self, scope: Scope, node: onnx.NodeProto, name: str) -> np.ndarray:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if len(node.attribute) != 1:
+                raise NotConstant(f"{name!r} comes from a Constant with {len(node.attribute)} attributes")
             attr = node.attribute[0]
             if attr.name == "value":
                 return tensor_to_array(attr.t, self.base_dir)

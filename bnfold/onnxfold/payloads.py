@@ -51,6 +51,8 @@ def check_tensor(tensor: onnx.TensorProto, root: Path, model_path: Path | str | 
     if tensor.data_type not in _ITEMSIZE and tensor.data_type not in _PACKED_BITS and tensor.data_type != T.STRING:
         raise _bad(tensor, f"has a data type bnfold does not read ({tensor.data_type})", model_path)
     count = element_count(tensor, model_path)
+    if tensor.data_type == T.STRING and (tensor.HasField("raw_data") or len(tensor.external_data)):
+        raise _bad(tensor, "is a string tensor with a binary payload (strings live in string_data)", model_path)
     expected = _expected_bytes(tensor.data_type, count)
     if tensor.data_location == T.EXTERNAL or len(tensor.external_data):
         ref = external_ref(tensor, root, model_path)

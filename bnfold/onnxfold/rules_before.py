@@ -18,6 +18,7 @@ from onnx import helper
 
 from ..errors import Skip
 from ..fold_math import Affine, cast_exact, channel_view, fold_bias, scale_weight
+from .affine import node_attr
 from .index import ModelIndex, NotConstant, Scope
 from .readers import require_sole_use
 
@@ -47,10 +48,7 @@ class FoldSite:
         return None
 
     def attr(self, name: str, default: Any, node: onnx.NodeProto | None = None) -> Any:
-        for a in (node or self.producer).attribute:
-            if a.name == name:
-                return helper.get_attribute_value(a)
-        return default
+        return node_attr(node or self.producer, name, default)
 
     def require_channels(self, n: int, what: str) -> None:
         if n != self.channels:
