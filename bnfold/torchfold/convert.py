@@ -12,8 +12,10 @@ from torch import nn
 from ..errors import BadInput, UsageError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
+from .checkpoint import container_out, state_out
 from .fx import guess_example
-from .io import EXPORT, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch, save_state_dict
+from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch,
+                 save_bytes, torch_bytes)
 
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
@@ -35,11 +37,12 @@ def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | N
     return guess_example(module) if isinstance(module, nn.Module) else None
 
 
-def write_module(source: TorchSource, module, to: str, dst: Path, options: LoadOptions) -> None:
-    """`module` (the folded one) to `dst`: in the source's format ("same"), or converted."""
-    if to == "same":
-        _write_same(source, module, dst)
+def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> None:
+    """The folded weight sets to `dst`: in the source's format ("same"), or the first converted."""
+    if to == "same" or (to, source.kind) in (("pt2", EXPORT), ("torchscript", TORCHSCRIPT)):
+        write_same(source, folded, dst)
         return
+    module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
         buffer = io.BytesIO()
@@ -53,17 +56,26 @@ def write_module(source: TorchSource, module, to: str, dst: Path, options: LoadO
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
 
 
-def _write_same(source: TorchSource, module, dst: Path) -> None:
-    if source.kind == STATE_DICT:
-        save_state_dict(source, module.state_dict(), dst)
-    elif source.kind == TORCHSCRIPT:
+def write_same(source: TorchSource, folded: list, dst: Path) -> None:
+    """The file as it came, with each weight set folded: a checkpoint dict keeps its other keys,
+    a state_dict its keys, prefix, dtypes and _metadata, a safetensors file its metadata."""
+    module = folded[0]
+    if source.kind == TORCHSCRIPT:
         atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
         program = export_program(module, args, kwargs, dynamic_dims(source.module))
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+    elif source.kind == SAFETENSORS:
+        from .safetensors_io import safetensors_bytes
+
+        save_bytes(dst, safetensors_bytes(state_out(source.sets[0].layout, module), source.file_metadata))
+    elif source.container is not None:
+        save_bytes(dst, torch_bytes(container_out(source.container, source.sets, folded)))
+    elif source.kind == PICKLE:
+        save_bytes(dst, torch_bytes(module))
     else:
-        atomic_write(dst, lambda p: torch.save(module, str(p)))
+        save_bytes(dst, torch_bytes(state_out(source.sets[0].layout, module)))
 
 
 def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:
