@@ -191,7 +191,7 @@ class DetectionModel(nn.Module):
         super().__init__()
         layers = [
             Conv(3, w, 3, 2), Conv(w, 2 * w, 3, 2), C2f(2 * w, 2 * w, 1, True),            # 0-2   P2/4
-            Conv(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, 2, True),                            # 3-4   P3/8
+            Conv(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, 1, True),                            # 3-4   P3/8
             Conv(4 * w, 8 * w, 3, 2), C3(8 * w, 8 * w, 1, True),                             # 5-6   P4/16
             SPPF(8 * w, 8 * w, 5),                                                           # 7
             nn.Upsample(scale_factor=2.0, mode="nearest"), Concat(1), C2f(12 * w, 4 * w, 1),  # 8-10  P3 out

@@ -108,7 +108,7 @@ def find_sites(module: nn.Module, example: tuple | None) -> Found:
     else:
         return fx_sites(gm, probe, _shapes(gm, example or guess_example(module)))
     example = example or metadata_example(module) or guess_example(module)
-    exported = _export(module, example) if example is not None else None
+    exported = _export(module, example) if example is not None and _may_hold_bn(module) else None
     if exported is not None:
         from .export import aten_found
 
@@ -121,6 +121,13 @@ def find_sites(module: nn.Module, example: tuple | None) -> Found:
     for name, child in module.named_children():
         found.add(find_sites(child, inputs.get(name)), name)
     return found
+
+
+def _may_hold_bn(module: nn.Module) -> bool:
+    """A BN needs running statistics: a BN module, or buffers a functional batch_norm reads.
+    Without either, exporting (seconds) cannot find anything."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) \
+        or next(module.buffers(), None) is not None
 
 
 def _first_line(exc: Exception) -> str:
