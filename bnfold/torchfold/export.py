@@ -117,11 +117,9 @@ def aten_site(gm: torch.fx.GraphModule, probe: nn.Module, bn: torch.fx.Node) -> 
     bias = _path(producer.args[2] if len(producer.args) > 2 else None)
     if returns_tuple and any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in bn.users):
         raise Skip("BN's saved statistics are used")
-    if weight.rpartition(".")[2] != "weight" or (bias is not None and bias != f"{owner(weight)}.bias"):
-        raise Skip(f"{producer.name} reads {weight}, not a layer's own weight and bias")
     groups = int(producer.args[groups_at]) if groups_at is not None and len(producer.args) > groups_at else 1
     return FoldSite(name, owner(weight), kind, axis, groups, tensors, float(bn.args[ei]),
-                    {"bn": bn, "producer": producer})
+                    {"bn": bn, "producer": producer}, weight, bias)
 
 
 def _shape(node: torch.fx.Node) -> tuple | None:

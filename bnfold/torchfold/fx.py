@@ -48,7 +48,8 @@ class Found:
         join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
         for s in other.sites:
             self.sites.append(FoldSite(join(s.bn), join(s.producer), s.kind, s.axis, s.groups,
-                                       {k: (join(v) if v else None) for k, v in s.tensors.items()}, s.eps))
+                                       {k: (join(v) if v else None) for k, v in s.tensors.items()}, s.eps,
+                                       weight=s.weight and join(s.weight), bias=s.bias and join(s.bias)))
         self.skipped += [SkippedBN(join(s.bn), s.reason, s.producer and join(s.producer)) for s in other.skipped]
         self.notes += [f"{prefix}: {n}" for n in other.notes]
         self.untraced += [f"{prefix}.{u}" for u in other.untraced]

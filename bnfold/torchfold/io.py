@@ -87,12 +87,32 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
         source = _from_dict(path, tensors, options)
         source.kind, source.file_metadata = SAFETENSORS, metadata
         return source
-    obj = _load_pickled(path, options.trust_pickle)
+    devices = SavedDevices()
+    obj = _load_pickled(path, options.trust_pickle, devices)
     if isinstance(obj, nn.Module):
-        return TorchSource(PICKLE, path, [WeightSet(None, obj)])
-    if isinstance(obj, dict):
-        return _from_dict(path, obj, options)
-    raise BadInput(f"holds a {type(obj).__name__}, not an nn.Module, a state_dict or a checkpoint dict", path)
+        source = TorchSource(PICKLE, path, [WeightSet(None, obj)])
+    elif isinstance(obj, dict):
+        source = _from_dict(path, obj, options)
+    else:
+        raise BadInput(f"holds a {type(obj).__name__}, not an nn.Module, a state_dict or a checkpoint dict", path)
+    source.notes += devices.notes()
+    return source
+
+
+class SavedDevices:
+    """map_location: every tensor loads on the CPU (the machine may lack the GPU it was saved on);
+    where they were saved is noted, since the output holds CPU tensors."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, storage, location: str):
+        self.seen.add(location)
+        return storage
+
+    def notes(self) -> list[str]:
+        other = sorted(d for d in self.seen if not d.startswith("cpu"))
+        return [f"tensors saved on {', '.join(other)} were loaded, folded and written on the CPU"] if other else []
 
 
 def _guard(path: Path, loader, *args, **kwargs):
@@ -102,9 +122,9 @@ def _guard(path: Path, loader, *args, **kwargs):
         raise BadInput(f"cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
 
 
-def _load_pickled(path: Path, trust_pickle: bool):
+def _load_pickled(path: Path, trust_pickle: bool, devices: SavedDevices):
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location=devices, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise BadInput(f"not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})", path) from None
@@ -116,7 +136,7 @@ def _load_pickled(path: Path, trust_pickle: bool):
         raise BadInput(f"not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})", path) from None
     sys.path.insert(0, os.getcwd())  # the module's classes usually live in the user's project
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        return torch.load(str(path), map_location=devices, weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise BadInput(f"cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
     finally:

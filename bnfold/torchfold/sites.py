@@ -39,6 +39,8 @@ class FoldSite:
     tensors: dict[str, str | None]  # the BN's weight, bias, running_mean, running_var → attribute path
     eps: float
     nodes: dict = field(default_factory=dict)  # graph nodes, for passes that rewrite the graph itself
+    weight: str | None = None  # the attribute paths the graph's layer op reads, where it said
+    bias: str | None = None
 
     def affine(self, root) -> Affine:
         t = {k: (attr_at(root, p) if p else None) for k, p in self.tensors.items()}
@@ -88,9 +90,13 @@ def analysis_copy(module: nn.Module) -> nn.Module:
 def apply_site(root: nn.Module, site: FoldSite, mode: str) -> str | None:
     """Fold `site` into `root` (an eager module), then retire the BN: removed ("remove", a plain
     BN module) or set to the identity. Returns a note when a BN could only be made an identity."""
-    layer = root.get_submodule(site.producer)
-    if not isinstance(getattr(layer, "weight", None), torch.Tensor):
-        raise Skip(f"{site.producer} has no weight tensor to fold into")
+    try:
+        layer = attr_at(root, site.producer)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, nn.Module) or not isinstance(getattr(layer, "weight", None), torch.Tensor) \
+            or site.weight not in (None, f"{site.producer}.weight") or site.bias not in (None, f"{site.producer}.bias"):
+        raise Skip(f"the layer op reads {site.weight or 'a weight'}, not the weight and bias of module {site.producer}")
     affine = site.affine(root)
     new_w, new_b = fold_tensors(layer.weight, layer.bias, affine, site.axis, site.groups, site.kind)
     shift = None

@@ -187,6 +187,17 @@ def test_checkpoint_dicts_need_trust_and_state_dicts_need_arch(cnn, tmp_path, ca
     refused(["fuse", str(states)], "--arch", tmp_path, capsys)
 
 
+def test_tensors_saved_on_a_gpu_load_and_are_written_on_the_cpu(cnn, tmp_path, capsys):
+    saved = tmp_path / "cpu.pt"
+    torch.save(cnn.state_dict(), saved)
+    src = tmp_path / "gpu.pt"  # the same file as a GPU machine writes it: storages located on cuda:0
+    _rewrite_zip(saved, src, lambda name, data: data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+                 if name.endswith("data.pkl") else data)
+    report = fuse_json([str(src), *ARCH], capsys)
+    assert any("tensors saved on cuda:0 were loaded, folded and written on the CPU" in n for n in report["notes"])
+    assert_same_outputs(from_state(torch.load(report["output"], weights_only=True)), cnn, torch.randn(2, *SHAPE))
+
+
 # -- safetensors -------------------------------------------------------------------------------
 
 
