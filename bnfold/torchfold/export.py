@@ -18,9 +18,8 @@ from torch import nn
 from ..errors import Skip
 from ..fold_math import Affine, BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
-from .fx import Found
 from .params import attr_at, fold_tensors
-from .sites import FoldSite, bn_name, check_linear_axis, owner
+from .sites import FoldSite, Found, bn_name, check_linear_axis, owner
 
 aten = torch.ops.aten
 # BN op → positions of (input, weight, bias, running_mean, running_var, eps), and whether it returns a tuple

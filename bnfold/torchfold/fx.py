@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_map
 from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
-from .sites import FoldSite, analysis_copy, apply_site, bn_name, check_linear_axis
+from .export import aten_found
+from .sites import FoldSite, Found, analysis_copy, apply_site, bn_name, check_linear_axis
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,26 +34,6 @@ RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
 SHAPE_METHODS = ("size", "dim", "numel")
 SHAPE_OF_SECOND = ("reshape_as", "view_as", "expand_as")
 SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
-
-
-@dataclass
-class Found:
-    """What a graph of one module says: fold sites and kept BNs (paths relative to the module)."""
-
-    sites: list[FoldSite] = field(default_factory=list)
-    skipped: list[SkippedBN] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    untraced: list[str] = field(default_factory=list)
-
-    def add(self, other: "Found", prefix: str) -> None:
-        join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
-        for s in other.sites:
-            self.sites.append(FoldSite(join(s.bn), join(s.producer), s.kind, s.axis, s.groups,
-                                       {k: (join(v) if v else None) for k, v in s.tensors.items()}, s.eps,
-                                       weight=s.weight and join(s.weight), bias=s.bias and join(s.bias)))
-        self.skipped += [SkippedBN(join(s.bn), s.reason, s.producer and join(s.producer)) for s in other.skipped]
-        self.notes += [f"{prefix}: {n}" for n in other.notes]
-        self.untraced += [f"{prefix}.{u}" for u in other.untraced]
 
 
 @dataclass
@@ -111,8 +92,6 @@ def find_sites(module: nn.Module, example: tuple | None) -> Found:
     example = example or metadata_example(module) or guess_example(module)
     exported = _export(module, example) if example is not None and _may_hold_bn(module) else None
     if exported is not None:
-        from .export import aten_found
-
         found = aten_found(exported, analysis_copy(module))
         found.notes.insert(0, f"{why}; its BNs were found in its torch.export graph")
         return found

@@ -14,6 +14,7 @@ weight sets, and how they are written back: checkpoint.py.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import json
@@ -33,7 +34,7 @@ from ..check.arrays import read_file
 from ..detect import check_readable, looks_like_safetensors
 from ..errors import BadInput, UsageError
 from ..options import LoadOptions
-from .checkpoint import MODULE, STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
+from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
 
 TORCHSCRIPT, EXPORT, STATE_DICT, PICKLE = "torchscript", "torch-export", "state_dict", "torch-pickle"
 CHECKPOINT, SAFETENSORS = "checkpoint", "safetensors"
@@ -186,14 +187,8 @@ def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: 
         if not required:
             return prefix
         raise BadInput(f"keys do not match --arch {spec} ({prefix.describe()})", path)
-    module, layout = load_into(_fresh(arch), state, prefix, path)
+    module, layout = load_into(copy.deepcopy(arch), state, prefix, path)  # one --arch module per weight set
     return WeightSet(key, module, STATE, layout)
-
-
-def _fresh(arch: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(arch)
 
 
 def _refuse_pt2_pickles(path: Path, trust_pickle: bool) -> None:

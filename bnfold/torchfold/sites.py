@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import Skip
 from ..fold_math import Affine
+from ..report import SkippedBN
 from .params import affine_of, attr_at, fold_tensors, write_params
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -134,3 +135,23 @@ def retire(root: nn.Module, site: FoldSite, mode: str, shift: np.ndarray | None 
         return f"functional batch_norm {site.bn} kept as an identity (γ=1, β=0, μ=0, σ²=1−ε); --to onnx removes its cost"
     return (f"{type(module).__name__} {site.bn} runs more than the normalization in its forward: kept, as an identity "
             "(γ=1, β=0, μ=0, σ²=1−ε)")
+
+
+@dataclass
+class Found:
+    """What a graph of one module says: fold sites and kept BNs (paths relative to the module)."""
+
+    sites: list[FoldSite] = field(default_factory=list)
+    skipped: list[SkippedBN] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)
+
+    def add(self, other: "Found", prefix: str) -> None:
+        join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
+        for s in other.sites:
+            self.sites.append(FoldSite(join(s.bn), join(s.producer), s.kind, s.axis, s.groups,
+                                       {k: (join(v) if v else None) for k, v in s.tensors.items()}, s.eps,
+                                       weight=s.weight and join(s.weight), bias=s.bias and join(s.bias)))
+        self.skipped += [SkippedBN(join(s.bn), s.reason, s.producer and join(s.producer)) for s in other.skipped]
+        self.notes += [f"{prefix}: {n}" for n in other.notes]
+        self.untraced += [f"{prefix}.{u}" for u in other.untraced]
