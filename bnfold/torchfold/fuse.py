@@ -18,6 +18,7 @@ from .convert import example_inputs, write_module
 from .export import BN_OPS, fold_exported
 from .fx import fold_module
 from .io import EAGER, EXPORT, TORCHSCRIPT, TorchSource, load_torch
+from .sites import copy_module
 from .variance import correct_torch_variance
 
 STATE_DICT_NOTE = ("state_dict: each folded BN is set to the identity (γ=1, β=0, μ=0, σ²=1−ε) so the file loads "
@@ -39,7 +40,7 @@ def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = No
         from .script import reload
 
         return fold_in_place(reload(module), example, keep_layout)
-    return fold_in_place(copy.deepcopy(module), example, keep_layout)
+    return fold_in_place(copy_module(module), example, keep_layout)
 
 
 def fold_in_place(module, example: tuple | None = None, keep_layout: bool = False) -> tuple[nn.Module, FoldReport]:

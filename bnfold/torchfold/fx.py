@@ -264,17 +264,18 @@ def _reads_shape_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
         and len(user.args) > 1 and user.args[1] in SHAPE_ATTRIBUTES
 
 
-def _is_reshape(node) -> bool:
+def _is_reshape(gm: torch.fx.GraphModule, node) -> bool:
     return isinstance(node, torch.fx.Node) and (
         (node.op == "call_method" and node.target in RESHAPE_METHODS)
-        or (node.op == "call_function" and node.target in RESHAPE_FUNCTIONS))
+        or (node.op == "call_function" and node.target in RESHAPE_FUNCTIONS)
+        or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Flatten)))
 
 
 def _site(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int], shapes) -> FoldSite:
     """Check what must hold for BN(layer(x)) to fold; the site, or Skip with the reason."""
     _check_bn(bn, calls)
     producer, reshape = bn.input, None
-    if _is_reshape(producer) and isinstance(producer.args[0], torch.fx.Node) \
+    if _is_reshape(gm, producer) and isinstance(producer.args[0], torch.fx.Node) \
             and producer.args[0].op == "call_module" \
             and isinstance(gm.get_submodule(producer.args[0].target), nn.Linear):
         producer, reshape = producer.args[0], producer

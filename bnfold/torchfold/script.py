@@ -21,7 +21,7 @@ import itertools
 
 import torch
 
-from ..errors import Skip
+from ..errors import BadInput, Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .params import attr_at, fold_tensors, write_params
@@ -43,7 +43,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
                        example: tuple | None = None) -> torch.jit.ScriptModule:
     """Fold `root` (a private copy: its class graphs are edited) and return it reloaded, so that
     the edited graphs are what runs."""
-    graph = root.inlined_graph
+    try:
+        graph = root.inlined_graph
+    except (RuntimeError, AttributeError) as exc:
+        raise BadInput(f"TorchScript module without a forward to fold ({str(exc).splitlines()[0][:100]})") from None
     values = Values(root, graph)
     live = list(_live_nodes(graph, values))
     reads = _reads(live, values)

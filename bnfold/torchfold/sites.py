@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import Skip
+from ..errors import BadInput, Skip
 from ..fold_math import Affine
 from ..report import SkippedBN
 from .params import affine_of, attr_at, fold_tensors, write_params
@@ -44,7 +44,10 @@ class FoldSite:
     bias: str | None = None
 
     def affine(self, root) -> Affine:
-        t = {k: (attr_at(root, p) if p else None) for k, p in self.tensors.items()}
+        try:
+            t = {k: (attr_at(root, p) if p else None) for k, p in self.tensors.items()}
+        except AttributeError as exc:
+            raise Skip(f"the graph's BN reads {exc.args[0] if exc.args else 'an attribute'} the module does not have")
         return affine_of(t["weight"], t["bias"], t["running_mean"], t["running_var"], self.eps)
 
 
@@ -84,8 +87,15 @@ def check_linear_axis(linear_shape, bn_input_shape, reshaped: bool) -> None:
 def analysis_copy(module: nn.Module) -> nn.Module:
     """A copy to trace or export: its own module objects, the original's tensors (nothing is
     written to them; sharing spares the memory)."""
-    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo=shared)
+    return copy_module(module, {id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
+
+
+def copy_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    try:
+        return copy.deepcopy(module, memo=memo)
+    except Exception as exc:  # noqa: BLE001 — whatever a module holds that cannot be copied
+        raise BadInput(f"{type(module).__name__} cannot be copied, which folding needs "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
 
 
 def apply_site(root: nn.Module, site: FoldSite, mode: str) -> str | None:

@@ -128,6 +128,8 @@ SKIPS = {
     "track_running_stats_false": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
                                   (3, 6, 6), "track_running_stats=False"),
     "linear_on_rank3": (lambda: nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)), (5, 5), "rank 3"),
+    "linear_flattened_across_features": (lambda: nn.Sequential(nn.Linear(5, 3), nn.Flatten(1), nn.BatchNorm1d(12)),
+                                         (4, 5), "BN's axis 1 is not the Linear's feature axis"),
 }
 
 
@@ -140,6 +142,31 @@ def test_skip_keeps_the_bn_and_says_why(name):
     fused, report = fuse_module(model, example=(torch.randn(2, *shape),))
     assert report.folded == [] and report.skipped and all(reason in s.reason for s in report.skipped), report.skipped
     _assert_same(fused, original, torch.randn(3, *shape))
+
+
+class TokenLinearNorm(nn.Module):
+    """LeViT's LinearNorm: Linear on [B, N, C] tokens, BatchNorm1d over flatten(0, 1), reshape_as."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(5, 6, bias=False), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_linear_bn1d_on_flattened_tokens_folds():
+    model = TokenLinearNorm()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+    model.eval()
+    fused, report = fuse_module(model, example=(torch.randn(2, 4, 5),))
+    assert [(f.bn, f.producer, f.pattern) for f in report.folded] == [("bn", "linear", "Linear")]
+    assert report.skipped == [] and isinstance(fused.bn, nn.Identity)
+    _assert_same(fused, model, torch.randn(3, 7, 5))
 
 
 def test_training_mode_module_folds_its_eval_behaviour():
