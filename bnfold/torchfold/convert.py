@@ -9,7 +9,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, BnfoldError, UsageError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
@@ -45,9 +45,7 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
     module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
-        buffer = io.BytesIO()
-        to_onnx(module, example, buffer)
-        save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+        write_onnx(module, example, dst)
     elif to == "torchscript":
         traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
         atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
@@ -112,10 +110,20 @@ def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions) -> Path:
     """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks."""
     source = load_torch(src, options)
     module = runnable(source)
-    example = example_for(source, options, module)
+    return write_onnx(module, example_for(source, options, module), dst)
+
+
+def write_onnx(module, example, dst: Path) -> Path:
+    """The torch exporter's ONNX, checked and saved; a model it cannot convert is bad input."""
     buffer = io.BytesIO()
-    to_onnx(module, example, buffer)
-    return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    try:
+        to_onnx(module, example, buffer)
+        return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    except BnfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
+        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") \
+            from None
 
 
 def to_onnx(module, example, target) -> None:
