@@ -10,9 +10,9 @@
             (run_suite.PEERS, each in its own process), with the max abs error of the tool's
             output against the unfused model (onnxruntime, optimizations off).
 2. latency  repvgg_a0: unfused, a peer's output, bnfold's output and the deploy form
-            (re-parameterized by hand in torch, tests/onnxfold/lookalikes.py, then exported), in
+            (re-parameterized by hand in torch, tests/onnxfold/onnx_lookalikes.py, then exported), in
             interleaved rounds, ORT levels disabled and default, batch 1 and 8.
-The models are built in code (tests/onnxfold/lookalikes.py, examples/zoo.py); nothing is downloaded.
+The models are built in code (tests/onnxfold/onnx_lookalikes.py, examples/zoo.py); nothing is downloaded.
 The markdown section goes between its own markers in --out, with the command that made it.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ LATENCY_PEER = "onnxoptimizer"
 def build_models(out: Path, quick: bool) -> dict[str, dict]:
     import torch
 
-    import lookalikes as la
+    import onnx_lookalikes as la
 
     specs = {
         "LeViT-128": (lambda: la.levit(la.LEVIT_TINY if quick else la.LEVIT_128), la.export_legacy),
@@ -102,7 +102,7 @@ def _outputs(sess, feeds) -> dict:
 
 
 def deploy_form(model: dict, out: Path) -> Path:
-    import lookalikes as la
+    import onnx_lookalikes as la
     import torch
 
     return la.export_legacy(la.reparameterize_model(model["net"]), torch.randn(1, *model["shape"]), out / "deploy.onnx")
@@ -186,7 +186,7 @@ def markdown(command: str, count_rows, peer_status, lat_rows, structure: dict, l
              f"Command: `{command}`  ",
              f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
              f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
-             "Models built in code (`tests/onnxfold/lookalikes.py`, `examples/zoo.py`), random weights, real BN "
+             "Models built in code (`tests/onnxfold/onnx_lookalikes.py`, `examples/zoo.py`), random weights, real BN "
              "statistics. LeViT-128 and repvgg_a0 exported with the TorchScript exporter (BN kept), ResNet-18 with the "
              "dynamo exporter and `optimize=False` (torch " + torch_version() + "). Peers: "
              + ", ".join(f"{k} {v}" for k, v in peer_status.items())

@@ -7,7 +7,7 @@ from pathlib import Path
 from .errors import BadInput
 
 ONNX = "onnx"
-TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict
+TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict, safetensors
 
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
@@ -32,11 +32,23 @@ def detect_format(path: str | Path) -> str:
         head = fh.read(64)
     if zipfile.is_zipfile(path) or head[:1] == _PICKLE_PROTOCOL_2_PLUS:
         return TORCH
+    if looks_like_safetensors(head, path.stat().st_size):  # before ONNX: a length's first byte may be 0x08
+        return TORCH
     if _looks_like_onnx(head):
         return ONNX
     if path.suffix.lower() in (".onnx",):
         return ONNX  # let the ONNX loader say precisely what is wrong
+    if path.suffix.lower() == ".safetensors":
+        return TORCH  # let the safetensors reader say precisely what is wrong
     raise BadInput("not an ONNX model or PyTorch checkpoint (unrecognised content)", path)
+
+
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length that fits the file, then a JSON object."""
+    if len(head) < 10:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= size - 8 and head[8:9] == b"{" and head[9:10] in (b'"', b"}", b" ", b"\n")
 
 
 def _looks_like_onnx(head: bytes) -> bool:

@@ -81,6 +81,18 @@ class VarianceCorrection:
 
 
 @dataclass
+class WeightSetReport:
+    """One set of weights of a torch checkpoint: a module, or a state_dict (under a key)."""
+
+    name: str  # its key in the checkpoint dict ("" for the file itself)
+    kind: str  # "module", "state_dict", "torchscript", "torch-export"
+    dtype: str
+    prefix: str = ""  # the state_dict keys' prefix ("model.", "_orig_mod."), kept in the output
+    folded: int = 0
+    kept: int = 0
+
+
+@dataclass
 class FoldReport:
     input: str
     output: str | None
@@ -100,7 +112,10 @@ class FoldReport:
     size_after: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    untraced: list[str] = field(default_factory=list)  # torch modules fx could not trace
+    untraced: list[str] = field(default_factory=list)  # torch modules neither fx nor torch.export could trace
+    weight_sets: list[WeightSetReport] = field(default_factory=list)  # torch: what was folded in the file
+    identity_bns: int = 0  # torch: folded BNs left in place as identities (state_dict layout, shared graphs)
+    unchanged_keys: list[str] = field(default_factory=list)  # torch checkpoint dicts: written back as they came
     verify: "VerifyReport | None" = None  # with --verify
     calibration: "CalibrationReport | None" = None  # with --calibrate
 

@@ -38,16 +38,37 @@ def render_fold(report: FoldReport, out: Output) -> None:
         con.print("no BatchNormalization found")
     for note in report.notes:
         con.print(f"[dim]note:[/] {plain(note)}")
-    con.print(
-        f"nodes {report.nodes_before} → {report.nodes_after}, BN {report.bn_before} → {report.bn_after}, "
-        f"size {human_size(report.size_before)} → {human_size(report.size_after)}, {report.seconds:.2f} s"
-    )
+    if report.format == "onnx":
+        counts = f"nodes {report.nodes_before} → {report.nodes_after}, BN {report.bn_before} → {report.bn_after}"
+    else:
+        counts = _torch_counts(report, con)
+    con.print(f"{plain(counts)}, size {human_size(report.size_before)} → {human_size(report.size_after)}, "
+              f"{report.seconds:.2f} s")
     if report.verify is not None:
         render_verify(report.verify, out)
     if report.output:
         con.print(f"wrote {plain(report.output)}")
     elif report.verify is not None and not report.verify.passed:
         con.print("[red]nothing written[/]: verification failed")
+
+
+def _torch_counts(report: FoldReport, con) -> str:
+    """Torch has no node count: what was folded, in which weight sets, and what stayed in the file."""
+    for ws in report.weight_sets if len(report.weight_sets) > 1 or any(w.name for w in report.weight_sets) else ():
+        prefix = f", keys under {ws.prefix!r}" if ws.prefix else ""
+        con.print(plain(f"weight set {ws.name!r} ({ws.kind}, {ws.dtype}{prefix}): folded {ws.folded}, "
+                        f"kept {ws.kept}"))
+    if report.unchanged_keys:
+        con.print(plain(f"written back unchanged: {', '.join(map(str, report.unchanged_keys))}"))
+    total = len(report.folded) + len(report.skipped)
+    if report.identity_bns and report.identity_bns == len(report.folded) and report.format in (
+            "state_dict", "safetensors", "checkpoint"):
+        how = " (kept as identity so the state_dict loads strictly)"
+    elif report.identity_bns:
+        how = f" ({report.identity_bns} kept in place as identities, see the notes)"
+    else:
+        how = ""
+    return f"folded {len(report.folded)} of {total} BNs{how}"
 
 
 def _scoped(name: str, graph: str) -> str:

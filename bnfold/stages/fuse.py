@@ -18,6 +18,7 @@ from .staging import Staging, move_into_place, remove_replaced, resolve_output
 from .verify import verify
 
 TORCH_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+SUFFIX_FORMAT = {".onnx": "onnx", ".pt2": "pt2"}  # -o NAME.onnx means --to onnx
 
 
 def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool = False,
@@ -26,6 +27,7 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     options = options or FuseOptions()
     src = Path(src)
     kind = detect.detect_format(src)
+    options = _format_of_output(output, options)
     if kind == detect.ONNX and options.to not in ("same", "onnx"):
         raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
     suffix = ".onnx" if kind == detect.ONNX else TORCH_SUFFIX.get(options.to)
@@ -47,6 +49,22 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     report.output = str(dst)
     report.size_after = _output_size(dst, kind, options)
     return report
+
+
+def _format_of_output(output: str | Path | None, options: FuseOptions) -> FuseOptions:
+    """An output never claims a format it is not in: -o NAME.onnx is --to onnx, NAME.pt2 --to pt2,
+    and a --to that contradicts the name is a usage error."""
+    if output is None:
+        return options
+    implied = SUFFIX_FORMAT.get(Path(output).suffix.lower())
+    if implied is None and options.to in SUFFIX_FORMAT.values():
+        raise UsageError(f"--to {options.to} writes {options.to.upper()}, but -o {output} does not end in "
+                         f"{TORCH_SUFFIX[options.to]}")
+    if implied is None or options.to == implied:
+        return options
+    if options.to != "same":
+        raise UsageError(f"--to {options.to} contradicts -o {output} (a {Path(output).suffix} file is {implied})")
+    return dataclasses.replace(options, to=implied)
 
 
 def _input_files(kind: str, src: Path) -> set[Path]:

@@ -15,7 +15,7 @@ from ..errors import BadInput
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..population import BatchAccumulator, finish_report, require_storable, statistics_row
 from ..report import CalibrationReport
-from .io import PICKLE, STATE_DICT, atomic_write, load_torch, save_state_dict
+from .io import EAGER, load_torch
 from .variance import correct_torch_variance, tracked_bns
 
 
@@ -81,18 +81,17 @@ def positional_batches(options: CalibrateOptions) -> Iterator[list[np.ndarray]]:
 def calibrate_torch_file(src: Path, target: Path, options: CalibrateOptions, variance: VarianceOptions,
                          load: LoadOptions, progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
     """Calibrate an eager checkpoint and write it in its own format to `target`."""
+    from .convert import write_same
+
     source = load_torch(src, load)
-    if source.kind not in (PICKLE, STATE_DICT):
-        raise BadInput(f"calibrate needs an eager module (a pickle, or a state_dict with --arch), not {source.kind}",
-                       src)
+    if source.kind not in EAGER or len(source.sets) != 1:
+        what = source.kind if len(source.sets) == 1 else f"{len(source.sets)} weight sets"
+        raise BadInput(f"calibrate needs one eager module (a pickle, or a state_dict with --arch), not {what}", src)
     corrections = []
     if variance.biased:
         example = tuple(torch.from_numpy(a) for a in next(iter(positional_batches(options))))
         corrections = correct_torch_variance(source.module, variance, example)
     report = calibrate_torch(source.module, options, progress)
     report.variance = corrections
-    if source.kind == STATE_DICT:
-        save_state_dict(source, source.module.state_dict(), target)
-    else:
-        atomic_write(target, lambda p: torch.save(source.module, str(p)))
+    write_same(source, [source.module], target)
     return report

@@ -9,11 +9,13 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, BnfoldError, UsageError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
+from .checkpoint import container_out, state_out
 from .fx import guess_example
-from .io import EXPORT, STATE_DICT, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch, save_state_dict
+from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch,
+                 save_bytes, torch_bytes)
 
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
@@ -35,16 +37,15 @@ def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | N
     return guess_example(module) if isinstance(module, nn.Module) else None
 
 
-def write_module(source: TorchSource, module, to: str, dst: Path, options: LoadOptions) -> None:
-    """`module` (the folded one) to `dst`: in the source's format ("same"), or converted."""
-    if to == "same":
-        _write_same(source, module, dst)
+def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> None:
+    """The folded weight sets to `dst`: in the source's format ("same"), or the first converted."""
+    if to == "same" or (to, source.kind) in (("pt2", EXPORT), ("torchscript", TORCHSCRIPT)):
+        write_same(source, folded, dst)
         return
+    module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
-        buffer = io.BytesIO()
-        to_onnx(module, example, buffer)
-        save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+        write_onnx(module, example, dst)
     elif to == "torchscript":
         traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
         atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
@@ -53,17 +54,26 @@ def write_module(source: TorchSource, module, to: str, dst: Path, options: LoadO
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
 
 
-def _write_same(source: TorchSource, module, dst: Path) -> None:
-    if source.kind == STATE_DICT:
-        save_state_dict(source, module.state_dict(), dst)
-    elif source.kind == TORCHSCRIPT:
+def write_same(source: TorchSource, folded: list, dst: Path) -> None:
+    """The file as it came, with each weight set folded: a checkpoint dict keeps its other keys,
+    a state_dict its keys, prefix, dtypes and _metadata, a safetensors file its metadata."""
+    module = folded[0]
+    if source.kind == TORCHSCRIPT:
         atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
         program = export_program(module, args, kwargs, dynamic_dims(source.module))
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+    elif source.kind == SAFETENSORS:
+        from .safetensors_io import safetensors_bytes
+
+        save_bytes(dst, safetensors_bytes(state_out(source.sets[0].layout, module), source.file_metadata))
+    elif source.container is not None:
+        save_bytes(dst, torch_bytes(container_out(source.container, source.sets, folded)))
+    elif source.kind == PICKLE:
+        save_bytes(dst, torch_bytes(module))
     else:
-        atomic_write(dst, lambda p: torch.save(module, str(p)))
+        save_bytes(dst, torch_bytes(state_out(source.sets[0].layout, module)))
 
 
 def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:
@@ -100,10 +110,20 @@ def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions) -> Path:
     """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks."""
     source = load_torch(src, options)
     module = runnable(source)
-    example = example_for(source, options, module)
+    return write_onnx(module, example_for(source, options, module), dst)
+
+
+def write_onnx(module, example, dst: Path) -> Path:
+    """The torch exporter's ONNX, checked and saved; a model it cannot convert is bad input."""
     buffer = io.BytesIO()
-    to_onnx(module, example, buffer)
-    return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    try:
+        to_onnx(module, example, buffer)
+        return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+    except BnfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
+        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") \
+            from None
 
 
 def to_onnx(module, example, target) -> None:

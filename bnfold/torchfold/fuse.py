@@ -1,24 +1,24 @@
-"""Fuse a PyTorch checkpoint: load, fold (fx / TorchScript / ATen pass), write in the same
-format or convert with --to."""
+"""Fuse a PyTorch checkpoint: load, fold every weight set it holds (fx / export / TorchScript /
+ATen pass), write it back in the same format, or convert with --to."""
 from __future__ import annotations
 
 import copy
-import io
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import BadInput
-from ..onnxfold.io import file_size
-from ..options import FuseOptions
-from ..report import CalibrationReport, FoldReport, VarianceCorrection
+from ..errors import BadInput, UsageError
+from ..options import FuseOptions, LoadOptions
+from ..report import CalibrationReport, FoldedBN, FoldReport, SkippedBN, VarianceCorrection, WeightSetReport
 from .calibrate import calibrate_torch
-from .convert import example_inputs, runnable, write_module
+from .checkpoint import STATE, WeightSet
+from .convert import example_inputs, write_module
 from .export import BN_OPS, fold_exported
 from .fx import fold_module
-from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch
+from .io import EAGER, EXPORT, TORCHSCRIPT, TorchSource, load_torch
+from .sites import copy_module
 from .variance import correct_torch_variance
 
 STATE_DICT_NOTE = ("state_dict: each folded BN is set to the identity (γ=1, β=0, μ=0, σ²=1−ε) so the file loads "
@@ -28,29 +28,37 @@ STATE_DICT_NOTE = ("state_dict: each folded BN is set to the identity (γ=1, β=
 
 def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = None,
                 keep_layout: bool = False) -> tuple[nn.Module, FoldReport]:
-    """Fold the BNs of an nn.Module, in place, and return it with a report. `keep_layout` sets
-    folded BNs to the identity instead of removing them, so the state_dict keeps its keys.
-    A ScriptModule is folded on a private copy (its classes' graphs are shared process-wide)."""
+    """Fold the BNs of `module` and return the folded module with a report.
+
+    `module` itself is not changed: the fold works on a copy (a deepcopy of an nn.Module; a
+    save/load round trip of a ScriptModule, whose class graphs are shared process-wide), so it
+    needs the memory of a second model. `example` (positional inputs) tells the ranks a
+    Linear → BatchNorm1d needs and what to export a module torch.fx cannot trace with; without
+    it bnfold guesses from the first layer. `keep_layout` sets folded BNs to the identity
+    instead of removing them, so the state_dict keeps its keys."""
+    if isinstance(module, torch.jit.ScriptModule):
+        from .script import reload
+
+        return fold_in_place(reload(module), example, keep_layout)
+    return fold_in_place(copy_module(module), example, keep_layout)
+
+
+def fold_in_place(module, example: tuple | None = None, keep_layout: bool = False) -> tuple[nn.Module, FoldReport]:
+    """fuse_module on a module bnfold owns (just loaded): changes it, or returns a reloaded
+    ScriptModule."""
     report = FoldReport(input=type(module).__name__, output=None, format="torch")
     if isinstance(module, torch.jit.ScriptModule):
-        from .script import fold_script_module
+        from .script import count_batch_norms, fold_script_module
 
-        module = private_copy(module)
         report.format = TORCHSCRIPT
-        return fold_script_module(module, report), report
+        report.bn_before = count_batch_norms(module)
+        module = fold_script_module(module, report, example)
+        report.bn_after = count_batch_norms(module)
+        return module, report
     report.bn_before = count_bn_modules(module)
     fold_module(module, report, "identity" if keep_layout else "remove", example)
     report.bn_after = count_bn_modules(module)
     return module, report
-
-
-def private_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Scripted classes share one graph per type across a process; a save/load round trip
-    gives this module types of its own, so cutting a BN call cannot reach any other module."""
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer, map_location="cpu")
 
 
 def count_bn_modules(module: nn.Module) -> int:
@@ -66,7 +74,7 @@ def fuse_torch_file(src: Path, target: Path, options: FuseOptions, reference: Pa
     calibration = _calibrate_first(source, options)
     if reference is not None:
         torch.save(copy.deepcopy(source.module), reference)
-    report, folded = _fold_source(source, options.to)
+    report, folded = fold_source(source, options.to, options.load)
     if report.untraced and not report.folded:
         raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "
                        f"({report.notes[0] if report.notes else ''})", src)
@@ -99,31 +107,70 @@ def _calibrate_first(source: TorchSource, options: FuseOptions) -> CalibrationRe
 
 
 def _require_eager(source: TorchSource, what: str) -> None:
-    if source.kind not in (PICKLE, STATE_DICT):
+    if source.kind not in EAGER:
         raise BadInput(f"{what} needs an eager module (a pickle, or a state_dict with --arch), not {source.kind}",
                        source.path)
+    if len(source.sets) != 1:
+        raise UsageError(f"{what} works on one weight set; this checkpoint holds "
+                         f"{', '.join(repr(s.name) for s in source.sets)}", source.path)
 
 
-def _fold_source(source: TorchSource, to: str) -> tuple[FoldReport, nn.Module]:
-    """The report and the folded module to write."""
-    if source.kind == EXPORT:
-        report = FoldReport(input="", output=None, format=EXPORT)
-        gm = runnable(source)
-        report.bn_before = count_aten_bn(gm)
-        folded = fold_exported(gm, report)
-        report.bn_after = count_aten_bn(gm)
-        return report, folded
-    keep_layout = source.kind == STATE_DICT and to == "same"
-    folded, report = fuse_module(source.module, keep_layout=keep_layout)
-    report.format = source.kind
-    if keep_layout and report.folded:
+def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None = None) -> tuple[FoldReport, list]:
+    """The report and the folded module of each weight set that will be written."""
+    report = FoldReport(input=str(source.path), output=None, format=source.kind, notes=list(source.notes))
+    sets = source.sets if to == "same" else source.sets[:1]
+    if len(source.sets) > len(sets):
+        report.notes.append(f"--to {to} writes one weight set, {sets[0].name!r}; "
+                            f"{', '.join(repr(s.name) for s in source.sets[1:])} not written")
+    done: dict[int, tuple] = {}  # one module under two keys (ultralytics' model is ema) folds once
+    folded = []
+    for ws in sets:
+        if id(ws.module) not in done:
+            done[id(ws.module)] = _fold_set(ws, to, load or LoadOptions())
+        module, sub = done[id(ws.module)]
+        _merge(report, sub, ws, several=len(sets) > 1)
+        folded.append(module)
+    if source.container is not None:
+        keys = {ws.key for ws in sets}
+        report.unchanged_keys = [str(k) for k in source.container if k not in keys]
+    if any(ws.kind == STATE for ws in sets) and to == "same" and report.folded:
         report.notes.append(STATE_DICT_NOTE)
     return report, folded
 
 
+def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
+    if ws.kind == EXPORT:
+        report = FoldReport(input="", output=None, format=EXPORT)
+        gm = ws.module.module()
+        report.bn_before = count_aten_bn(gm)
+        folded = fold_exported(gm, report)
+        report.bn_after = count_aten_bn(gm)
+        return folded, report
+    example = example_inputs(load, ws.module) if load.shapes or load.example_input else None
+    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same")
+
+
+def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) -> None:
+    scope = ws.name if several else ""
+    report.folded += [FoldedBN(f.bn, f.producer, f.pattern, scope) for f in sub.folded]
+    report.skipped += [SkippedBN(s.bn, s.reason, s.producer, scope) for s in sub.skipped]
+    label = f"{ws.name}: " if scope else ""
+    report.notes += [label + n for n in sub.notes]
+    report.warnings += [label + w for w in sub.warnings]
+    report.untraced += sub.untraced
+    report.bn_before += sub.bn_before
+    report.bn_after += sub.bn_after
+    report.identity_bns += sub.identity_bns
+    report.weight_sets.append(WeightSetReport(ws.name, ws.kind, _dtype(ws.module), ws.layout.prefix if ws.layout
+                                              else "", len(sub.folded), len(sub.skipped)))
+
+
+def _dtype(module) -> str:
+    state = getattr(module, "state_dict", {})  # an ExportedProgram's is a dict, a module's a method
+    tensors = (state() if callable(state) else state).values()
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    return str(dtype).replace("torch.", "") if dtype is not None else ""
+
+
 def count_aten_bn(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS)
-
-
-def output_size(path: Path, to: str) -> int:
-    return file_size(path) if to == "onnx" else path.stat().st_size

@@ -1,29 +1,39 @@
-"""The torch folding pass: the same float64 fold as the ONNX path, applied to nn.Modules.
+"""The torch folding pass for eager modules: the same float64 fold as the ONNX path.
 
-Producer → BN edges come from the dataflow graph (torch.fx symbolic trace), never from
-module order or names: a conv used twice, a BN applied to a sum or a residual between them
-all show up as what they are. The fold changes the producer's parameters in place and then
-either removes the BN (replaced by nn.Identity) or, where the module's layout must stay
-(a state_dict that loads into the original architecture), sets it to the identity
-γ=1, β=0, μ=0, σ²=1−ε.
+Producer → BN edges come from a dataflow graph, never from module order or names: a conv used
+twice, a BN applied to a sum or a residual between them all show up as what they are. The graph
+is torch.fx's symbolic trace; where fx cannot trace the module (Python control flow on shapes,
+iterating a tensor's size), torch.export's ATen graph of it, whose parameters carry their module
+paths; where neither can be had, each child on its own, with the input it received. Graphs are
+made from a throwaway copy (sites.py); the fold changes the producer's parameters by name and
+then removes the BN (nn.Identity) or, where the module's layout must stay (a state_dict that
+loads into the original architecture), sets it to the identity γ=1, β=0, μ=0, σ²=1−ε.
 """
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..errors import Skip
-from ..fold_math import Affine, BrokenStatistics, FoldOverflow
+from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
-from .params import affine_of, attr_at, folded_params, write_params
+from .export import aten_found
+from .sites import FoldSite, Found, analysis_copy, apply_site, bn_name, check_linear_axis
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+RESHAPE_METHODS = ("flatten", "view", "reshape")
+RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
+SHAPE_METHODS = ("size", "dim", "numel")
+SHAPE_OF_SECOND = ("reshape_as", "view_as", "expand_as")
+SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
 
 
 @dataclass
@@ -40,53 +50,172 @@ class BnSource:
 
 
 def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
-                example: tuple[torch.Tensor, ...] | None = None) -> nn.Module:
+                example: tuple | None = None) -> nn.Module:
     """Fold every BN of `module` that can be folded exactly, in place; returns the module."""
     if module.training:
         report.notes.append("the module was in training mode; its inference (eval) behaviour was folded")
         module.eval()
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception as exc:  # noqa: BLE001 — any tracing failure: fall back to traceable parts
-        report.notes.append(f"{type(module).__name__} cannot be traced ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); folding its traceable submodules")
-        report.untraced.append(type(module).__name__)
-        for name, child in module.named_children():
-            sub = FoldReport(input=name, output=None, format="torch")
-            fold_module(child, sub, mode, None)
-            _merge(report, sub, prefix=name)
-        return module
-    shapes = _shapes(gm, example or guess_example(module))
-    calls = _call_counts(gm)
-    for node in list(gm.graph.nodes):
-        source = _bn_source(gm, node)
-        if source is None:
-            continue
+    found = find_sites(module, example)
+    report.skipped += found.skipped
+    report.notes += found.notes
+    report.untraced += found.untraced
+    for site in found.sites:
         try:
-            producer, pattern, shift_left = _fold(gm, source, calls, shapes, keep_layout=mode == "identity")
+            note = apply_site(module, site, mode)
         except Skip as why:
-            report.skipped.append(SkippedBN(source.name, str(why), _node_name(source.input)))
+            report.skipped.append(SkippedBN(site.bn, str(why), site.producer))
             continue
         except BrokenStatistics as why:
-            report.warnings.append(f"BatchNorm {source.name!r}: {why}; the model is broken there, BN kept")
-            report.skipped.append(SkippedBN(source.name, f"broken statistics: {why}", _node_name(source.input)))
+            report.warnings.append(f"BatchNorm {site.bn!r}: {why}; the model is broken there, BN kept")
+            report.skipped.append(SkippedBN(site.bn, f"broken statistics: {why}", site.producer))
             continue
         except FoldOverflow as why:
-            report.skipped.append(SkippedBN(source.name, str(why), _node_name(source.input)))
+            report.skipped.append(SkippedBN(site.bn, str(why), site.producer))
             continue
-        _retire(module, source, mode, report, shift_left)
-        report.folded.append(FoldedBN(source.name, producer, pattern))
+        if note:
+            report.notes.append(note)
+        if note or mode == "identity":
+            report.identity_bns += 1
+        report.folded.append(FoldedBN(site.bn, site.producer, site.kind))
     return module
 
 
-def _merge(report: FoldReport, sub: FoldReport, prefix: str) -> None:
-    for f in sub.folded:
-        report.folded.append(FoldedBN(f"{prefix}.{f.bn}", f"{prefix}.{f.producer}", f.pattern))
-    for s in sub.skipped:
-        report.skipped.append(SkippedBN(f"{prefix}.{s.bn}", s.reason, s.producer and f"{prefix}.{s.producer}"))
-    report.warnings += sub.warnings
-    report.notes += [f"{prefix}: {n}" for n in sub.notes]
-    report.untraced += [f"{prefix}.{u}" for u in sub.untraced]
+def find_sites(module: nn.Module, example: tuple | None) -> Found:
+    """Fold sites of `module`, from the best graph that can be had of it."""
+    probe = analysis_copy(module)
+    try:
+        gm = torch.fx.symbolic_trace(probe)
+    except Exception as exc:  # noqa: BLE001 — any tracing failure: try torch.export, then the children
+        why = f"{type(module).__name__} cannot be traced by torch.fx ({_first_line(exc)})"
+    else:
+        return fx_sites(gm, probe, _shapes(gm, example or guess_example(module)))
+    example = example or metadata_example(module) or guess_example(module)
+    exported = _export(module, example) if example is not None and _may_hold_bn(module) else None
+    if exported is not None:
+        found = aten_found(exported, analysis_copy(module))
+        found.notes.insert(0, f"{why}; its BNs were found in its torch.export graph")
+        return found
+    found = Found(notes=[f"{why}; torch.export could not export it either; folding its submodules one by one"],
+                  untraced=[type(module).__name__])
+    inputs = child_inputs(module, example)
+    for name, child in module.named_children():
+        found.add(find_sites(child, inputs.get(name)), name)
+    return found
+
+
+def _may_hold_bn(module: nn.Module) -> bool:
+    """A BN needs running statistics: a BN module, or buffers a functional batch_norm reads.
+    Without either, exporting (seconds) cannot find anything."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) \
+        or next(module.buffers(), None) is not None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:100] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _export(module: nn.Module, example: tuple):
+    """The ATen graph of `module` on `example` (unlifted: parameters are get_attr nodes named by
+    their module paths), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(analysis_copy(module), tuple(example), strict=False).module()
+    except Exception:  # noqa: BLE001 — export failures are many and varied
+        return None
+
+
+def child_inputs(module: nn.Module, example: tuple | None) -> dict[str, tuple]:
+    """The positional inputs each direct child receives when `module` runs on `example`."""
+    if example is None:
+        return {}
+    probe = analysis_copy(module)
+    seen: dict[str, tuple] = {}
+    hooks = [child.register_forward_pre_hook(InputRecorder(seen, name)) for name, child in probe.named_children()]
+    try:
+        with torch.no_grad():
+            probe(*example)
+    except Exception:  # noqa: BLE001 — what ran before the failure is still known
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+class InputRecorder:
+    """Forward pre-hook keeping (a copy of) the first input a child module receives."""
+
+    def __init__(self, seen: dict, name: str):
+        self.seen, self.name = seen, name
+
+    def __call__(self, _module, args) -> None:
+        if self.name not in self.seen:
+            self.seen[self.name] = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, args)
+
+
+def guess_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """An input shaped for the first layer, to learn the ranks the graph sees (Linear+BN1d)."""
+    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, *CONV_TYPES, *CONV_T_TYPES))), None)
+    dtype = _dtype(module)
+    if isinstance(first, nn.Linear):
+        return (torch.randn(2, first.in_features, dtype=dtype),)
+    if isinstance(first, (*CONV_TYPES, *CONV_T_TYPES)):
+        size = 1 if isinstance(first, CONV_T_TYPES) else 32  # generators start from 1×1 noise
+        return (torch.randn(2, first.in_channels, *([size] * len(first.kernel_size)), dtype=dtype),)
+    return None
+
+
+def metadata_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """An input of the size the model says it takes: timm's pretrained_cfg["input_size"] (C, H, W),
+    ultralytics' args["imgsz"]."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        size = (getattr(module, attr, None) or {}).get("input_size") if isinstance(getattr(module, attr, None), dict) \
+            else None
+        if isinstance(size, (tuple, list)) and all(isinstance(d, int) and d > 0 for d in size):
+            return (torch.randn(2, *size, dtype=_dtype(module)),)
+    args = getattr(module, "args", None)
+    imgsz = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+    if isinstance(imgsz, int) and imgsz > 0:
+        return (torch.randn(2, 3, imgsz, imgsz, dtype=_dtype(module)),)
+    return None
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    param = next(module.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+
+def _shapes(gm: torch.fx.GraphModule, example) -> dict[str, tuple[int, ...]]:
+    if example is None:
+        return {}
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example)
+    except Exception:  # noqa: BLE001 — a wrong guess only means ranks stay unknown
+        return {}
+    return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+            if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+
+# -- sites on the fx graph ---------------------------------------------------------------------
+
+
+def fx_sites(gm: torch.fx.GraphModule, probe: nn.Module, shapes: dict) -> Found:
+    found = Found()
+    calls = _call_counts(gm)
+    for node in gm.graph.nodes:
+        source = _bn_source(gm, probe, node)
+        if source is None:
+            continue
+        try:
+            found.sites.append(_site(gm, source, calls, shapes))
+        except Skip as why:
+            found.skipped.append(SkippedBN(source.name, str(why), _node_name(source.input)))
+    return found
 
 
 def _node_name(node) -> str | None:
@@ -101,34 +230,7 @@ def _call_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def guess_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """An input shaped for the first layer, to learn the ranks the graph sees (Linear+BN1d)."""
-    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, *CONV_TYPES, *CONV_T_TYPES))), None)
-    param = next(module.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    if isinstance(first, nn.Linear):
-        return (torch.randn(2, first.in_features, dtype=dtype),)
-    if isinstance(first, (*CONV_TYPES, *CONV_T_TYPES)):
-        size = 1 if isinstance(first, CONV_T_TYPES) else 32  # generators start from 1×1 noise
-        return (torch.randn(2, first.in_channels, *([size] * len(first.kernel_size)), dtype=dtype),)
-    return None
-
-
-def _shapes(gm: torch.fx.GraphModule, example) -> dict[str, tuple[int, ...]]:
-    if example is None:
-        return {}
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example)
-    except Exception:  # noqa: BLE001 — a wrong guess only means ranks stay unknown
-        return {}
-    return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
-            if isinstance(n.meta.get("tensor_meta"), object) and hasattr(n.meta.get("tensor_meta"), "shape")}
-
-
-def _bn_source(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BnSource | None:
+def _bn_source(gm: torch.fx.GraphModule, probe: nn.Module, node: torch.fx.Node) -> BnSource | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, BN_TYPES):
@@ -142,24 +244,49 @@ def _bn_source(gm: torch.fx.GraphModule, node: torch.fx.Node) -> BnSource | None
         args.update(node.kwargs)
         names = {k: (args[k].target if isinstance(args.get(k), torch.fx.Node) and args[k].op == "get_attr" else None)
                  for k in ("weight", "bias", "running_mean", "running_var")}
-        return BnSource(node.name, node, args["input"], None, names, float(args.get("eps", 1e-5)),
-                        bool(args.get("training", False)))
+        return BnSource(bn_name(probe, names, node.name), node, args["input"], None, names,
+                        float(args.get("eps", 1e-5)), bool(args.get("training", False)))
     return None
 
 
-def _fold(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int], shapes,
-          keep_layout: bool = False) -> tuple[str, str, np.ndarray | None]:
-    """Check what must hold, fold the producer's parameters; returns (producer, pattern, shift
-    left for the BN to add: with keep_layout a layer without bias cannot take one)."""
-    affine = _bn_affine(gm, bn, calls)
-    producer = bn.input
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users that read the values of `node`, not only its shape (LeViT's reshape_as(x))."""
+    return [u for u in node.users if not _reads_shape_only(u, node)]
+
+
+def _reads_shape_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    if user.op == "call_method":
+        if user.target in SHAPE_METHODS:
+            return True
+        return user.target in SHAPE_OF_SECOND and len(user.args) > 1 and user.args[1] is node \
+            and user.args[0] is not node
+    return user.op == "call_function" and user.target in (getattr, operator.attrgetter) \
+        and len(user.args) > 1 and user.args[1] in SHAPE_ATTRIBUTES
+
+
+def _is_reshape(gm: torch.fx.GraphModule, node) -> bool:
+    return isinstance(node, torch.fx.Node) and (
+        (node.op == "call_method" and node.target in RESHAPE_METHODS)
+        or (node.op == "call_function" and node.target in RESHAPE_FUNCTIONS)
+        or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Flatten)))
+
+
+def _site(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int], shapes) -> FoldSite:
+    """Check what must hold for BN(layer(x)) to fold; the site, or Skip with the reason."""
+    _check_bn(bn, calls)
+    producer, reshape = bn.input, None
+    if _is_reshape(gm, producer) and isinstance(producer.args[0], torch.fx.Node) \
+            and producer.args[0].op == "call_module" \
+            and isinstance(gm.get_submodule(producer.args[0].target), nn.Linear):
+        producer, reshape = producer.args[0], producer
     if not isinstance(producer, torch.fx.Node) or producer.op != "call_module":
         kind = producer.op if isinstance(producer, torch.fx.Node) else type(producer).__name__
         what = producer.target if isinstance(producer, torch.fx.Node) else producer
         raise Skip(f"input comes from {kind} {what}, not a Conv/ConvTranspose/Linear module")
     layer = gm.get_submodule(producer.target)
-    if len(producer.users) != 1:
-        raise Skip(f"output of {producer.target} is also used by {len(producer.users) - 1} other node(s)")
+    others = len(_value_users(producer)) - 1 + (len(_value_users(reshape)) - 1 if reshape is not None else 0)
+    if others:
+        raise Skip(f"output of {producer.target} is also used by {others} other node(s)")
     if calls.get(producer.target, 0) != 1:
         raise Skip(f"{producer.target} is called {calls[producer.target]} times; folding would change every call")
     if isinstance(layer, CONV_TYPES):
@@ -167,23 +294,15 @@ def _fold(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int], shapes,
     elif isinstance(layer, CONV_T_TYPES):
         axis, groups = 1, layer.groups
     elif isinstance(layer, nn.Linear):
-        shape = shapes.get(producer.name)
-        if shape is None:
-            raise Skip("rank of the Linear output is unknown (pass --shape), so BN's channel axis cannot be matched")
-        if len(shape) != 2:
-            raise Skip(f"Linear output has rank {len(shape)}; BN normalizes axis 1, not the Linear's feature axis")
+        check_linear_axis(shapes.get(producer.name), shapes.get(reshape.name if reshape else producer.name),
+                          reshape is not None)
         axis, groups = 0, 1
     else:
         raise Skip(f"{producer.target} ({type(layer).__name__}) is not a foldable layer")
-    new_w, new_b = folded_params(layer, affine, axis, groups)
-    if keep_layout and layer.bias is None:
-        write_params(layer, new_w, None)
-        return producer.target, type(layer).__name__, affine.shift
-    write_params(layer, new_w, new_b)
-    return producer.target, type(layer).__name__, None
+    return FoldSite(bn.name, producer.target, type(layer).__name__, axis, groups, bn.tensors, bn.eps)
 
 
-def _bn_affine(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int]) -> Affine:
+def _check_bn(bn: BnSource, calls: dict[str, int]) -> None:
     if bn.module is not None:
         if not bn.module.track_running_stats or bn.module.running_mean is None:
             raise Skip("track_running_stats=False: BN always uses batch statistics")
@@ -193,32 +312,6 @@ def _bn_affine(gm: torch.fx.GraphModule, bn: BnSource, calls: dict[str, int]) ->
         raise Skip("functional batch_norm called with training=True")
     if bn.tensors["running_mean"] is None or bn.tensors["running_var"] is None:
         raise Skip("running statistics are not constant attributes of the module")
-    for key, path in bn.tensors.items():
+    for path in bn.tensors.values():
         if path is not None and bn.module is None and calls.get(path, 0) != 1:
             raise Skip(f"{path} is read in {calls[path]} places")
-    t = {k: (attr_at(gm, p) if p else None) for k, p in bn.tensors.items()}
-    return affine_of(t["weight"], t["bias"], t["running_mean"], t["running_var"], bn.eps)
-
-
-def _retire(root: nn.Module, bn: BnSource, mode: str, report: FoldReport, shift: np.ndarray | None = None) -> None:
-    """Remove the BN module, or turn it (or a functional BN's buffers) into the identity:
-    γ=1, β=0, μ=0, σ²=1−ε. A shift the layer had no bias for stays in the BN as μ = −t,
-    so that BN(x) = (x + t) / sqrt(1 − ε + ε) = x + t."""
-    if bn.module is not None and mode == "remove":
-        parent_name, _, child = bn.name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, nn.Identity())
-        return
-    with torch.no_grad():
-        for key, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0 - bn.eps)):
-            path = bn.tensors.get(key)
-            if path is None:
-                continue
-            tensor = attr_at(root, path)
-            if key == "running_mean" and shift is not None:
-                tensor.copy_(torch.from_numpy(-shift).to(tensor.device, tensor.dtype))
-            else:
-                tensor.fill_(value)
-    if bn.module is None and mode == "remove":
-        report.notes.append(f"functional batch_norm {bn.name} kept as an identity (γ=1, β=0, μ=0, σ²=1−ε); "
-                            "--to onnx removes its cost")
-

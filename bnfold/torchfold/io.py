@@ -1,23 +1,29 @@
 """Load and save PyTorch checkpoints in the format they came in, recognised by content.
 
-| kind          | recognised by                              | loaded with                         |
-|---------------|--------------------------------------------|-------------------------------------|
-| torchscript   | zip with code/ and constants.pkl           | torch.jit.load                      |
-| torch-export  | zip with archive_format (torch.export.save)| torch.export.load                   |
-| state_dict    | torch.load(weights_only=True) → tensors    | + --arch factory, strict load       |
-| torch-pickle  | a pickled nn.Module                        | torch.load, only with --trust-pickle|
-Unpickling a module runs code from the file, so it is refused unless the user trusts it.
+| kind          | recognised by                               | loaded with                                  |
+|---------------|---------------------------------------------|----------------------------------------------|
+| torchscript   | zip with code/ and constants.pkl            | torch.jit.load (TorchScript's own unpickler) |
+| torch-export  | zip with archive_format (torch.export.save) | torch.export.load, after its pickles are checked |
+| safetensors   | 8-byte header length + JSON header          | safetensors, after the header is checked; + --arch |
+| state_dict    | torch.load(weights_only=True) → tensors     | + --arch factory, strict load                |
+| torch-pickle  | a pickled nn.Module                         | torch.load, only with --trust-pickle         |
+| checkpoint    | a dict holding modules (ultralytics)        | torch.load, only with --trust-pickle         |
+Unpickling runs code from the file, so it is refused unless the user trusts it; that includes a
+`.pt2` whose archive holds a pickle torch.export.load would unpickle. Which values of a dict are
+weight sets, and how they are written back: checkpoint.py.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import io
+import json
 import os
 import pickle
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +31,29 @@ import torch
 from torch import nn
 
 from ..check.arrays import read_file
-from ..detect import check_readable
+from ..detect import check_readable, looks_like_safetensors
 from ..errors import BadInput, UsageError
 from ..options import LoadOptions
+from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
 
 TORCHSCRIPT, EXPORT, STATE_DICT, PICKLE = "torchscript", "torch-export", "state_dict", "torch-pickle"
+CHECKPOINT, SAFETENSORS = "checkpoint", "safetensors"
+EAGER = (PICKLE, STATE_DICT, CHECKPOINT, SAFETENSORS)
 
 
 @dataclass
 class TorchSource:
     kind: str
     path: Path
-    module: Any  # nn.Module, ScriptModule, or ExportedProgram
-    state_prefix_stripped: bool = False
-    state_key: str | None = None  # "state_dict" / "model" when the weights sat under a key
+    sets: list[WeightSet]
+    container: Any = None  # the checkpoint dict as loaded: its other keys are written back as they came
+    file_metadata: dict | None = None  # safetensors' __metadata__
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def module(self):
+        """The first weight set's module: what --to converts and what a single-set tool works on."""
+        return self.sets[0].module
 
 
 def sniff(path: Path) -> str:
@@ -53,33 +68,56 @@ def sniff(path: Path) -> str:
             return EXPORT
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             return TORCHSCRIPT
-    return STATE_DICT  # or a pickled module: decided when loading
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if looks_like_safetensors(head, path.stat().st_size) or path.suffix.lower() == ".safetensors":
+        return SAFETENSORS
+    return STATE_DICT  # or a pickled module or a checkpoint dict: decided when loading
 
 
 def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSource:
     options = options or LoadOptions()
-    trust_pickle, arch, arch_kwargs = options.trust_pickle, options.arch, options.arch_kwargs
     path = check_readable(Path(path))
     kind = sniff(path)
     if kind == TORCHSCRIPT:
-        return TorchSource(kind, path, _guard(path, torch.jit.load, str(path), map_location="cpu"))
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.jit.load, str(path), map_location="cpu"),
+                                                  TORCHSCRIPT)])
     if kind == EXPORT:
-        return TorchSource(kind, path, _guard(path, torch.export.load, str(path)))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise BadInput(f"not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})", path) from None
-        if not trust_pickle:
-            raise BadInput("holds a pickled module; unpickling runs code from the file: pass --trust-pickle "
-                           "if you trust it (or save a state_dict and use --arch)", path) from None
-        return TorchSource(PICKLE, path, _load_pickle(path))
-    except Exception as exc:  # noqa: BLE001 — a corrupt pickle can raise anything; weights_only ran no code
-        raise BadInput(f"not a PyTorch checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})",
-                       path) from None
+        _refuse_pt2_pickles(path, options.trust_pickle)
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.export.load, str(path)), EXPORT)])
+    if kind == SAFETENSORS:
+        from .safetensors_io import load_safetensors
+
+        tensors, metadata = load_safetensors(path)
+        source = _from_dict(path, tensors, options)
+        source.kind, source.file_metadata = SAFETENSORS, metadata
+        return source
+    devices = SavedDevices()
+    obj = _load_pickled(path, options.trust_pickle, devices)
     if isinstance(obj, nn.Module):
-        return TorchSource(PICKLE, path, obj)
-    return _from_state_dict(path, obj, arch, arch_kwargs or {})
+        source = TorchSource(PICKLE, path, [WeightSet(None, obj)])
+    elif isinstance(obj, dict):
+        source = _from_dict(path, obj, options)
+    else:
+        raise BadInput(f"holds a {type(obj).__name__}, not an nn.Module, a state_dict or a checkpoint dict", path)
+    source.notes += devices.notes()
+    return source
+
+
+class SavedDevices:
+    """map_location: every tensor loads on the CPU (the machine may lack the GPU it was saved on);
+    where they were saved is noted, since the output holds CPU tensors."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, storage, location: str):
+        self.seen.add(location)
+        return storage
+
+    def notes(self) -> list[str]:
+        other = sorted(d for d in self.seen if not d.startswith("cpu"))
+        return [f"tensors saved on {', '.join(other)} were loaded, folded and written on the CPU"] if other else []
 
 
 def _guard(path: Path, loader, *args, **kwargs):
@@ -89,47 +127,113 @@ def _guard(path: Path, loader, *args, **kwargs):
         raise BadInput(f"cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
 
 
-def _load_pickle(path: Path) -> nn.Module:
+def _load_pickled(path: Path, trust_pickle: bool, devices: SavedDevices):
+    try:
+        return torch.load(str(path), map_location=devices, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise BadInput(f"not a PyTorch checkpoint ({str(exc).splitlines()[0][:120]})", path) from None
+        if not trust_pickle:
+            raise BadInput("holds pickled Python objects (a module, or a training checkpoint); unpickling runs code "
+                           "from the file: pass --trust-pickle if you trust it (or save a state_dict and use --arch)",
+                           path) from None
+    except Exception as exc:  # noqa: BLE001 — a corrupt pickle can raise anything; weights_only ran no code
+        raise BadInput(f"not a PyTorch checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})",
+                       path) from None
     sys.path.insert(0, os.getcwd())  # the module's classes usually live in the user's project
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        return torch.load(str(path), map_location=devices, weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise BadInput(f"cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
     finally:
         sys.path.remove(os.getcwd())
-    if not isinstance(obj, nn.Module):
-        raise BadInput(f"holds a {type(obj).__name__}, not an nn.Module or state_dict", path)
-    return obj
 
 
-def _from_state_dict(path: Path, obj: Any, arch: str | None, arch_kwargs: dict) -> TorchSource:
-    key = None
-    if isinstance(obj, dict) and not _is_tensor_dict(obj):
-        key = next((k for k in ("state_dict", "model", "model_state_dict") if _is_tensor_dict(obj.get(k))), None)
-        if key is None:
-            raise BadInput("not a checkpoint bnfold can read: no tensors at the top level or under "
-                           "'state_dict'/'model'", path)
-        obj = obj[key]
-    if not _is_tensor_dict(obj):
-        raise BadInput(f"holds a {type(obj).__name__}, not a model or state_dict", path)
-    stripped = all(k.startswith("module.") for k in obj)
-    state = {k[len("module."):]: v for k, v in obj.items()} if stripped else dict(obj)
-    if arch is None:
-        raise UsageError("is a state_dict: pass --arch package.module:factory to build the module it belongs to", path)
-    module = build_arch(arch, arch_kwargs)
+def _from_dict(path: Path, obj: dict, options: LoadOptions) -> TorchSource:
+    """A state_dict, or a checkpoint dict: its modules, and its state_dicts that fit --arch."""
+    if is_tensor_dict(obj):
+        if options.arch is None:
+            raise UsageError("is a state_dict: pass --arch package.module:factory to build the module it belongs to",
+                             path)
+        arch = build_arch(options.arch, options.arch_kwargs or {})
+        return TorchSource(STATE_DICT, path, [_state_set(path, None, obj, arch, options.arch)])
+    modules = [WeightSet(k, v) for k, v in obj.items() if isinstance(v, nn.Module)]
+    states = [k for k, v in obj.items() if is_tensor_dict(v)]
+    if not modules and not states:
+        raise BadInput(f"a dict with no nn.Module and no state_dict in it (keys {list(obj)[:8]})", path)
+    notes = []
+    if states and options.arch is None:
+        if not modules:
+            raise UsageError(f"holds state_dicts ({', '.join(map(repr, states))}): pass --arch package.module:factory "
+                             "to build the module they belong to", path)
+        notes.append(f"state_dicts {', '.join(map(repr, states))} written back unchanged (no --arch to fold them)")
+        states = []
+    arch = build_arch(options.arch, options.arch_kwargs or {}) if states else None
+    sets, misfits = list(modules), []
+    for key in states:
+        fitted = _state_set(path, key, obj[key], arch, options.arch, required=False)
+        if isinstance(fitted, FitError):
+            misfits.append((key, fitted))
+        else:
+            sets.append(fitted)
+    if not sets:
+        key, why = misfits[0]
+        raise BadInput(f"keys of {key!r} do not match --arch {options.arch} ({why.describe()})", path)
+    notes += [f"{key!r} does not fit --arch ({why.describe()}): written back unchanged" for key, why in misfits]
+    sets.sort(key=lambda s: list(obj).index(s.key))
+    kind = CHECKPOINT if modules else STATE_DICT
+    return TorchSource(kind, path, sets, container=obj, notes=notes)
+
+
+def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: str,
+               required: bool = True) -> WeightSet | FitError:
+    prefix = fit_prefix(list(state), set(arch.state_dict()))
+    if isinstance(prefix, FitError):
+        if not required:
+            return prefix
+        raise BadInput(f"keys do not match --arch {spec} ({prefix.describe()})", path)
+    module, layout = load_into(copy.deepcopy(arch), state, prefix, path)  # one --arch module per weight set
+    return WeightSet(key, module, STATE, layout)
+
+
+def _refuse_pt2_pickles(path: Path, trust_pickle: bool) -> None:
+    if trust_pickle:
+        return
+    entry = next(iter(pt2_pickles(path)), None)
+    if entry is not None:
+        raise BadInput(f"{entry} is a pickle torch.export.load would unpickle, which runs code from the file: "
+                       "pass --trust-pickle if you trust it", path)
+
+
+def pt2_pickles(path: Path) -> list[str]:
+    """Entries of a `.pt2` that torch.export.load would unpickle with more than weights_only allows:
+    payloads its configs mark use_pickle (or custom/opaque objects), and pickled entries (sample
+    inputs, legacy weights) that a weights_only load refuses — torch then falls back to a full one."""
+    risky = []
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_config.json"):
+                risky += [f"{name} ({fqn})" for fqn in _pickled_payloads(archive.read(name))]
+            elif name.endswith(".pt") and not _weights_only_loads(archive.read(name)):
+                risky.append(name)  # sample inputs, legacy weights and constants: torch.load'ed
+    return risky
+
+
+def _pickled_payloads(config: bytes) -> list[str]:
     try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that differ
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise BadInput(f"does not fit --arch {arch}: {detail[:240]}", path) from None
-    if result.missing_keys or result.unexpected_keys:
-        raise BadInput(f"keys do not match --arch {arch}: missing {result.missing_keys[:5]}, "
-                       f"unexpected {result.unexpected_keys[:5]}", path)
-    return TorchSource(STATE_DICT, path, module.eval(), stripped, key)
+        entries = json.loads(config).get("config", {})
+    except (ValueError, AttributeError):
+        return []
+    return [fqn for fqn, meta in entries.items() if isinstance(meta, dict) and (
+        meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj", "opaque_obj")))]
 
 
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+def _weights_only_loads(data: bytes) -> bool:
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 — anything torch would retry with a full unpickle
+        return False
+    return True
 
 
 def build_arch(spec: str, kwargs: dict) -> nn.Module:
@@ -173,11 +277,11 @@ def atomic_write(dst: Path, write) -> Path:
     return dst
 
 
-def save_state_dict(source: TorchSource, state: dict, dst: Path) -> Path:
-    """The state_dict as it came: same prefix, same key it sat under."""
-    if source.state_prefix_stripped:
-        state = {f"module.{k}": v for k, v in state.items()}
-    payload = {source.state_key: state} if source.state_key else state
+def save_bytes(dst: Path, data: bytes) -> Path:
+    return atomic_write(dst, lambda p: p.write_bytes(data))
+
+
+def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return atomic_write(dst, lambda p: p.write_bytes(buffer.getvalue()))
+    torch.save(obj, buffer)
+    return buffer.getvalue()

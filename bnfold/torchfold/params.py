@@ -11,9 +11,11 @@ from ..fold_math import Affine, bn_affine, cast_exact, fold_bias, scale_weight
 
 
 def attr_at(root: nn.Module, path: str):
-    """The attribute at a dotted path ("layer1.0.bn1.running_var")."""
-    owner, _, name = path.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, name)
+    """The attribute at a dotted path ("layer1.0.bn1.running_var"), of an nn.Module or a ScriptModule."""
+    value = root
+    for name in path.split(".") if path else ():
+        value = getattr(value, name)
+    return value
 
 
 def _f64(t: torch.Tensor) -> np.ndarray:

@@ -15,57 +15,91 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
-from .convert import runnable
 from .fx import guess_example
 from .io import EXPORT, load_arrays, load_torch
+from .script import guess_script_example
 
 
 def verify_torch(original: Path, fused: Path, options: VerifyOptions, load: LoadOptions) -> VerifyReport:
-    a = _eval(load_torch(original, load))
+    """Every weight set of `original` against the same set of `fused` (by key; the first set
+    against a single-set output such as --to pt2), on the same inputs."""
+    source = load_torch(original, load)
     onnx_fused = detect.detect_format(fused) == detect.ONNX
-    b = session(fused, "cpu") if onnx_fused else _eval(load_torch(fused, load))
+    target = None if onnx_fused else load_torch(fused, load)
     runtime = "torch vs onnxruntime" if onnx_fused else "torch"
     seed = None if options.data is not None else options.seed
     batches = 1 if options.data is not None else options.batches
     report = VerifyReport(str(original), str(fused), False, runtime, "cpu", options.atol, options.rtol, seed, batches)
-    onnx_names = [i.name for i in read_signature(fused).graph.input] if onnx_fused else []
+    pairs = _pairs(source, target)
+    if len(pairs) < len(source.sets):
+        report.notes.append(f"compared weight set {pairs[0][0]!r} only: {fused} holds one")
     runs = []
-    for k in range(batches):
-        example = _example(a, options, options.seed + k, original)
-        feeds = {f"input{i}" if i else "input": t.numpy() for i, t in enumerate(example)}
-        if k == 0:
-            report.inputs = describe_inputs(feeds)
-        with torch.no_grad():
-            expected = outputs_of(a(*example))
-            if onnx_fused:
-                got = run_session(b, dict(zip(onnx_names, feeds.values())), fused)
-                got = dict(zip(expected, got.values()))
-            else:
-                got = outputs_of(b(*example))
-        runs.append(compare_outputs(expected, got, options.atol, options.rtol))
+    for name, a, b in pairs:
+        for run in _compare(a, b, fused, options, original, report):
+            for comparison in run:
+                comparison.name = f"{name}/{comparison.name}" if len(pairs) > 1 else comparison.name
+            runs.append(run)
     report.outputs = merge(runs)
     report.passed = all(o.passed for o in report.outputs)
     return report
 
 
-def _eval(source):
-    module = runnable(source)
-    if source.kind != EXPORT and hasattr(module, "eval"):
+def _pairs(source, target) -> list[tuple[str, object, object]]:
+    if target is None:
+        return [(source.sets[0].name, _eval(source.sets[0]), None)]
+    theirs = {ws.name: ws for ws in target.sets}
+    pairs = [(ws.name, _eval(ws), _eval(theirs[ws.name])) for ws in source.sets if ws.name in theirs]
+    return pairs or [(source.sets[0].name, _eval(source.sets[0]), _eval(target.sets[0]))]
+
+
+def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: VerifyReport) -> list[list]:
+    """One list of OutputComparisons per input batch; `b` None: the fused ONNX in onnxruntime."""
+    session_b = session(fused, "cpu") if b is None else None
+    onnx_names = [i.name for i in read_signature(fused).graph.input] if b is None else []
+    runs = []
+    for k in range(1 if options.data is not None else options.batches):
+        example = _example(a, options, options.seed + k, original)
+        feeds = {f"input{i}" if i else "input": t.numpy() for i, t in enumerate(example)}
+        if not report.inputs:
+            report.inputs = describe_inputs(feeds)
+        with torch.no_grad():
+            expected = outputs_of(a(*example))
+            if b is None:
+                got = run_session(session_b, dict(zip(onnx_names, feeds.values())), fused)
+                got = dict(zip(expected, got.values()))
+            else:
+                got = outputs_of(b(*example))
+        runs.append(compare_outputs(expected, got, options.atol, options.rtol))
+    return runs
+
+
+def _eval(ws):
+    module = ws.module.module() if ws.kind == EXPORT else ws.module
+    if ws.kind != EXPORT and hasattr(module, "eval"):
         module.eval()
     return module
 
 
 def _example(module, options: VerifyOptions, seed: int, path: Path) -> tuple[torch.Tensor, ...]:
+    dtype = _float_dtype(module)
     if options.data is not None:
-        return load_arrays(options.data)
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in load_arrays(options.data))
     g = torch.Generator().manual_seed(seed)
     if options.shapes:
-        return tuple(torch.randn(*dims, generator=g) for dims in options.shapes.values())
+        return tuple(torch.randn(*dims, generator=g).to(dtype) for dims in options.shapes.values())
     guess = guess_example(module) if isinstance(module, torch.nn.Module) else None
+    if guess is None and isinstance(module, torch.jit.ScriptModule):
+        guess = guess_script_example(module)
     if guess is None:
         raise BadInput("cannot tell the model's input shape: pass --shape NAME=D0,D1,… or --data", path)
     n = options.batch_size or 2
-    return tuple(torch.randn(n, *t.shape[1:], generator=g, dtype=t.dtype) for t in guess)
+    return tuple(torch.randn(n, *t.shape[1:], generator=g).to(t.dtype) for t in guess)
+
+
+def _float_dtype(module) -> torch.dtype:
+    """Inputs in the model's own float dtype (a float16 checkpoint takes float16)."""
+    params = module.parameters() if hasattr(module, "parameters") else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
 
 def outputs_of(value) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import torch
 
 from bnfold import fuse_onnx
 from onnx_builders import bn_count, run
-import lookalikes
+import onnx_lookalikes as lookalikes
 
 
 @pytest.fixture(scope="module")
