@@ -1,6 +1,7 @@
 """Write a torch module in the format it came in, or as ONNX / torch.export / TorchScript."""
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from pathlib import Path
@@ -25,11 +26,36 @@ def runnable(source: TorchSource):
     return source.module.module() if source.kind == EXPORT else source.module
 
 
+def input_names(module) -> list[str] | None:
+    """The names `--shape` may use for a module's inputs: its forward's parameters, and the
+    names bnfold's ONNX export gives them (input, input1, …); None where forward takes *args."""
+    try:
+        if isinstance(module, torch.jit.ScriptModule):
+            params = [a.name for a in module.forward.schema.arguments[1:]]
+        else:
+            signature = inspect.signature(module.forward)
+            if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+                return None
+            params = list(signature.parameters)
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return params + ["input"] + [f"input{i}" for i in range(1, max(1, len(params)))]
+
+
+def check_shape_names(shapes: dict, module, path=None) -> None:
+    names = input_names(module)
+    unknown = sorted(set(shapes) - set(names)) if names is not None else []
+    if unknown:
+        raise UsageError(f"--shape names unknown input(s) {unknown}; the model's inputs are "
+                         f"{[n for n in names if not n.startswith('input')] or names[:1]}", path)
+
+
 def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
     """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
     if options.example_input:
         return load_arrays(options.example_input)
     if options.shapes:
+        check_shape_names(options.shapes, module)
         dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
             else torch.float32
         g = torch.Generator().manual_seed(0)

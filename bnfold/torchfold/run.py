@@ -15,6 +15,7 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
+from .convert import check_shape_names
 from .fx import guess_example
 from .io import EXPORT, load_arrays, load_torch
 from .script import guess_script_example
@@ -86,6 +87,7 @@ def _example(module, options: VerifyOptions, seed: int, path: Path) -> tuple[tor
         return tuple(t.to(dtype) if t.is_floating_point() else t for t in load_arrays(options.data))
     g = torch.Generator().manual_seed(seed)
     if options.shapes:
+        check_shape_names(options.shapes, module, path)
         return tuple(torch.randn(*dims, generator=g).to(dtype) for dims in options.shapes.values())
     guess = guess_example(module) if isinstance(module, torch.nn.Module) else None
     if guess is None and isinstance(module, torch.jit.ScriptModule):

@@ -85,3 +85,17 @@ def test_onnxruntime_errors_are_not_cut_mid_sentence():
     cut = _first_line(RuntimeError(long))
     assert cut.endswith("Expected: 6.") and len(cut) <= 600 and long.startswith(cut)
     assert _first_line(RuntimeError("x" * 700)).endswith("…")
+
+
+def test_torch_shape_names_must_be_the_models_inputs(tmp_path, capsys):
+    import torch
+    from torch import nn
+
+    path = tmp_path / "m.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), path)
+    assert cli(["verify", str(path), str(path), "--trust-pickle", "--shape", "bogus=1,3,8,8"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert cli(["verify", str(path), str(path), "--trust-pickle", "--shape", "input=1,3,8,8", "--json"]) == 0
+    capsys.readouterr()
+    assert cli(["fuse", str(path), "--trust-pickle", "--to", "onnx", "--shape", "bogus=1,3,8,8"]) == 2
+    assert cli(["fuse", str(path), "--trust-pickle", "--to", "onnx", "--shape", "input=1,3,8,8"]) == 0

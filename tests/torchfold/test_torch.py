@@ -16,7 +16,6 @@ from torch import nn
 
 from bnfold import fuse_module
 from bnfold.cli import run as cli
-from bnfold.check.compare import compare_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -27,11 +26,22 @@ def _filled(model: nn.Module, shape) -> nn.Module:
     return zoo.fill_bn_stats(model, shape, steps=2, batch=6)
 
 
+# verify's default tolerances, (k, rtol) with atol = k · RMS(expected), by dtype (README).
+TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.float16: (0.15, 1e-2)}
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """torch's own comparison (not bnfold's), at verify's default tolerances for `dtype`."""
+    k, rtol = TOLERANCES[dtype]
+    expected = expected.double()
+    atol = k * expected.pow(2).mean().sqrt().item()
+    torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
+
+
 def _assert_same(fused, original, x):
     with torch.no_grad():
         expected, got = original(x), fused(x)
-    c = compare_arrays("out", expected.numpy(), got.numpy())
-    assert c.passed, c.message
+    assert_close(got, expected, x.dtype)
 
 
 class Residual(nn.Module):
@@ -183,8 +193,12 @@ def test_dtype_is_kept(dtype):
     model = _filled(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (3, 6, 6)).to(dtype)
     fused, _ = fuse_module(copy.deepcopy(model))
     assert fused[0].weight.dtype == dtype and fused[0].bias.dtype == dtype
-    if dtype == torch.float64:
-        _assert_same(fused, model, torch.randn(2, 3, 6, 6, dtype=dtype))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():  # the reference: the unfused model in float64
+        reference = copy.deepcopy(model).double()(x)
+        got = fused(x.to(dtype))
+    assert got.dtype == dtype
+    assert_close(got, reference, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
