@@ -52,6 +52,26 @@ class RewrittenBN:
 
 
 @dataclass
+class MergedBranches:
+    """Parallel branches of one input, summed by an Add (tree), merged into one Conv (RepVGG-style)."""
+
+    add: str  # the Add whose output the merged Conv now computes
+    conv: str  # the new Conv
+    branches: list[str]  # e.g. "Conv 'c3' 3×3", "BN 'bn_id' (identity)", "identity"
+    kernel: list[int]
+    graph: str = ""
+
+
+@dataclass
+class UnmergedBranches:
+    """Branches of one input summed by an Add that could not be merged, and why."""
+
+    add: str
+    reason: str
+    graph: str = ""
+
+
+@dataclass
 class VarianceCorrection:
     """A stored biased variance multiplied by m/(m−1) before folding (SPEC §3)."""
 
@@ -80,6 +100,8 @@ class FoldReport:
     folded: list[FoldedBN] = field(default_factory=list)
     skipped: list[SkippedBN] = field(default_factory=list)
     rewritten: list[RewrittenBN] = field(default_factory=list)
+    merged: list[MergedBranches] = field(default_factory=list)
+    unmerged: list[UnmergedBranches] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     variance: list[VarianceCorrection] = field(default_factory=list)
     nodes_before: int = 0
