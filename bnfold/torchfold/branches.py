@@ -249,25 +249,29 @@ def _summands(dialect: GraphDialect, add, inner: list) -> list | None:
 
 
 def _term(dialect: GraphDialect, node) -> Term:
+    term = _parse_term(dialect, node)
+    # every node of the term but its input is erased: none may be read anywhere else
+    term.problem = term.problem or _single_use(dialect, term.nodes)
+    return term
+
+
+def _parse_term(dialect: GraphDialect, node) -> Term:
     nodes, node = _strip(dialect, node)
-    problem = None
     bn = dialect.bn(node)
     if bn is None:
         conv = dialect.conv(node)
         if conv is not None:
             conv.nodes = nodes + conv.nodes
             return conv
-        return Term("identity", node, nodes, problem=None if not nodes else _single_use(dialect, nodes))
+        return Term("identity", node, nodes)
     bn_input, bn_nodes, affine = bn
-    problem = _single_use(dialect, nodes + bn_nodes)
     inner, conv_node = _strip(dialect, bn_input)
     conv = dialect.conv(conv_node)
     if conv is None:  # a BN of the input itself
         affine.source, affine.nodes = bn_input, nodes + bn_nodes
-        affine.problem = affine.problem or problem
         return affine
     conv.nodes = nodes + bn_nodes + inner + conv.nodes
-    conv.problem = conv.problem or affine.problem or problem or _single_use(dialect, inner)
+    conv.problem = conv.problem or affine.problem
     conv.bns = affine.bns
     if affine.scale is not None:
         conv.weight = conv.weight * affine.scale.reshape(-1, *([1] * (conv.weight.ndim - 1)))

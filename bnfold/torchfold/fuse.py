@@ -3,6 +3,7 @@ ATen pass), write it back in the same format, or convert with --to."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) ->
     scope = ws.name if several else ""
     report.folded += [FoldedBN(f.bn, f.producer, f.pattern, scope) for f in sub.folded]
     report.skipped += [SkippedBN(s.bn, s.reason, s.producer, scope) for s in sub.skipped]
+    report.merged += [dataclasses.replace(m, graph=scope) for m in sub.merged]
+    report.unmerged += [dataclasses.replace(u, graph=scope) for u in sub.unmerged]
     label = f"{ws.name}: " if scope else ""
     report.notes += [label + n for n in sub.notes]
     report.warnings += [label + w for w in sub.warnings]
