@@ -449,7 +449,9 @@ def _merge_candidate(gm, cand: Candidate, path: str, report: FoldReport, keep_la
 
 
 def _count_merged_bns(report: FoldReport, bns: list[str], conv: str) -> None:
-    """A BN merged into the Conv is folded: one kept before (a BN of the input) moves over."""
+    """A BN merged into the Conv is folded: one kept before (a BN of the input) moves over, and a
+    note that it stayed as an identity no longer holds."""
+    report.notes = [n for n in report.notes if not any(f" {bn} " in n for bn in bns)]
     for bn in bns:
         kept = [s for s in report.skipped if s.bn == bn]
         if kept:
