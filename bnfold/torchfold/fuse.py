@@ -3,6 +3,7 @@ ATen pass), write it back in the same format, or convert with --to."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..report import CalibrationReport, FoldedBN, FoldReport, SkippedBN, Varianc
 from .calibrate import calibrate_torch
 from .checkpoint import STATE, WeightSet
 from .convert import example_inputs, write_module
+from .branches import merge_exported, merge_module
 from .export import BN_OPS, fold_exported
 from .fx import fold_module
 from .io import EAGER, EXPORT, TORCHSCRIPT, TorchSource, load_torch
@@ -57,12 +59,20 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
         return module, report
     report.bn_before = count_bn_modules(module)
     fold_module(module, report, "identity" if keep_layout else "remove", example)
+    left, kept = count_bn_modules(module), len(report.skipped)
+    module = merge_module(module, report, keep_layout)
     report.bn_after = count_bn_modules(module)
+    # BNs a merge removed that had been folded into an identity (a forward of their own) are gone now
+    report.identity_bns -= (left - report.bn_after) - (kept - len(report.skipped))
     return module, report
 
 
 def count_bn_modules(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    """BN modules, and the batch_norm calls of GraphModules (a re-parameterized block keeps the
+    BNs it could not merge as calls on plain tensors)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) + \
+        sum(1 for m in module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+            if n.op == "call_function" and n.target is torch.nn.functional.batch_norm)
 
 
 def fuse_torch_file(src: Path, target: Path, options: FuseOptions, reference: Path | None = None) -> FoldReport:
@@ -143,7 +153,7 @@ def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
         report = FoldReport(input="", output=None, format=EXPORT)
         gm = ws.module.module()
         report.bn_before = count_aten_bn(gm)
-        folded = fold_exported(gm, report)
+        folded = merge_exported(fold_exported(gm, report), report)
         report.bn_after = count_aten_bn(gm)
         return folded, report
     example = example_inputs(load, ws.module) if load.shapes or load.example_input else None
@@ -154,6 +164,8 @@ def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) ->
     scope = ws.name if several else ""
     report.folded += [FoldedBN(f.bn, f.producer, f.pattern, scope) for f in sub.folded]
     report.skipped += [SkippedBN(s.bn, s.reason, s.producer, scope) for s in sub.skipped]
+    report.merged += [dataclasses.replace(m, graph=scope) for m in sub.merged]
+    report.unmerged += [dataclasses.replace(u, graph=scope) for u in sub.unmerged]
     label = f"{ws.name}: " if scope else ""
     report.notes += [label + n for n in sub.notes]
     report.warnings += [label + w for w in sub.warnings]
