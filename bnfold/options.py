@@ -121,13 +121,14 @@ class FuseOptions:
 
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
+DEFAULT_SECONDS = 4.0
 TORCH_FORMS = ("eager", "torchscript", "export")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     """How `bnfold bench` times A against B. Time is cut into `blocks` with fresh sessions
-    each; `seconds` is the timed time per configuration (default 2 s), or `runs` the least
+    each; `seconds` is the timed time per configuration (default 4 s), or `runs` the least
     number of timed runs per model, spread over the blocks. `threads` None: the cores other
     work leaves free. `runtimes` ("auto": onnxruntime for ONNX, torch and onnxruntime for a
     torch checkpoint); `torch_forms` None: the form the checkpoint is in."""
@@ -168,4 +169,6 @@ class BenchOptions:
 
     @property
     def timed_seconds(self) -> float:
-        return 2.0 if self.seconds is None else self.seconds
+        # 4 s: a small CNN against itself (2 cores, under load) gave a 95 % interval of ±1.3 %
+        # (at most ±2.1 % in 20 runs) at 4 s, ±1.9 % (up to ±3.3 %) at 2 s (BENCHMARKS.md).
+        return DEFAULT_SECONDS if self.seconds is None else self.seconds

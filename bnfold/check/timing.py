@@ -33,6 +33,7 @@ from math import comb
 
 import numpy as np
 
+from ..options import DEFAULT_SECONDS
 from ..report import BenchResult, Timing
 
 Progress = Callable[[int, int], None]
@@ -57,7 +58,7 @@ class Plan:
     model, spread evenly over the blocks."""
 
     blocks: int = 20
-    seconds: float = 2.0
+    seconds: float = DEFAULT_SECONDS
     runs: int | None = None
     warmup: int = 3  # per block and model
     min_rounds: int = 5  # per block, when timed by seconds

@@ -42,7 +42,7 @@ def bench(
                                                         "default: the checkpoint's own form)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for A and B (default: the cores other "
                                                      "running work leaves free, at least 1; shown in the report)."),
-    seconds: Optional[float] = typer.Option(None, help="Timed seconds per configuration (default 2), cut into "
+    seconds: Optional[float] = typer.Option(None, help="Timed seconds per configuration (default 4), cut into "
                                                        "--blocks."),
     runs: Optional[int] = typer.Option(None, help="Instead of --seconds: at least this many timed runs of each "
                                                   "model, spread over the blocks."),

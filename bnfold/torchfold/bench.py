@@ -106,8 +106,14 @@ def _folded_note(report) -> str:
 
 
 def _forms(asked: tuple[str, ...] | None, a_kind: str, b_kind: str) -> tuple[str, ...]:
+    """The forms asked for, each one A and B can both run in; by default A's own form, or the
+    first one both can take (an eager A against a TorchScript B: both as TorchScript)."""
     if not asked:
-        return (FORMS[a_kind][0],)
+        common = [f for f in FORMS[a_kind] if f in FORMS[b_kind]]
+        if not common:
+            raise UsageError(f"A ({a_kind}) and B ({b_kind}) cannot run in one torch form; time them in "
+                             "onnxruntime (--runtime onnxruntime)")
+        return (common[0],)
     for form in asked:
         if form not in FORMS[a_kind] or form not in FORMS[b_kind]:
             kinds = a_kind if form not in FORMS[a_kind] else b_kind

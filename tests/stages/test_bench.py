@@ -173,6 +173,21 @@ def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path):
     assert cli(["bench", str(path), "--batch-size", "1", *QUICK, "--level", "disabled", "--json"]) == 0
 
 
+def test_a_non_cpu_provider_reports_node_placement(tiny, monkeypatch, capsys):
+    """Placement is profiled for any provider but the CPU. This onnxruntime has none, so the CPU
+    is made to look like another provider: every node then shows up as CPU fallback."""
+    monkeypatch.setattr("bnfold.onnxfold.bench.provider_name", lambda name: "XnnpackExecutionProvider")
+    assert cli(["bench", str(tiny), *QUICK, "--level", "disabled", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)["results"][0]
+    assert r["placement"] == {"A": {"CPUExecutionProvider": 2}, "B": {"CPUExecutionProvider": 1}}
+    assert r["clock"] == "wall"  # only a CPU run is timed on the thread's CPU clock
+    assert "2 of 2 nodes of A and 1 of 1 nodes of B ran on the CPU" in " ".join(captured.err.split())
+    assert cli(["bench", str(tiny), *QUICK, "--level", "disabled"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "node placement ort cpu disabled ×1: A: 2 on CPUExecutionProvider; B: 1 on CPUExecutionProvider" in text
+
+
 def test_cpu_fallback_of_a_gpu_provider_is_a_warning():
     from bnfold.onnxfold.bench import cpu_fallback
     from bnfold.report import BenchResult, Timing
@@ -207,7 +222,9 @@ def torch_files(tmp_path_factory):
     model = _conv_bn()
     torch.save(model, folder / "conv_bn.pt")
     torch.jit.save(torch.jit.script(model), str(folder / "conv_bn.ts.pt"))
-    return {"model": model, "pickle": folder / "conv_bn.pt", "torchscript": folder / "conv_bn.ts.pt"}
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), str(folder / "conv_bn.pt2"))
+    return {"model": model, "pickle": folder / "conv_bn.pt", "torchscript": folder / "conv_bn.ts.pt",
+            "pt2": folder / "conv_bn.pt2"}
 
 
 class CapturingCore:
@@ -225,6 +242,7 @@ class CapturingCore:
     ("pickle", None, ["eager"]),
     ("pickle", "eager,torchscript", ["eager", "torchscript"]),
     ("torchscript", None, ["torchscript"]),
+    ("pt2", None, ["export"]),
 ])
 def test_torch_runtime_times_the_module_and_its_fold(torch_files, monkeypatch, capsys, kind, forms, expected):
     core = CapturingCore()
@@ -237,7 +255,8 @@ def test_torch_runtime_times_the_module_and_its_fold(torch_files, monkeypatch, c
     assert all(r["runtime"] == "torch" and r["provider"] == "cpu" and r["clock"] == "thread cpu"
                for r in report["results"])
     assert report["original"]["bn_nodes"] == 1 and report["fused"]["bn_nodes"] == 0
-    assert report["original"]["format"] == ("torchscript" if kind == "torchscript" else "torch-pickle")
+    assert report["original"]["format"] == {"pickle": "torch-pickle", "torchscript": "torchscript",
+                                            "pt2": "torch-export"}[kind]
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_out = torch_files["model"](x)
