@@ -71,9 +71,9 @@ def batch_for(name: str) -> int:
 
 def latency(models, runs: int, threads: int) -> list[dict]:
     from bnfold import fuse_file
-    from bnfold.check.timing import time_interleaved
     from bnfold.check.inputs import make_inputs
-    from bnfold.check.timing import bootstrap_ratio_ci, median
+    from bnfold.check.timing import Plan, block_ratios, median, speedup_of, time_blocks
+    from bnfold.onnxfold.bench import SessionMaker
     from bnfold.onnxfold.io import read_signature
 
     rows = []
@@ -81,24 +81,27 @@ def latency(models, runs: int, threads: int) -> list[dict]:
         fused = Path(fuse_file(files["original"], files["original"].with_suffix(".fused.onnx")).output)
         feeds = make_inputs(read_signature(files["original"]), batch_size=batch_for(name), seed=0)
         for level in ("disabled", "default"):
-            times, _ = time_interleaved([files["original"], fused, files["twin"]], feeds, "cpu", level, threads,
-                                        warmup=5, runs=runs, seconds=None)
-            unfused, folded, twin = (median(t) * 1e3 for t in times)
+            paths = [files["original"], fused, files["twin"]]
+            makers = [SessionMaker(p, feeds, "cpu", level, threads) for p in paths]
+            times = time_blocks(makers, Plan(blocks=20, runs=runs, cpu_clock=threads == 1))
+            unfused, folded, twin = (median(np.concatenate(t)) * 1e3 for t in times.runs)
+            speedup = speedup_of(block_ratios(times.runs[0], times.runs[1]))
+            vs_twin = speedup_of(block_ratios(times.runs[1], times.runs[2]))
             rows.append({"model": name, "level": level, "batch": batch_for(name), "unfused_ms": unfused,
-                         "fused_ms": folded, "twin_ms": twin, "speedup": unfused / folded,
-                         "speedup_ci": bootstrap_ratio_ci(times[0], times[1]), "fused_vs_twin": folded / twin,
-                         "fused_vs_twin_ci": bootstrap_ratio_ci(times[1], times[2])})
+                         "fused_ms": folded, "twin_ms": twin, "speedup": speedup.estimate,
+                         "speedup_ci": (speedup.low, speedup.high), "fused_vs_twin": vs_twin.estimate,
+                         "fused_vs_twin_ci": (vs_twin.low, vs_twin.high)})
             print(f"latency {name} {level}: {unfused:.3f} / {folded:.3f} / {twin:.3f} ms", file=sys.stderr)
     return rows
 
 
 def self_check(model: Path, runs: int, threads: int) -> dict:
     """A model against itself must read 1.00 inside its own interval."""
-    from bnfold import bench
+    from bnfold import BenchOptions, bench
 
-    report = bench(model, model, levels=("default",), runs=runs, threads=threads, warmup=5)
+    report = bench(model, model, BenchOptions(levels=("default",), runs=runs, threads=threads))
     r = report.results[0]
-    return {"model": model.stem, "speedup": r.speedup, "ci": r.speedup_ci}
+    return {"model": model.stem, "speedup": r.speedup, "ci": r.speedup_ci, "verdict": r.verdict}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +297,8 @@ def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threa
              f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
              f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
              "### 1. Latency: unfused vs fused vs the no-BN twin", "",
-             "Medians of one interleaved run of the three models; speed-up = unfused / fused (95% bootstrap CI); "
+             "Medians over 20 blocks of fresh sessions of the three models (`bnfold bench`'s method); speed-up = "
+             "unfused / fused (95% interval over blocks); "
              "fused/twin = 1.00 means folding reached the limit.", "",
              "| model | ORT level | batch | unfused ms | fused ms | no-BN twin ms | speed-up | fused / twin |",
              "|---|---|---|---|---|---|---|---|"]
@@ -303,7 +307,7 @@ def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threa
                      f"{r['twin_ms']:.3f} | {r['speedup']:.3f} ({r['speedup_ci'][0]:.3f}–{r['speedup_ci'][1]:.3f}) | "
                      f"{r['fused_vs_twin']:.3f} ({r['fused_vs_twin_ci'][0]:.3f}–{r['fused_vs_twin_ci'][1]:.3f}) |")
     lines += ["", f"Self-check: {check['model']} benched against itself reads {check['speedup']:.3f} "
-              f"(95% CI {check['ci'][0]:.3f}–{check['ci'][1]:.3f}).", "",
+              f"(95% CI {check['ci'][0]:.3f}–{check['ci'][1]:.3f}; {check['verdict']}).", "",
               "### 2. Against peers", "",
               "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_status.items()) + ". "
               "`verify` is bnfold's default-tolerance check of the tool's output against the unfused model.", "",

@@ -120,27 +120,55 @@ class FuseOptions:
         return self.calibrate is not None or self.variance.biased
 
 
+RUNTIMES = ("auto", "onnxruntime", "torch")
+DEFAULT_SECONDS = 4.0
+TORCH_FORMS = ("eager", "torchscript", "export")
+
+
 @dataclass(frozen=True)
 class BenchOptions:
-    """How `bnfold bench` times A against B."""
+    """How `bnfold bench` times A against B. Time is cut into `blocks` with fresh sessions
+    each; `seconds` is the timed time per configuration (default 4 s), or `runs` the least
+    number of timed runs per model, spread over the blocks. `threads` None: the cores other
+    work leaves free. `runtimes` ("auto": onnxruntime for ONNX, torch and onnxruntime for a
+    torch checkpoint); `torch_forms` None: the form the checkpoint is in."""
 
     providers: tuple[str, ...] = ("cpu",)
     batch_sizes: tuple[int, ...] = (1,)
     levels: tuple[str, ...] = ("disabled", "default")
     threads: int | None = None
-    warmup: int = 5
+    warmup: int = 3
     runs: int | None = None
     seconds: float | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
     data: Path | None = None
     seed: int = 0
+    blocks: int = 20
+    runtimes: tuple[str, ...] = ("auto",)
+    torch_forms: tuple[str, ...] | None = None
+    fail_below: float | None = None
 
     def __post_init__(self):
         for n in self.batch_sizes:
             _at_least(n, 1, "--batch-size")
         _at_least(self.threads, 1, "--threads")
         _at_least(self.warmup, 0, "--warmup")
-        _at_least(self.runs, 2, "--runs")
+        _at_least(self.runs, 1, "--runs")
+        _at_least(self.blocks, 6, "--blocks (fewer cannot give a 95 % interval)")
         _finite(self.seconds, "--seconds", positive=True)
-        if not self.providers or not self.batch_sizes or not self.levels:
-            raise UsageError("--provider, --batch-size and --level each need at least one value")
+        if self.fail_below is not None and not (math.isfinite(self.fail_below) and self.fail_below > 0):
+            raise UsageError(f"--fail-below must be a finite number > 0, not {self.fail_below}")
+        if self.runs is not None and self.seconds is not None:
+            raise UsageError("--runs and --seconds both say how long to time: give one")
+        if not self.providers or not self.batch_sizes or not self.levels or not self.runtimes:
+            raise UsageError("--provider, --batch-size, --level and --runtime each need at least one value")
+        for runtime in self.runtimes:
+            _one_of(runtime, RUNTIMES, "--runtime")
+        for form in self.torch_forms or ():
+            _one_of(form, TORCH_FORMS, "--torch-form")
+
+    @property
+    def timed_seconds(self) -> float:
+        # 4 s: a small CNN against itself (2 cores, under load) gave a 95 % interval of ±1.3 %
+        # (at most ±2.1 % in 20 runs) at 4 s, ±1.9 % (up to ±3.3 %) at 2 s (BENCHMARKS.md).
+        return DEFAULT_SECONDS if self.seconds is None else self.seconds

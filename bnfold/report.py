@@ -184,31 +184,42 @@ class VerifyReport:
 
 @dataclass
 class Timing:
-    median_ms: float
+    median_ms: float  # over all timed runs of all blocks, on the result's clock
     p10_ms: float
     p90_ms: float
     mean_ms: float
     runs: int
-    session_ms: float  # time to create the session
+    session_ms: float  # median time to make a fresh session (or module copy), one per block
 
 
 @dataclass
 class BenchResult:
-    provider: str
-    level: str
+    provider: str  # onnxruntime: its provider (cpu, cuda, …); torch: the device (cpu, cuda)
+    level: str  # onnxruntime: optimization level; torch: the form timed (eager, torchscript, export)
     batch_size: int
     a: Timing
     b: Timing
-    speedup: float  # median(A) / median(B): > 1 means B (fused) is faster
-    speedup_ci: list[float]
+    speedup: float  # exp(median over blocks of log(median A / median B)): > 1 means B (fused) is faster
+    speedup_ci: list[float]  # 95 % order-statistic interval over blocks
+    runtime: str = "onnxruntime"  # or "torch"
+    verdict: str = ""  # "B faster", "B slower", "same within ±1 %", "cannot tell"
+    why: str = ""  # the verdict in words, with the noise when that is the reason
+    spread_pct: float = 0.0  # run-to-run spread: robust sd of the per-block ratio, in %
+    half_width_pct: float = 0.0  # half the interval's width, relative to the speed-up, in %
+    blocks: int = 0
+    block_ratios: list[float] = field(default_factory=list)
+    clock: str = "wall"  # "thread cpu" (1 thread on a CPU: preemption not counted) or "wall"
+    placement: dict[str, dict[str, int]] | None = None  # non-CPU provider: nodes per provider, of A and of B
+    fail_below: str | None = None  # with --fail-below: "pass", "fail" or "cannot tell"
 
 
 @dataclass
 class ModelInfo:
     path: str
-    file_size: int
-    nodes: int
-    bn_nodes: int
+    file_size: int | None  # None: made in memory (B fused on the fly in torch)
+    nodes: int | None  # of the ONNX model (or of the torch module's graph; None where unknown)
+    bn_nodes: int | None
+    format: str = "onnx"  # or the torch checkpoint's kind
 
 
 @dataclass
@@ -216,11 +227,20 @@ class BenchReport:
     original: ModelInfo
     fused: ModelInfo
     threads: int
-    warmup: int
+    warmup: int  # per block and model
     seed: int
+    threads_reason: str = ""
+    blocks: int = 0
+    seconds: float | None = None  # timed seconds per configuration (None with --runs)
+    runs: int | None = None
+    runtimes: list[str] = field(default_factory=list)  # "onnxruntime", "torch"
     inputs: list[InputInfo] = field(default_factory=list)
     results: list[BenchResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a GPU provider that ran nodes on the CPU
+    fail_below: float | None = None
+    fail_below_outcome: str | None = None  # "pass", "fail", "cannot tell": decides the exit code
+    fail_below_why: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

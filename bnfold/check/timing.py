@@ -1,22 +1,141 @@
-"""Timing A against B in onnxruntime, and the statistics of the result.
+"""Timing A against B, and the statistics that say how sure the answer is.
 
-Runs of A and B are taken in interleaved rounds (AB, BA, AB, …), so drift on a busy
-machine hits both. The speed-up is median(A) / median(B); its interval resamples the
-*pairs* (keeping each A run with the B run beside it) and takes the 2.5th and 97.5th
-percentiles of the resampled ratio.
+Two sessions of the *same* model do not run at the same speed, and each keeps its speed for
+life: its worker thread sits where the scheduler put it, its buffers where the allocator put
+them (BENCHMARKS.md, "Benchmark noise"). So the time is cut into blocks. Each block makes
+new runners for A and B (sessions, module copies), in an order that alternates between
+blocks (the one made first tends to be slower), warms them up, then times rounds in which A
+and B run once each, in a random order drawn from a generator seeded with --seed. Runners
+are dropped at the end of the block.
+
+Per block b the speed-up is r_b = median(A_b) / median(B_b). The estimate is
+exp(median_b log r_b); its 95 % interval is the distribution-free interval for that median
+from order statistics of the log r_b: [x(k), x(B+1−k)], with k the largest rank such that
+P(Bin(B, ½) ≤ k−1) ≤ 2.5 % (B = 20 blocks: x(6)…x(15), coverage 95.9 %). The interval
+counts blocks, not runs: thousands of runs of one session pair say much about that pair
+and nothing about the next.
+
+With one thread on a CPU the clock is the calling thread's CPU time (time.thread_time): the
+model then runs on that thread alone, and time it spends preempted by other work is not
+counted. Otherwise it is the wall clock.
+
+The core times callables ("runners", made afresh by "makers"), so onnxruntime sessions and
+torch modules share the interleaving and the statistics.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from math import comb
 
 import numpy as np
 
-from ..report import Timing
-from .runtime import run_session, session
+from ..options import DEFAULT_SECONDS
+from ..report import BenchResult, Timing
 
 Progress = Callable[[int, int], None]
+Runner = Callable[[], object]  # runs the model once
+Maker = Callable[[], Runner]  # makes a fresh runner: a new session, a new copy of a module
+
+CONFIDENCE = 0.95
+MIN_BLOCKS = 6  # fewer blocks cannot give a 95 % order-statistic interval
+SAME_WITHIN = 0.01  # a speed-up inside 1 ± 1 % is "the same"
+TOO_NOISY = 0.05  # an interval wider than ±5 % decides nothing
+
+B_FASTER, B_SLOWER, SAME, CANNOT_TELL = "B faster", "B slower", "same within ±1 %", "cannot tell"
+
+
+# -- the plan and the core ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often to time. `seconds` is the timed time of one configuration, cut
+    evenly into `blocks`; `runs`, when given, replaces it: at least that many runs of each
+    model, spread evenly over the blocks."""
+
+    blocks: int = 20
+    seconds: float = DEFAULT_SECONDS
+    runs: int | None = None
+    warmup: int = 3  # per block and model
+    min_rounds: int = 5  # per block, when timed by seconds
+    cpu_clock: bool = False  # time.thread_time instead of the wall clock
+
+    def rounds_fixed(self) -> int | None:
+        return None if self.runs is None else math.ceil(self.runs / self.blocks)
+
+
+@dataclass
+class BlockTimes:
+    """What the core measured: seconds per run, per model and block, and how long making each
+    block's runner took."""
+
+    runs: list[list[list[float]]]  # [model][block] → run times
+    made: list[list[float]] = field(default_factory=list)  # [model][block] → seconds to make the runner
+
+
+def time_blocks(makers: Sequence[Maker], plan: Plan, seed: int = 0,
+                progress: Progress | None = None) -> BlockTimes:
+    """Time every maker's runners in interleaved rounds, block by block (see the module)."""
+    rng = np.random.default_rng(seed)
+    clock = time.thread_time if plan.cpu_clock else time.perf_counter
+    n = len(makers)
+    result = BlockTimes([[] for _ in makers], [[] for _ in makers])
+    for block in range(plan.blocks):
+        runners = _make_runners(makers, block, result.made)
+        for _ in range(plan.warmup):
+            for i in rng.permutation(n):
+                runners[i]()
+        times = _time_rounds(runners, plan, rng, clock)
+        for i in range(n):
+            result.runs[i].append(times[i])
+        del runners  # the next block gets new ones
+        if progress is not None:
+            progress(block + 1, plan.blocks)
+    return result
+
+
+def creation_order(n_models: int, block: int) -> list[int]:
+    """Who is made first in block b: rotated every block (AB, BA, … or ABC, BCA, CAB, …),
+    because the runner made first tends to run slower for its whole life."""
+    shift = block % n_models
+    return list(range(shift, n_models)) + list(range(shift))
+
+
+def _make_runners(makers: Sequence[Maker], block: int, made: list[list[float]]) -> list[Runner]:
+    runners: list[Runner | None] = [None] * len(makers)
+    for i in creation_order(len(makers), block):
+        start = time.perf_counter()
+        runners[i] = makers[i]()
+        made[i].append(time.perf_counter() - start)
+    return runners  # type: ignore[return-value]
+
+
+def _time_rounds(runners: Sequence[Runner], plan: Plan, rng: np.random.Generator,
+                 clock: Callable[[], float]) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in runners]
+    budget = plan.seconds / plan.blocks
+    fixed = plan.rounds_fixed()
+    began, done = time.perf_counter(), 0
+    while _more_rounds(done, fixed, plan.min_rounds, budget, time.perf_counter() - began):
+        for i in rng.permutation(len(runners)):
+            start = clock()
+            runners[i]()
+            times[i].append(clock() - start)
+        done += 1
+    return times
+
+
+def _more_rounds(done: int, fixed: int | None, min_rounds: int, budget: float, elapsed: float) -> bool:
+    if fixed is not None:
+        return done < fixed
+    return done < min_rounds or elapsed < budget
+
+
+# -- statistics --------------------------------------------------------------------------------
 
 
 def percentile(values, q: float) -> float:
@@ -28,68 +147,168 @@ def median(values) -> float:
     return percentile(values, 50)
 
 
-def ratio_of_medians(a, b) -> float:
-    return median(a) / median(b)
+def order_statistic_rank(n: int, confidence: float = CONFIDENCE) -> int:
+    """k, the largest rank with P(Bin(n, ½) ≤ k−1) ≤ (1 − confidence)/2; 0 when n is too
+    small for any interval at this confidence."""
+    tail, cdf, k = (1 - confidence) / 2, 0.0, 0
+    while k < n and cdf + comb(n, k) / 2**n <= tail:
+        cdf += comb(n, k) / 2**n
+        k += 1
+    return k
 
 
-def bootstrap_ratio_ci(a, b, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Interval for median(a)/median(b) over paired runs (a[i], b[i])."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError("paired samples of equal, non-zero length are needed")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(resamples, a.size))
-    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+def coverage(n: int, k: int) -> float:
+    """The exact coverage of [x(k), x(n+1−k)] as an interval for the median."""
+    return 1 - 2 * sum(comb(n, j) for j in range(k)) / 2**n
 
 
-def rotation(n_models: int, round_index: int) -> list[int]:
-    """The order models run in, in round r: rotated each round (AB, BA, … or ABC, BCA, CAB, …)
-    so that no model always runs first, or always right after the same neighbour."""
-    shift = round_index % n_models
-    return list(range(shift, n_models)) + list(range(shift))
+def median_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The order-statistic interval [x(k), x(n+1−k)] for the median of `values`."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    k = order_statistic_rank(len(x), confidence)
+    if k == 0:
+        raise ValueError(f"{len(x)} values are too few for a {confidence:.0%} interval (need {MIN_BLOCKS})")
+    return float(x[k - 1]), float(x[len(x) - k])
 
 
-def timing_of(seconds: Sequence[float], session_s: float) -> Timing:
-    ms = np.asarray(seconds) * 1e3
-    return Timing(percentile(ms, 50), percentile(ms, 10), percentile(ms, 90), float(ms.mean()), len(ms),
-                  session_s * 1e3)
+def block_ratios(a_blocks: Sequence[Sequence[float]], b_blocks: Sequence[Sequence[float]]) -> list[float]:
+    """r_b = median(A_b) / median(B_b), one per block."""
+    return [median(a) / median(b) for a, b in zip(a_blocks, b_blocks)]
 
 
-def time_interleaved(paths: Sequence[Path], feeds: dict[str, np.ndarray], provider: str, level: str, threads: int,
-                     warmup: int, runs: int | None, seconds: float | None,
-                     progress: Progress | None = None) -> tuple[list[list[float]], list[float]]:
-    """Per-model run times (seconds) in rotated interleaved rounds, and session-creation times."""
-    sessions, created = [], []
-    for path in paths:
-        start = time.perf_counter()
-        sessions.append(session(path, provider, level, threads, spinning=False))
-        created.append(time.perf_counter() - start)
-    names = [[o.name for o in s.get_outputs()] for s in sessions]
-    for s, path in zip(sessions, paths):  # one checked run: inputs the graph cannot take are bad input
-        run_session(s, feeds, path)
-    for _ in range(warmup):
-        for s, n in zip(sessions, names):
-            s.run(n, feeds)
-    times: list[list[float]] = [[] for _ in paths]
-    began = time.perf_counter()
-    r = 0
-    while _more_rounds(r, runs, seconds, time.perf_counter() - began):
-        for i in rotation(len(paths), r):
-            start = time.perf_counter()
-            sessions[i].run(names[i], feeds)
-            times[i].append(time.perf_counter() - start)
-        r += 1
-        if progress is not None:
-            if runs is not None:
-                progress(r, runs)
-            else:
-                progress(min(1000, int(1000 * (time.perf_counter() - began) / seconds)), 1000)
-    return times, created
+@dataclass
+class Speedup:
+    """A / B over blocks: estimate, interval, spread, and what they let one say."""
+
+    estimate: float
+    low: float
+    high: float
+    spread_pct: float  # block-to-block spread of the ratio: robust sd of log r_b, in %
+    half_width_pct: float  # half the interval's width, relative to the estimate, in %
+    verdict: str
+    why: str
 
 
-def _more_rounds(done: int, runs: int | None, seconds: float | None, elapsed: float) -> bool:
-    if runs is not None:
-        return done < runs
-    return done < 5 or elapsed < seconds  # at least 5 pairs for the interval
+def speedup_of(ratios: Sequence[float], busy: float | None = None) -> Speedup:
+    """Estimate exp(median log r_b), its order-statistic interval, and the verdict."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    estimate = math.exp(float(np.median(logs)))
+    low, high = (math.exp(v) for v in median_interval(logs))
+    spread = 100 * 1.4826 * float(np.median(np.abs(logs - np.median(logs))))
+    half = half_width(low, high, estimate)
+    verdict, why = judge(low, high, half, busy)
+    return Speedup(estimate, low, high, spread, 100 * half, verdict, why)
+
+
+def half_width(low: float, high: float, estimate: float) -> float:
+    return (high - low) / 2 / estimate
+
+
+def judge(low: float, high: float, half: float, busy: float | None = None) -> tuple[str, str]:
+    """The noise rule. Too wide (over ±5 %) → cannot tell; the whole interval above 1.01 →
+    B faster; below 0.99 → B slower; inside [0.99, 1.01] → the same; else cannot tell."""
+    interval = f"95 % interval {low:.3f}–{high:.3f}"
+    if half > TOO_NOISY:
+        load = "" if busy is None else f", {busy:.1f} other runnable task(s) when it started"
+        return CANNOT_TELL, (f"too noisy: the {interval} is ±{100 * half:.1f} % wide (limit ±{100 * TOO_NOISY:.0f} %"
+                             f"{load}); run longer (--seconds) or on a quieter machine")
+    if low > 1 + SAME_WITHIN:
+        return B_FASTER, f"the whole {interval} is above {1 + SAME_WITHIN:.2f}"
+    if high < 1 - SAME_WITHIN:
+        return B_SLOWER, f"the whole {interval} is below {1 - SAME_WITHIN:.2f}"
+    if low >= 1 - SAME_WITHIN and high <= 1 + SAME_WITHIN:
+        return SAME, f"the whole {interval} is inside {1 - SAME_WITHIN:.2f}–{1 + SAME_WITHIN:.2f}"
+    return CANNOT_TELL, (f"the {interval} holds both no difference and one over {100 * SAME_WITHIN:.0f} %; "
+                         "run longer (--seconds) to narrow it")
+
+
+PASS, FAIL = "pass", "fail"
+
+
+def threshold_outcome(low: float, high: float, half: float, threshold: float) -> tuple[str, str]:
+    """--fail-below X: fail only when the whole interval is below X; cannot tell when it
+    straddles X or is too noisy (over ±5 %) to decide anything; pass when at or above X."""
+    interval = f"95 % interval {low:.3f}–{high:.3f}"
+    if half > TOO_NOISY:
+        return CANNOT_TELL, f"too noisy to compare with {threshold:g}: the {interval} is ±{100 * half:.1f} % wide"
+    if high < threshold:
+        return FAIL, f"the whole {interval} is below {threshold:g}"
+    if low >= threshold:
+        return PASS, f"the whole {interval} is at or above {threshold:g}"
+    return CANNOT_TELL, f"the {interval} straddles {threshold:g}"
+
+
+def timing_of(seconds_per_block: Sequence[Sequence[float]], made: Sequence[float]) -> Timing:
+    """Pooled run times of one model (p10/p50/p90/mean in ms) and its median making time."""
+    ms = np.concatenate([np.asarray(b, dtype=np.float64) for b in seconds_per_block]) * 1e3
+    return Timing(percentile(ms, 50), percentile(ms, 10), percentile(ms, 90), float(ms.mean()), int(ms.size),
+                  median(made) * 1e3 if len(made) else 0.0)
+
+
+# -- threads from the current load -------------------------------------------------------------
+
+
+def other_runnable_tasks(samples: int = 10, interval: float = 0.02) -> tuple[float, str]:
+    """Tasks besides us that want a CPU now: the median of /proc/stat's procs_running − 1 over
+    ~0.2 s (the 1-minute load average lags a job that just started or stopped; it is the
+    fallback where /proc/stat is missing). Returns the count and where it came from."""
+    values = []
+    try:
+        for k in range(samples):
+            with open("/proc/stat") as fh:
+                values += [int(line.split()[1]) - 1 for line in fh if line.startswith("procs_running")]
+            if k + 1 < samples:
+                time.sleep(interval)
+    except (OSError, ValueError, IndexError):
+        values = []
+    if values:
+        return max(0.0, float(np.median(values))), "/proc/stat"
+    try:
+        return max(0.0, os.getloadavg()[0]), "load average"
+    except OSError:
+        return 0.0, "unknown"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def choose_threads(given: int | None) -> tuple[int, str, float | None]:
+    """The intra-op thread count, why, and the other runnable tasks seen (None if given).
+
+    On a shared machine a second thread only helps when a core is free: with one other
+    CPU-bound job on 2 cores, 2 threads were no faster and two sessions of one model differed
+    by up to 1.6× (the worker's wake-up waits on the busy core). So: the free cores, at least 1."""
+    cores = usable_cores()
+    if given is not None:
+        return given, f"--threads {given}", None
+    busy, source = other_runnable_tasks()
+    threads = max(1, cores - int(round(busy)))
+    return threads, f"{cores} core(s), {busy:.1f} other runnable task(s) ({source}): {threads} free", busy
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def bench_result(times: BlockTimes, plan: Plan, provider: str, level: str, batch: int, busy: float | None,
+                 runtime: str = "onnxruntime") -> BenchResult:
+    """A against B (models 0 and 1 of `times`) as a BenchResult, with its verdict."""
+    ratios = block_ratios(times.runs[0], times.runs[1])
+    s = speedup_of(ratios, busy)
+    a, b = timing_of(times.runs[0], times.made[0]), timing_of(times.runs[1], times.made[1])
+    return BenchResult(provider, level, batch, a, b, s.estimate, [s.low, s.high], runtime, s.verdict, s.why,
+                       s.spread_pct, s.half_width_pct, plan.blocks, ratios,
+                       "thread cpu" if plan.cpu_clock else "wall")
+
+
+def offset_progress(progress: Progress | None, k: int, n: int) -> Progress | None:
+    """Configuration k of n as its share of the whole benchmark's bar."""
+    return None if progress is None else ConfigProgress(progress, k, n)
+
+
+class ConfigProgress:
+    def __init__(self, progress: Progress, k: int, n: int):
+        self.progress, self.k, self.n = progress, k, n
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress(self.k * 1000 + int(1000 * done / max(1, total)), self.n * 1000)

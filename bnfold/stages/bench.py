@@ -1,49 +1,138 @@
-"""The `bench` stage: time the original (A) against the fused model (B) in onnxruntime.
+"""The `bench` stage: time the original (A) against the fused model (B).
 
-Without B the original is fused on the fly; torch checkpoints are timed as their ONNX
-exports (the original with its BNs).
+Without B the original is fused on the fly. ONNX runs in onnxruntime. A torch checkpoint runs
+in torch (where torch users deploy) and, as its ONNX export, in onnxruntime; `--runtime`
+picks. The thread count is chosen once, from the load before any work starts.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import detect
+from ..check.timing import CANNOT_TELL, FAIL, PASS, choose_threads, offset_progress, threshold_outcome
+from ..errors import UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
-from ..report import BenchReport
+from ..report import BenchReport, ModelInfo
 from .fuse import fuse_file
+
+ONNXRUNTIME, TORCH = "onnxruntime", "torch"
 
 
 def bench(original: str | Path, fused: str | Path | None = None, options: BenchOptions | None = None,
           load: LoadOptions | None = None, progress: Callable[[int, int], None] | None = None) -> BenchReport:
-    from ..onnxfold.bench import bench_onnx
-
-    original = Path(original)
+    original, fused = Path(original), Path(fused) if fused is not None else None
     options, load = options or BenchOptions(), load or LoadOptions()
-    threads = options.threads or os.cpu_count() or 1
+    if options.data and len(options.batch_sizes) > 1:  # the data's batch is the only one
+        options = dataclasses.replace(options, batch_sizes=options.batch_sizes[:1])
+    is_torch = detect.detect_format(original) == detect.TORCH
+    runtimes, notes = choose_runtimes(options.runtimes, original, fused, is_torch)
+    _check_providers(runtimes, options.providers)
+    threads, reason, busy = choose_threads(options.threads)
+    report = BenchReport(ModelInfo(str(original), 0, None, None), ModelInfo("", 0, None, None), threads,
+                         options.warmup, options.seed, reason, options.blocks,
+                         None if options.runs else options.timed_seconds, options.runs, runtimes, notes=notes)
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
-        if detect.detect_format(original) == detect.TORCH:
-            original, fused = _torch_as_onnx(original, fused, Path(tmp), load, options)
-        on_the_fly = fused is None
-        if on_the_fly:
-            fused = Path(fuse_file(original, Path(tmp) / original.name).output)
-        report = bench_onnx(original, Path(fused), options, threads, progress)
-    if on_the_fly:
+        for j, runtime in enumerate(runtimes):
+            step = offset_progress(progress, j, len(runtimes))
+            if runtime == TORCH:
+                _run_torch(report, original, fused, options, load, Path(tmp), busy, step)
+            else:
+                _run_onnxruntime(report, original, fused, options, load, Path(tmp), is_torch, busy, step)
+    if fused is None:
         report.fused.path = "(fused on the fly)"
+    if options.data:
+        report.notes.append("inputs from --data: batch sizes come from the data")
+    if options.fail_below is not None:
+        apply_fail_below(report, options.fail_below)
     return report
+
+
+def choose_runtimes(asked: tuple[str, ...], original: Path, fused: Path | None, is_torch: bool
+                    ) -> tuple[list[str], list[str]]:
+    """The runtimes to time, and notes. "auto": onnxruntime for ONNX; torch and onnxruntime
+    for a torch checkpoint (torch needs B in torch too)."""
+    fused_onnx = fused is not None and detect.detect_format(fused) == detect.ONNX
+    if "auto" in asked:
+        if not is_torch:
+            return [ONNXRUNTIME], []
+        if fused_onnx:
+            return [ONNXRUNTIME], ["torch runtime not timed: B is an ONNX file"]
+        return [TORCH, ONNXRUNTIME], []
+    if TORCH in asked and not is_torch:
+        raise UsageError(f"--runtime torch needs a torch checkpoint; {original} is ONNX (use --runtime onnxruntime)")
+    if TORCH in asked and fused_onnx:
+        raise UsageError(f"--runtime torch needs B in torch too; {fused} is ONNX")
+    return [r for r in (TORCH, ONNXRUNTIME) if r in asked], []
+
+
+def _check_providers(runtimes: list[str], providers: tuple[str, ...]) -> None:
+    """Before any work: a provider neither runtime has is exit 2, naming what to install."""
+    if ONNXRUNTIME in runtimes:
+        from ..onnxfold.bench import resolve_providers
+
+        resolve_providers(providers)
+    if TORCH in runtimes:
+        from ..torchfold.bench import torch_devices
+
+        torch_devices(providers)
+
+
+def _run_torch(report: BenchReport, original: Path, fused: Path | None, options: BenchOptions, load: LoadOptions,
+               tmp: Path, busy: float | None, progress) -> None:
+    from ..torchfold.bench import bench_torch
+
+    load = dataclasses.replace(load, shapes=options.shapes or load.shapes)
+    results, a, b, inputs, notes = bench_torch(original, fused, options, load, report.threads, tmp, busy, progress)
+    report.results += results
+    report.original, report.fused, report.inputs = a, b, inputs
+    report.notes += notes
+
+
+def _run_onnxruntime(report: BenchReport, original: Path, fused: Path | None, options: BenchOptions,
+                     load: LoadOptions, tmp: Path, is_torch: bool, busy: float | None, progress) -> None:
+    from ..onnxfold.bench import bench_onnx, cpu_fallback
+
+    if is_torch:
+        onnx_a, onnx_b = _torch_as_onnx(original, fused, tmp, load, options)
+    else:
+        onnx_a = original
+        onnx_b = fused if fused is not None else Path(fuse_file(original, tmp / original.name).output)
+    results, a, b, inputs = bench_onnx(onnx_a, onnx_b, options, report.threads, busy, progress)
+    report.results += results
+    report.warnings += [w for w in map(cpu_fallback, results) if w]
+    if TORCH in report.runtimes:
+        return  # the models and inputs are described as torch runs them
+    if is_torch:
+        a.path, a.format = f"{original} (ONNX export)", "torch"
+        b.path, b.format = f"{fused} (ONNX export)" if fused else "", "torch"
+        report.notes.append("onnxruntime timed the ONNX exports (node counts are theirs)")
+    report.original, report.fused, report.inputs = a, b, inputs
 
 
 def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOptions,
                    options: BenchOptions) -> tuple[Path, Path]:
     from ..torchfold.convert import export_unfused_onnx
 
-    load = LoadOptions(load.trust_pickle, load.arch, load.arch_kwargs, options.shapes or load.shapes,
-                       load.example_input)
+    load = dataclasses.replace(load, shapes=options.shapes or load.shapes)
     a = export_unfused_onnx(original, tmp / "original.onnx", load)
     if fused is None:
         return a, Path(fuse_file(original, tmp / "fused.onnx", options=FuseOptions(to="onnx", load=load)).output)
     if detect.detect_format(fused) == detect.TORCH:
-        return a, export_unfused_onnx(Path(fused), tmp / "fused.onnx", load)
-    return a, Path(fused)
+        return a, export_unfused_onnx(fused, tmp / "fused.onnx", load)
+    return a, fused
+
+
+def apply_fail_below(report: BenchReport, threshold: float) -> None:
+    """--fail-below X on every result; the report's outcome is "fail" if any result's whole
+    interval is below X, else "cannot tell" if any straddles X or is too noisy, else "pass"."""
+    whys = {PASS: [], FAIL: [], CANNOT_TELL: []}
+    for r in report.results:
+        lo, hi = r.speedup_ci
+        r.fail_below, why = threshold_outcome(lo, hi, r.half_width_pct / 100, threshold)
+        whys[r.fail_below].append(f"{r.runtime} {r.provider} {r.level} ×{r.batch_size}: {why}")
+    outcome = FAIL if whys[FAIL] else CANNOT_TELL if whys[CANNOT_TELL] else PASS
+    report.fail_below, report.fail_below_outcome = threshold, outcome
+    report.fail_below_why = "; ".join(whys[outcome])

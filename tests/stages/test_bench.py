@@ -1,23 +1,29 @@
-"""`bnfold bench`: interleaving, JSON shape, provider errors, a smoke run through the CLI.
-Timings themselves are never asserted here (see benchmarks/)."""
+"""`bnfold bench`: blocks of fresh sessions, the JSON shape, the verdict, --fail-below in every
+direction, providers, and the torch runtime. Timings themselves are never asserted here (see
+benchmarks/): where an outcome depends on them, the timing core is replaced by synthetic
+block times."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+import torch
+from onnx import helper
+from torch import nn
 
-import importlib
-
-# `bnfold.bench` the package attribute is the API function; the module is reached by name.
-bench_mod = importlib.import_module("bnfold.check.timing")
+from bnfold.check.timing import BlockTimes, order_statistic_rank
 from bnfold.cli import run as cli
 from onnx_builders import bn_inits, bn_node, init, make_model, vi
-from onnx import helper
+
+VERDICTS = {"B faster", "B slower", "same within ±1 %", "cannot tell"}
+QUICK = ["--runs", "6", "--blocks", "6", "--warmup", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -27,76 +33,263 @@ def tiny(tmp_path_factory):
     nodes = [helper.make_node("Conv", ["input", "W"], ["z"], name="conv"), bn_node("z", "y")]
     model = make_model(nodes, [vi("input", ["N", 3, 8, 8])], [vi("y", None)], inits)
     path = tmp_path_factory.mktemp("bench") / "tiny.onnx"
-    import onnx
-
     onnx.save(model, str(path))
     return path
 
 
-def test_cli_smoke_json_shape(tiny, capsys):
-    assert cli(["bench", str(tiny), "--runs", "6", "--warmup", "1", "--threads", "1", "--batch-size", "1,3",
-                "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_json_shape_and_statistics(tiny, capsys):
+    assert cli(["bench", str(tiny), *QUICK, "--batch-size", "1,3", "--json"]) == 0
+    report = _json(capsys)
     assert report["original"]["bn_nodes"] == 1 and report["fused"]["bn_nodes"] == 0
-    assert report["fused"]["nodes"] == report["original"]["nodes"] - 1 and report["threads"] == 1
+    assert report["fused"]["nodes"] == report["original"]["nodes"] - 1
+    assert report["threads"] == 1 and report["threads_reason"] == "--threads 1" and report["runtimes"] == ["onnxruntime"]
+    assert report["blocks"] == 6 and report["runs"] == 6 and report["seconds"] is None
     configs = {(r["provider"], r["level"], r["batch_size"]) for r in report["results"]}
     assert configs == {("cpu", lvl, n) for lvl in ("disabled", "default") for n in (1, 3)}
     for r in report["results"]:
-        assert r["a"]["runs"] == r["b"]["runs"] == 6
-        lo, hi = r["speedup_ci"]
-        assert lo <= hi and r["speedup"] == pytest.approx(r["a"]["median_ms"] / r["b"]["median_ms"])
-        assert r["a"]["p10_ms"] <= r["a"]["median_ms"] <= r["a"]["p90_ms"]
+        assert r["runtime"] == "onnxruntime" and r["clock"] == "thread cpu" and r["verdict"] in VERDICTS and r["why"]
+        assert r["a"]["runs"] == r["b"]["runs"] == 6 and r["blocks"] == len(r["block_ratios"]) == 6
+        logs = np.sort(np.log(r["block_ratios"]))  # the estimate and interval, recomputed here
+        assert r["speedup"] == pytest.approx(math.exp(np.median(logs)))
+        assert r["speedup_ci"] == pytest.approx([math.exp(logs[0]), math.exp(logs[-1])])  # 6 blocks: the extremes
+        assert r["a"]["p10_ms"] <= r["a"]["median_ms"] <= r["a"]["p90_ms"] and r["spread_pct"] >= 0
 
 
-def test_runs_are_interleaved(tiny, monkeypatch):
-    """Record which session runs when: A and B alternate, rotating who goes first."""
-    calls: list[str] = []
-    real_session = bench_mod.session
-
-    class Recorder:
-        def __init__(self, inner, tag):
-            self.inner, self.tag = inner, tag
-
-        def get_outputs(self):
-            return self.inner.get_outputs()
-
-        def run(self, names, feeds):
-            calls.append(self.tag)
-            return self.inner.run(names, feeds)
-
-    tags = iter("ABAB")
-    monkeypatch.setattr(bench_mod, "session", lambda *a, **k: Recorder(real_session(*a, **k), next(tags)))
-    feeds = {"input": np.zeros((1, 3, 8, 8), np.float32)}
-    bench_mod.time_interleaved([tiny, tiny], feeds, "cpu", "disabled", 1, warmup=0, runs=4, seconds=None)
-    assert "".join(calls) == "AB" + "ABBAABBA"  # one checked run each, then the rotated rounds
+def test_default_threads_are_chosen_and_said(tiny, capsys):
+    assert cli(["bench", str(tiny), "--runs", "6", "--blocks", "6", "--warmup", "0", "--level", "disabled",
+                "--json"]) == 0
+    report = _json(capsys)
+    assert 1 <= report["threads"] <= (os.cpu_count() or 1)
+    assert "other runnable task" in report["threads_reason"] and f"{report['threads']} free" in report["threads_reason"]
 
 
-def test_fail_below_exits_1(tiny, capsys):
-    assert cli(["bench", str(tiny), str(tiny), "--runs", "5", "--warmup", "0", "--level", "disabled",
-                "--fail-below", "1000", "--json"]) == 1
+def test_a_wall_clock_with_more_than_one_thread(tiny, capsys):
+    assert cli(["bench", str(tiny), "--runs", "6", "--blocks", "6", "--warmup", "0", "--level", "disabled",
+                "--threads", "2", "--json"]) == 0
+    assert _json(capsys)["results"][0]["clock"] == "wall"
 
 
-@pytest.mark.parametrize("args", [["--provider", "cuda"], ["--provider", "nosuch"], ["--level", "fastest"],
-                                  ["--batch-size", "one"], ["--runs", "1"]])
-def test_bad_options_exit_2_one_line(tiny, args):
+def test_human_report_says_verdict_spread_and_threads(tiny, capsys):
+    assert cli(["bench", str(tiny), *QUICK, "--level", "disabled"]) == 0
+    text = capsys.readouterr().out
+    assert "verdict" in text and "spread" in text and "95 % interval" in text
+    assert "1 thread(s) (--threads 1)" in text and "6 blocks with fresh sessions" in text
+    assert "ort cpu disabled ×1:" in text
+
+
+# -- --fail-below on synthetic block times -----------------------------------------------------
+
+
+def _fake_core(ratios: list[float]):
+    """time_blocks returning one run per block per model: A = r_b, B = 1."""
+    def fake(makers, plan, seed=0, progress=None):
+        return BlockTimes([[[r] for r in ratios], [[1.0] for _ in ratios]], [[0.001] * len(ratios)] * 2)
+    return fake
+
+
+CLEAN_FASTER = [1.20 + 0.001 * i for i in range(20)]
+CLEAN_SLOWER = [0.80 + 0.001 * i for i in range(20)]
+STRADDLING = [0.99 + 0.001 * i for i in range(20)]  # x(6) … x(15) = 0.995 … 1.004
+NOISY = list(1.3 * np.random.default_rng(0).lognormal(0, 0.15, 20))  # all above 1, but ± over 5 %
+
+
+@pytest.mark.parametrize("ratios, code, outcome", [
+    (CLEAN_FASTER, 0, "pass"), (CLEAN_SLOWER, 1, "fail"), (STRADDLING, 2, "cannot tell"), (NOISY, 2, "cannot tell"),
+])
+def test_fail_below(tiny, monkeypatch, capsys, ratios, code, outcome):
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", _fake_core(ratios))
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--fail-below", "1.0", "--json"]) == code
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["fail_below"] == 1.0 and report["fail_below_outcome"] == outcome
+    assert report["results"][0]["fail_below"] == outcome
+    if code:
+        assert len(captured.err.strip().splitlines()) == 1
+    if ratios is NOISY:
+        assert report["results"][0]["verdict"] == "cannot tell" and "too noisy" in report["results"][0]["why"]
+        assert "too noisy" in captured.err
+    if ratios is STRADDLING:
+        assert "straddles 1" in captured.err and "cannot tell" in captured.err
+
+
+def test_fail_below_fails_when_any_result_is_below(tiny, monkeypatch, capsys):
+    """One configuration clearly below and one that cannot tell: a known regression fails."""
+    fakes = iter([_fake_core(CLEAN_SLOWER), _fake_core(STRADDLING)])
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", lambda *a, **k: next(fakes)(*a, **k))
+    assert cli(["bench", str(tiny), "--threads", "1", "--fail-below", "1.0", "--json"]) == 1
+    outcomes = [r["fail_below"] for r in _json(capsys)["results"]]
+    assert outcomes == ["fail", "cannot tell"]
+
+
+def test_the_synthetic_interval_is_the_order_statistics(tiny, monkeypatch, capsys):
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", _fake_core(CLEAN_FASTER))
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--json"]) == 0
+    r = _json(capsys)["results"][0]
+    k = order_statistic_rank(20)
+    assert k == 6 and r["speedup_ci"] == pytest.approx([CLEAN_FASTER[k - 1], CLEAN_FASTER[20 - k]])
+    assert r["verdict"] == "B faster"
+
+
+# -- options and providers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--provider", "cuda"], "onnxruntime-gpu"), (["--provider", "CUDAExecutionProvider"], "onnxruntime-gpu"),
+    (["--provider", "tensorrt"], "TensorRT"), (["--provider", "openvino"], "onnxruntime-openvino"),
+    (["--provider", "nosuch"], "unknown execution provider"), (["--level", "fastest"], "optimization level"),
+    (["--batch-size", "one"], "--batch-size"), (["--runs", "0"], "--runs"), (["--blocks", "5"], "--blocks"),
+    (["--seconds", "1"], "give one"), (["--runtime", "torch"], "needs a torch checkpoint"),
+    (["--runtime", "tvm"], "--runtime"), (["--torch-form", "onnx"], "--torch-form"),
+])
+def test_bad_options_exit_2_one_line(tiny, args, needle, capsys, monkeypatch):
+    monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
+    assert cli(["bench", str(tiny), "--runs", "3", *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err and captured.out == ""
+    assert needle in lines[0]
+
+
+def test_missing_provider_from_the_command_line(tiny):
     exe = Path(sys.executable).with_name("bnfold")
     env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(exe), "bench", str(tiny), "--runs", "3", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
-    if args[1] == "cuda":
-        assert "onnxruntime-gpu" in lines[0]
+    proc = subprocess.run([str(exe), "bench", str(tiny), "--runs", "3", "--provider", "cuda"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "pip install onnxruntime-gpu" in proc.stderr
 
 
 def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path):
-    import onnx
-
     rng = np.random.default_rng(0)
     inits = [init("W", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32))] + bn_inits("bn", 8, rng)
     nodes = [helper.make_node("Conv", ["input", "W"], ["z"], name="conv"), bn_node("z", "y")]
     path = tmp_path / "fixed.onnx"
     onnx.save(make_model(nodes, [vi("input", [1, 3, 8, 8])], [vi("y", None)], inits), str(path))
     assert cli(["bench", str(path), "--batch-size", "4", "--runs", "2"]) == 2
-    assert cli(["bench", str(path), "--batch-size", "1", "--runs", "2", "--warmup", "0", "--json"]) == 0
+    assert cli(["bench", str(path), "--batch-size", "1", *QUICK, "--level", "disabled", "--json"]) == 0
+
+
+def test_a_non_cpu_provider_reports_node_placement(tiny, monkeypatch, capsys):
+    """Placement is profiled for any provider but the CPU. This onnxruntime has none, so the CPU
+    is made to look like another provider: every node then shows up as CPU fallback."""
+    monkeypatch.setattr("bnfold.onnxfold.bench.provider_name", lambda name: "XnnpackExecutionProvider")
+    assert cli(["bench", str(tiny), *QUICK, "--level", "disabled", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)["results"][0]
+    assert r["placement"] == {"A": {"CPUExecutionProvider": 2}, "B": {"CPUExecutionProvider": 1}}
+    assert r["clock"] == "wall"  # only a CPU run is timed on the thread's CPU clock
+    assert "2 of 2 nodes of A and 1 of 1 nodes of B ran on the CPU" in " ".join(captured.err.split())
+    assert cli(["bench", str(tiny), *QUICK, "--level", "disabled"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "node placement ort cpu disabled ×1: A: 2 on CPUExecutionProvider; B: 1 on CPUExecutionProvider" in text
+
+
+def test_cpu_fallback_of_a_gpu_provider_is_a_warning():
+    from bnfold.onnxfold.bench import cpu_fallback
+    from bnfold.report import BenchResult, Timing
+
+    t = Timing(1.0, 0.9, 1.1, 1.0, 10, 5.0)
+    r = BenchResult("cuda", "default", 1, t, t, 1.0, [0.99, 1.01],
+                    placement={"A": {"CUDAExecutionProvider": 40, "CPUExecutionProvider": 3},
+                               "B": {"CUDAExecutionProvider": 30}})
+    assert cpu_fallback(r) == ("cuda default ×1: 3 of 43 nodes of A ran on the CPU (fallback), so this time is not "
+                               "all cuda")
+    r.placement = {"A": {"CUDAExecutionProvider": 40}, "B": {"CUDAExecutionProvider": 30}}
+    assert cpu_fallback(r) is None
+
+
+# -- the torch runtime -------------------------------------------------------------------------
+
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 1.5)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("torch_bench")
+    model = _conv_bn()
+    torch.save(model, folder / "conv_bn.pt")
+    torch.jit.save(torch.jit.script(model), str(folder / "conv_bn.ts.pt"))
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), str(folder / "conv_bn.pt2"))
+    return {"model": model, "pickle": folder / "conv_bn.pt", "torchscript": folder / "conv_bn.ts.pt",
+            "pt2": folder / "conv_bn.pt2"}
+
+
+class CapturingCore:
+    """Stands in for the timing core: keeps the makers it is given, returns clean block times."""
+
+    def __init__(self):
+        self.makers = []
+
+    def __call__(self, makers, plan, seed=0, progress=None):
+        self.makers.append(makers)
+        return _fake_core(CLEAN_FASTER)(makers, plan)
+
+
+@pytest.mark.parametrize("kind, forms, expected", [
+    ("pickle", None, ["eager"]),
+    ("pickle", "eager,torchscript", ["eager", "torchscript"]),
+    ("torchscript", None, ["torchscript"]),
+    ("pt2", None, ["export"]),
+])
+def test_torch_runtime_times_the_module_and_its_fold(torch_files, monkeypatch, capsys, kind, forms, expected):
+    core = CapturingCore()
+    monkeypatch.setattr("bnfold.torchfold.bench.time_blocks", core)
+    args = ["bench", str(torch_files[kind]), "--trust-pickle", "--runtime", "torch", "--shape", "input=2,3,8,8",
+            "--threads", "1", "--json"] + (["--torch-form", forms] if forms else [])
+    assert cli(args) == 0
+    report = _json(capsys)
+    assert report["runtimes"] == ["torch"] and [r["level"] for r in report["results"]] == expected
+    assert all(r["runtime"] == "torch" and r["provider"] == "cpu" and r["clock"] == "thread cpu"
+               for r in report["results"])
+    assert report["original"]["bn_nodes"] == 1 and report["fused"]["bn_nodes"] == 0
+    assert report["original"]["format"] == {"pickle": "torch-pickle", "torchscript": "torchscript",
+                                            "pt2": "torch-export"}[kind]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_out = torch_files["model"](x)
+        for makers in core.makers:  # what was timed: the original and its fold, computing the same
+            a, b = makers[0](), makers[1]()
+            assert a.inputs[0].shape == (2, 3, 8, 8)
+            torch.testing.assert_close(a.module(x), expected_out)
+            torch.testing.assert_close(b.module(x), expected_out, rtol=1e-5, atol=1e-5)
+            assert a.module is not makers[0]().module  # a fresh copy for every block
+
+
+def test_torch_runtime_end_to_end_beside_onnxruntime(torch_files, capsys):
+    assert cli(["bench", str(torch_files["pickle"]), "--trust-pickle", "--shape", "input=1,3,8,8", *QUICK,
+                "--level", "disabled", "--json"]) == 0
+    report = _json(capsys)
+    assert report["runtimes"] == ["torch", "onnxruntime"]
+    assert [(r["runtime"], r["level"]) for r in report["results"]] == [("torch", "eager"), ("onnxruntime", "disabled")]
+    assert all(r["verdict"] in VERDICTS and len(r["block_ratios"]) == 6 for r in report["results"])
+    assert any("folded" in n for n in report["notes"])
+
+
+def test_torch_runtime_refuses_forms_a_checkpoint_cannot_take(torch_files):
+    assert cli(["bench", str(torch_files["torchscript"]), "--runtime", "torch", "--torch-form", "eager",
+                "--shape", "input=1,3,8,8", "--runs", "2"]) == 2
+
+
+def test_torch_cuda_missing_names_what_to_install(monkeypatch):
+    from bnfold.errors import MissingProvider
+    from bnfold.torchfold.bench import torch_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MissingProvider, match="CUDA build of torch"):
+        torch_devices(["cuda"])
+    assert torch_devices(["all"]) == ["cpu"] and torch_devices(["CPU"]) == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_devices(["all"]) == ["cpu", "cuda"] and torch_devices(["cuda"]) == ["cuda"]
