@@ -173,7 +173,8 @@ class ModuleMaker:
             except Exception as exc:  # noqa: BLE001 — a forward can raise anything
                 shapes = ", ".join(str(list(t.shape)) for t in inputs)
                 raise BadInput(f"torch cannot run the model on inputs of shape {shapes} ({type(exc).__name__}: "
-                               f"{(str(exc).splitlines() or [''])[0][:160]})", self.path) from None
+                               f"{(str(exc).splitlines() or [''])[0][:160]}); pass the --batch-size or --shape "
+                               "it takes", self.path) from None
             self.checked = True
         return ModuleRun(module, inputs, self.device.startswith("cuda"))
 
