@@ -72,7 +72,7 @@ def batch_for(name: str) -> int:
 def latency(models, runs: int, threads: int) -> list[dict]:
     from bnfold import fuse_file
     from bnfold.check.inputs import make_inputs
-    from bnfold.check.timing import Plan, block_ratios, median, speedup_of, time_blocks
+    from bnfold.check.timing import Plan, block_ratios, median, speedup_of, time_blocks, use_thread_clock
     from bnfold.onnxfold.bench import SessionMaker
     from bnfold.onnxfold.io import read_signature
 
@@ -83,7 +83,7 @@ def latency(models, runs: int, threads: int) -> list[dict]:
         for level in ("disabled", "default"):
             paths = [files["original"], fused, files["twin"]]
             makers = [SessionMaker(p, feeds, "cpu", level, threads) for p in paths]
-            times = time_blocks(makers, Plan(blocks=20, runs=runs, cpu_clock=threads == 1))
+            times = time_blocks(makers, Plan(blocks=20, runs=runs, cpu_clock=use_thread_clock(threads, True)))
             unfused, folded, twin = (median(np.concatenate(t)) * 1e3 for t in times.runs)
             speedup = speedup_of(block_ratios(times.runs[0], times.runs[1]))
             vs_twin = speedup_of(block_ratios(times.runs[1], times.runs[2]))

@@ -36,8 +36,9 @@ def bench(
                                              "onnxruntime's names), or all installed ones; comma-separated."),
     batch_size: str = typer.Option("1", help="Samples per run, comma-separated for several (e.g. 1,8)."),
     level: str = typer.Option("disabled,default", help="ORT optimization levels: disabled, basic, extended, default."),
-    runtime: str = typer.Option("auto", help="onnxruntime, torch, or both; auto: onnxruntime for ONNX, torch and "
-                                             "onnxruntime (of the ONNX export) for a torch checkpoint."),
+    runtime: str = typer.Option("auto", help="onnxruntime, torch, or both (comma-separated); auto: onnxruntime "
+                                             "for ONNX, torch and onnxruntime (of the ONNX export) for a torch "
+                                             "checkpoint."),
     torch_form: Optional[str] = typer.Option(None, help="Torch runtime: eager, torchscript, export (comma-separated; "
                                                         "default: the checkpoint's own form)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for A and B (default: the cores other "

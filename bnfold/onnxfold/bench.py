@@ -13,7 +13,7 @@ import numpy as np
 
 from ..check.inputs import describe_inputs, load_inputs, make_inputs
 from ..check.runtime import PROVIDERS, available_providers, node_placement, provider_name, run_session, session
-from ..check.timing import Plan, bench_result, offset_progress, time_blocks
+from ..check.timing import Plan, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import UsageError
 from ..options import BenchOptions
 from ..report import BenchResult, InputInfo, ModelInfo
@@ -79,7 +79,7 @@ def bench_onnx(original: Path, fused: Path, options: BenchOptions, threads: int,
             inputs = describe_inputs(feeds)
         cpu = provider_name(provider) == PROVIDERS["cpu"]
         plan = Plan(options.blocks, options.timed_seconds, options.runs, options.warmup,
-                    cpu_clock=cpu and threads == 1)
+                    cpu_clock=use_thread_clock(threads, cpu))
         makers = [SessionMaker(original, feeds, provider, level, threads), SessionMaker(fused, feeds, provider, level,
                                                                                          threads)]
         times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..check.inputs import describe_inputs
-from ..check.timing import Plan, bench_result, offset_progress, time_blocks
+from ..check.timing import Plan, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
@@ -68,7 +68,7 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
         for k, (device, batch, form) in enumerate(configs):
             inputs = _batch_of(example, batch, given)
             plan = Plan(options.blocks, options.timed_seconds, options.runs, options.warmup,
-                        cpu_clock=device == "cpu" and threads == 1)
+                        cpu_clock=use_thread_clock(threads, device == "cpu"))
             with torch.no_grad():
                 makers = [ModuleMaker(as_form(m, form, inputs), inputs, device, original) for m in (a, b)]
                 times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
@@ -173,7 +173,8 @@ class ModuleMaker:
             except Exception as exc:  # noqa: BLE001 — a forward can raise anything
                 shapes = ", ".join(str(list(t.shape)) for t in inputs)
                 raise BadInput(f"torch cannot run the model on inputs of shape {shapes} ({type(exc).__name__}: "
-                               f"{(str(exc).splitlines() or [''])[0][:160]})", self.path) from None
+                               f"{(str(exc).splitlines() or [''])[0][:160]}); pass the --batch-size or --shape "
+                               "it takes", self.path) from None
             self.checked = True
         return ModuleRun(module, inputs, self.device.startswith("cuda"))
 

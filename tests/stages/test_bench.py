@@ -84,11 +84,14 @@ def test_human_report_says_verdict_spread_and_threads(tiny, capsys):
 # -- --fail-below on synthetic block times -----------------------------------------------------
 
 
-def _fake_core(ratios: list[float]):
-    """time_blocks returning one run per block per model: A = r_b, B = 1."""
-    def fake(makers, plan, seed=0, progress=None):
-        return BlockTimes([[[r] for r in ratios], [[1.0] for _ in ratios]], [[0.001] * len(ratios)] * 2)
-    return fake
+class FakeCore:
+    """Stands in for time_blocks: one run per block per model, A = r_b and B = 1."""
+
+    def __init__(self, ratios: list[float]):
+        self.ratios = ratios
+
+    def __call__(self, makers, plan, seed=0, progress=None) -> BlockTimes:
+        return BlockTimes([[[r] for r in self.ratios], [[1.0] for _ in self.ratios]], [[0.001] * len(self.ratios)] * 2)
 
 
 CLEAN_FASTER = [1.20 + 0.001 * i for i in range(20)]
@@ -101,7 +104,7 @@ NOISY = list(1.3 * np.random.default_rng(0).lognormal(0, 0.15, 20))  # all above
     (CLEAN_FASTER, 0, "pass"), (CLEAN_SLOWER, 1, "fail"), (STRADDLING, 2, "cannot tell"), (NOISY, 2, "cannot tell"),
 ])
 def test_fail_below(tiny, monkeypatch, capsys, ratios, code, outcome):
-    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", _fake_core(ratios))
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", FakeCore(ratios))
     assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--fail-below", "1.0", "--json"]) == code
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -118,7 +121,7 @@ def test_fail_below(tiny, monkeypatch, capsys, ratios, code, outcome):
 
 def test_fail_below_fails_when_any_result_is_below(tiny, monkeypatch, capsys):
     """One configuration clearly below and one that cannot tell: a known regression fails."""
-    fakes = iter([_fake_core(CLEAN_SLOWER), _fake_core(STRADDLING)])
+    fakes = iter([FakeCore(CLEAN_SLOWER), FakeCore(STRADDLING)])
     monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", lambda *a, **k: next(fakes)(*a, **k))
     assert cli(["bench", str(tiny), "--threads", "1", "--fail-below", "1.0", "--json"]) == 1
     outcomes = [r["fail_below"] for r in _json(capsys)["results"]]
@@ -126,7 +129,7 @@ def test_fail_below_fails_when_any_result_is_below(tiny, monkeypatch, capsys):
 
 
 def test_the_synthetic_interval_is_the_order_statistics(tiny, monkeypatch, capsys):
-    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", _fake_core(CLEAN_FASTER))
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", FakeCore(CLEAN_FASTER))
     assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--json"]) == 0
     r = _json(capsys)["results"][0]
     k = order_statistic_rank(20)
@@ -235,7 +238,7 @@ class CapturingCore:
 
     def __call__(self, makers, plan, seed=0, progress=None):
         self.makers.append(makers)
-        return _fake_core(CLEAN_FASTER)(makers, plan)
+        return FakeCore(CLEAN_FASTER)(makers, plan)
 
 
 @pytest.mark.parametrize("kind, forms, expected", [
