@@ -124,6 +124,15 @@ def dynamic_dims(program) -> tuple | None:
     return tuple(shapes) if any(shapes) else None
 
 
+def fixed_batch(program) -> int | None:
+    """The first input's batch size where the exported program fixed it, else None."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shape = getattr(nodes[user_inputs[0]].meta.get("val"), "shape", ()) if user_inputs else ()
+    return shape[0] if len(shape) and isinstance(shape[0], int) else None
+
+
 def export_program(module, args, kwargs, dynamic_shapes=None):
     try:
         return torch.export.export(module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes)
@@ -155,8 +164,35 @@ def write_onnx(module, example, dst: Path) -> Path:
 def to_onnx(module, example, target) -> None:
     """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs."""
     names = [f"input{i}" if i else "input" for i in range(len(example))]
+    mode, outputs = torch.onnx.TrainingMode.EVAL, None
+    if refuses_train(module):
+        mode, outputs = torch.onnx.TrainingMode.PRESERVE, graph_output_names(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(example), target, dynamo=False, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.EVAL, opset_version=17, input_names=names,
+                          training=mode, opset_version=17, input_names=names, output_names=outputs,
                           dynamic_axes={name: {0: "batch"} for name in names})
+
+
+def refuses_train(module) -> bool:
+    """torch.export's unlifted module (ExportedProgram.module()) raises on train()/eval(), which
+    the exporter's EVAL mode calls. Its graph is already the inference graph (BNs are
+    _native_batch_norm_legit_no_training), so it is exported as it is, its flags set by hand."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return False
+    try:
+        module.train(module.training)
+    except NotImplementedError:
+        for sub in module.modules():
+            sub.training = False
+        return True
+    return False
+
+
+def graph_output_names(module: torch.fx.GraphModule) -> list[str]:
+    """Names for every output of an fx graph: the legacy exporter reads a GraphModule's `.graph`
+    as a TorchScript graph when it has to name the outputs itself, and fails."""
+    leaves: list = []
+    for node in module.graph.find_nodes(op="output"):
+        torch.fx.node.map_arg(node.args[0], leaves.append)
+    return [f"output{i}" if i else "output" for i in range(max(1, len(leaves)))]

@@ -32,11 +32,12 @@ def verify_torch(original: Path, fused: Path, options: VerifyOptions, load: Load
     batches = 1 if options.data is not None else options.batches
     report = VerifyReport(str(original), str(fused), False, runtime, "cpu", options.atol, options.rtol, seed, batches)
     pairs = _pairs(source, target)
+    hint = _program_example(source.sets[0])
     if len(pairs) < len(source.sets):
         report.notes.append(f"compared weight set {pairs[0][0]!r} only: {fused} holds one")
     runs = []
     for name, a, b in pairs:
-        for run in _compare(a, b, fused, options, original, report):
+        for run in _compare(a, b, fused, options, original, report, hint):
             for comparison in run:
                 comparison.name = f"{name}/{comparison.name}" if len(pairs) > 1 else comparison.name
             runs.append(run)
@@ -53,13 +54,14 @@ def _pairs(source, target) -> list[tuple[str, object, object]]:
     return pairs or [(source.sets[0].name, _eval(source.sets[0]), _eval(target.sets[0]))]
 
 
-def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: VerifyReport) -> list[list]:
+def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: VerifyReport,
+             hint: tuple[torch.Tensor, ...] | None = None) -> list[list]:
     """One list of OutputComparisons per input batch; `b` None: the fused ONNX in onnxruntime."""
     session_b = session(fused, "cpu") if b is None else None
     onnx_names = [i.name for i in read_signature(fused).graph.input] if b is None else []
     runs = []
     for k in range(1 if options.data is not None else options.batches):
-        example = _example(a, options, options.seed + k, original)
+        example = _example(a, options, options.seed + k, original, hint)
         feeds = {f"input{i}" if i else "input": t.numpy() for i, t in enumerate(example)}
         if not report.inputs:
             report.inputs = describe_inputs(feeds)
@@ -81,7 +83,15 @@ def _eval(ws):
     return module
 
 
-def _example(module, options: VerifyOptions, seed: int, path: Path) -> tuple[torch.Tensor, ...]:
+def _program_example(ws) -> tuple[torch.Tensor, ...] | None:
+    """An exported program's own example inputs: the shapes its guards were made for."""
+    if ws.kind != EXPORT or not ws.module.example_inputs:
+        return None
+    return tuple(t for t in ws.module.example_inputs[0] if isinstance(t, torch.Tensor)) or None
+
+
+def _example(module, options: VerifyOptions, seed: int, path: Path,
+             hint: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
     dtype = _float_dtype(module)
     if options.data is not None:
         return tuple(t.to(dtype) if t.is_floating_point() else t for t in load_arrays(options.data))
@@ -89,6 +99,9 @@ def _example(module, options: VerifyOptions, seed: int, path: Path) -> tuple[tor
     if options.shapes:
         check_shape_names(options.shapes, module, path)
         return tuple(torch.randn(*dims, generator=g).to(dtype) for dims in options.shapes.values())
+    if hint is not None:  # a fixed batch is the only one the program takes
+        return tuple(torch.randn(options.batch_size or t.shape[0], *t.shape[1:], generator=g).to(t.dtype)
+                     if t.ndim and t.is_floating_point() else t for t in hint)
     guess = guess_example(module) if isinstance(module, torch.nn.Module) else None
     if guess is None and isinstance(module, torch.jit.ScriptModule):
         guess = guess_script_example(module)

@@ -281,6 +281,17 @@ def test_torch_runtime_end_to_end_beside_onnxruntime(torch_files, capsys):
     assert any("folded" in n for n in report["notes"])
 
 
+def test_pt2_by_default_times_torch_and_its_onnx_export(torch_files, capsys):
+    assert cli(["bench", str(torch_files["pt2"]), "--batch-size", "2", *QUICK, "--level", "disabled", "--json"]) == 0
+    report = _json(capsys)
+    assert [(r["runtime"], r["level"], r["batch_size"]) for r in report["results"]] == [
+        ("torch", "export", 2), ("onnxruntime", "disabled", 2)]
+    # the program was exported at batch 2 and guards it: another batch size is refused up front, naming the file
+    assert cli(["bench", str(torch_files["pt2"]), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "conv_bn.pt2" in err and "fixed batch size 2" in err and "--batch-size 2" in err
+
+
 def test_torch_runtime_refuses_forms_a_checkpoint_cannot_take(torch_files):
     assert cli(["bench", str(torch_files["torchscript"]), "--runtime", "torch", "--torch-form", "eager",
                 "--shape", "input=1,3,8,8", "--runs", "2"]) == 2

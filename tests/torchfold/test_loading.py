@@ -254,6 +254,24 @@ def test_output_suffix_sets_the_format(cnn, tmp_path, capsys):
             tmp_path, capsys)
 
 
+def test_pt2_to_onnx_runs_the_program_it_came_from(cnn, tmp_path, capsys):
+    """torch.export's module refuses train()/eval(), which the legacy ONNX exporter calls."""
+    src = tmp_path / "m.pt2"
+    x = torch.randn(2, *SHAPE)
+    torch.export.save(torch.export.export(cnn, (x,)), src)
+    report = fuse_json([str(src), "-o", str(tmp_path / "m.onnx")], capsys)
+    model = onnx.load(report["output"])
+    onnx.checker.check_model(model)
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(report["output"], providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), cnn(x))
+    assert cli(["verify", str(src), report["output"]]) == 0
+
+
 def test_report_says_what_happened(cnn, tmp_path, capsys):
     src = tmp_path / "sd.pt"
     torch.save({"state_dict": cnn.state_dict(), "epoch": 3}, src)
