@@ -7,9 +7,10 @@ For every model config and method: `--n` self-benchmarks with no competitor star
 and `--n` beside one CPU-bound competitor (`python3 -c "while True: pass"`, always killed
 afterwards). "after" is `bnfold.bench` with its defaults (blocks of fresh sessions, threads
 from the load); "before" is the method bnfold used until issue 14, re-implemented here (one
-session pair, all cores, AB BA AB …, a bootstrap over run pairs). The table gives how often the
-95 % interval contains 1.00, its half-width, the ratio, and how often the verdict rule would
-have claimed a difference. Other processes on the machine are not ours: their CPU use
+session pair, all cores, AB BA AB …, a bootstrap over run pairs); "after+aa" is "after" with
+`--aa-check` (a second copy of A in every block; its verdict is bench's own). The table gives
+how often the 95 % interval contains 1.00, its half-width, the ratio, and how often the verdict
+rule would have claimed a difference. Other processes on the machine are not ours: their CPU use
 ("foreign cores", from /proc/stat minus ours and the competitor's) is measured during each
 setting and printed beside it. `--seconds 1,2,4` sweeps the duration (the default's reason).
 """
@@ -63,7 +64,7 @@ def build_models(folder: Path) -> dict[str, Path]:
 # -- the two methods ---------------------------------------------------------------------------
 
 
-def before(path: Path, batch: int, seconds: float | None, seed: int) -> tuple[float, float, float, int]:
+def before(path: Path, batch: int, seconds: float | None, seed: int) -> tuple:
     """bnfold until issue 14: one session per model, threads = all cores, warm-up 5, rounds AB,
     BA, AB … for `seconds`, ratio of medians, 2.5/97.5 percentiles of 2000 pair resamples."""
     from bnfold.check.inputs import make_inputs
@@ -88,23 +89,29 @@ def before(path: Path, batch: int, seconds: float | None, seed: int) -> tuple[fl
     idx = np.random.default_rng(seed).integers(0, a.size, size=(2000, a.size))
     resampled = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     return float(np.median(a) / np.median(b)), float(np.percentile(resampled, 2.5)), \
-        float(np.percentile(resampled, 97.5)), threads
+        float(np.percentile(resampled, 97.5)), threads, None
 
 
 THREADS: list[int | None] = [None]  # --threads for "after"; None: bnfold's default (from the load)
 
 
-def after(path: Path, batch: int, seconds: float | None, seed: int) -> tuple[float, float, float, int]:
-    """`bnfold bench A A --level disabled` with everything else at its default."""
+def after(path: Path, batch: int, seconds: float | None, seed: int, aa_check: bool = False) -> tuple:
+    """`bnfold bench A A --level disabled` with everything else at its default; with the A/A
+    check, its verdict too (a failed check turns a claimed difference into cannot tell)."""
     from bnfold import BenchOptions, bench
 
     report = bench(path, path, BenchOptions(batch_sizes=(batch,), levels=("disabled",), seconds=seconds, seed=seed,
-                                            threads=THREADS[0]))
+                                            threads=THREADS[0], aa_check=aa_check))
     r = report.results[0]
-    return r.speedup, r.speedup_ci[0], r.speedup_ci[1], report.threads
+    return r.speedup, r.speedup_ci[0], r.speedup_ci[1], report.threads, r.verdict if aa_check else None
 
 
-METHODS = {"before": before, "after": after}
+def after_aa(path: Path, batch: int, seconds: float | None, seed: int) -> tuple:
+    """`bnfold bench A A --level disabled --aa-check`."""
+    return after(path, batch, seconds, seed, aa_check=True)
+
+
+METHODS = {"before": before, "after": after, "after+aa": after_aa}
 
 
 # -- load: the competitor, and everyone else ---------------------------------------------------
@@ -172,8 +179,8 @@ def run_setting(method: str, path: Path, batch: int, seconds: float | None, load
         foreign = ForeignLoad(pids)
         loadavg = os.getloadavg()[0]
         for k in range(n):
-            ratio, low, high, threads = METHODS[method](path, batch, seconds, k)
-            runs.append((ratio, low, high, threads, verdict(low, high, ratio)))
+            ratio, low, high, threads, said = METHODS[method](path, batch, seconds, k)
+            runs.append((ratio, low, high, threads, said or verdict(low, high, ratio)))
             if verbose:
                 print(f"  {method} {path.stem} b{batch} {'competitor' if load else 'idle'} {seconds or 'default'} s "
                       f"run {k}: "
@@ -195,7 +202,7 @@ def run_setting(method: str, path: Path, batch: int, seconds: float | None, load
 def _default_seconds(method: str) -> float:
     from bnfold.options import DEFAULT_SECONDS
 
-    return 2.0 if method == "before" else DEFAULT_SECONDS
+    return 2.0 if method == "before" else DEFAULT_SECONDS  # after+aa: A and B get as many rounds as after's
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -232,7 +239,7 @@ def main() -> None:
     parser.add_argument("--configs", default="mlp:1,mlp:8,cnn:8", help="model:batch, comma-separated")
     parser.add_argument("--seconds", default="default",
                         help="timed seconds per benchmark, comma-separated to sweep (default: each method's own)")
-    parser.add_argument("--methods", default="before,after")
+    parser.add_argument("--methods", default="before,after", help="before, after, after+aa (with --aa-check)")
     parser.add_argument("--settings", default="idle,competitor")
     parser.add_argument("--out", type=Path, help="markdown file whose section (--section) is replaced")
     parser.add_argument("--section", default="noise", help="marker name of that section, e.g. noise-duration")

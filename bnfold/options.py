@@ -147,6 +147,7 @@ class BenchOptions:
     runtimes: tuple[str, ...] = ("auto",)
     torch_forms: tuple[str, ...] | None = None
     fail_below: float | None = None
+    aa_check: bool = False  # time A′ (a second copy of A) in every block too
 
     def __post_init__(self):
         for n in self.batch_sizes:

@@ -211,6 +211,10 @@ class BenchResult:
     clock: str = "wall"  # "thread cpu" (1 thread on a CPU: preemption not counted) or "wall"
     placement: dict[str, dict[str, int]] | None = None  # non-CPU provider: nodes per provider, of A and of B
     fail_below: str | None = None  # with --fail-below: "pass", "fail" or "cannot tell"
+    # with --aa-check: A against A′ (a second copy of A, timed in the same blocks)
+    aa_speedup: float | None = None
+    aa_ci: list[float] | None = None
+    aa_check: str | None = None  # "passed", or "failed": the verdict rule saw a difference between A and A′
 
 
 @dataclass
@@ -238,6 +242,7 @@ class BenchReport:
     results: list[BenchResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a GPU provider that ran nodes on the CPU
+    aa_check: bool = False  # every block also timed A′, a second copy of A
     fail_below: float | None = None
     fail_below_outcome: str | None = None  # "pass", "fail", "cannot tell": decides the exit code
     fail_below_why: str | None = None

@@ -43,9 +43,10 @@ Maker = Callable[[], Runner]  # makes a fresh runner: a new session, a new copy 
 CONFIDENCE = 0.95
 MIN_BLOCKS = 6  # fewer blocks cannot give a 95 % order-statistic interval
 SAME_WITHIN = 0.01  # a speed-up inside 1 ± 1 % is "the same"
-TOO_NOISY = 0.05  # an interval wider than ±5 % decides nothing
+TOO_NOISY = 0.05  # an undecided interval wider than ±5 % is called too noisy: run longer or quieter
 
 B_FASTER, B_SLOWER, SAME, CANNOT_TELL = "B faster", "B slower", "same within ±1 %", "cannot tell"
+AA_PASSED, AA_FAILED = "passed", "failed"
 
 
 # -- the plan and the core ---------------------------------------------------------------------
@@ -123,7 +124,7 @@ def _make_runners(makers: Sequence[Maker], block: int, made: list[list[float]]) 
 def _time_rounds(runners: Sequence[Runner], plan: Plan, rng: np.random.Generator,
                  clock: Callable[[], float]) -> list[list[float]]:
     times: list[list[float]] = [[] for _ in runners]
-    budget = plan.seconds / plan.blocks
+    budget = plan.seconds / plan.blocks * len(runners) / 2  # A′ (--aa-check) takes no time from A and B
     fixed = plan.rounds_fixed()
     began, done = time.perf_counter(), 0
     while _more_rounds(done, fixed, plan.min_rounds, budget, time.perf_counter() - began):
@@ -211,36 +212,43 @@ def half_width(low: float, high: float, estimate: float) -> float:
 
 
 def judge(low: float, high: float, half: float, busy: float | None = None) -> tuple[str, str]:
-    """The noise rule. Too wide (over ±5 %) → cannot tell; the whole interval above 1.01 →
-    B faster; below 0.99 → B slower; inside [0.99, 1.01] → the same; else cannot tell."""
+    """The noise rule: the whole interval above 1.01 → B faster; below 0.99 → B slower; inside
+    [0.99, 1.01] → the same; else cannot tell, called too noisy when the interval is over ±5 %.
+
+    The interval's width is the noise: a wide interval that still clears 1.01 has resolved the
+    question (a 30 % speed-up measured ±8 % is a speed-up), so width alone never overrules it."""
     interval = f"95 % interval {low:.3f}–{high:.3f}"
-    if half > TOO_NOISY:
-        load = "" if busy is None else f", {busy:.1f} other runnable task(s) when it started"
-        return CANNOT_TELL, (f"too noisy: the {interval} is ±{100 * half:.1f} % wide (limit ±{100 * TOO_NOISY:.0f} %"
-                             f"{load}); run longer (--seconds) or on a quieter machine")
     if low > 1 + SAME_WITHIN:
         return B_FASTER, f"the whole {interval} is above {1 + SAME_WITHIN:.2f}"
     if high < 1 - SAME_WITHIN:
         return B_SLOWER, f"the whole {interval} is below {1 - SAME_WITHIN:.2f}"
     if low >= 1 - SAME_WITHIN and high <= 1 + SAME_WITHIN:
         return SAME, f"the whole {interval} is inside {1 - SAME_WITHIN:.2f}–{1 + SAME_WITHIN:.2f}"
+    if half > TOO_NOISY:
+        return CANNOT_TELL, f"too noisy: {_wide(interval, half, busy)}, holding both no difference and one over " \
+                            f"{100 * SAME_WITHIN:.0f} %; run longer (--seconds) or on a quieter machine"
     return CANNOT_TELL, (f"the {interval} holds both no difference and one over {100 * SAME_WITHIN:.0f} %; "
                          "run longer (--seconds) to narrow it")
+
+
+def _wide(interval: str, half: float, busy: float | None) -> str:
+    load = "" if busy is None else f", {busy:.1f} other runnable task(s) when it started"
+    return f"the {interval} is ±{100 * half:.1f} % wide{load}"
 
 
 PASS, FAIL = "pass", "fail"
 
 
 def threshold_outcome(low: float, high: float, half: float, threshold: float) -> tuple[str, str]:
-    """--fail-below X: fail only when the whole interval is below X; cannot tell when it
-    straddles X or is too noisy (over ±5 %) to decide anything; pass when at or above X."""
+    """--fail-below X: fail only when the whole interval is below X; pass when it is at or above
+    X; cannot tell when it straddles X (too noisy when it is also over ±5 % wide)."""
     interval = f"95 % interval {low:.3f}–{high:.3f}"
-    if half > TOO_NOISY:
-        return CANNOT_TELL, f"too noisy to compare with {threshold:g}: the {interval} is ±{100 * half:.1f} % wide"
     if high < threshold:
         return FAIL, f"the whole {interval} is below {threshold:g}"
     if low >= threshold:
         return PASS, f"the whole {interval} is at or above {threshold:g}"
+    if half > TOO_NOISY:
+        return CANNOT_TELL, f"too noisy: {_wide(interval, half, None)} and straddles {threshold:g}"
     return CANNOT_TELL, f"the {interval} straddles {threshold:g}"
 
 
@@ -298,13 +306,31 @@ def choose_threads(given: int | None) -> tuple[int, str, float | None]:
 
 def bench_result(times: BlockTimes, plan: Plan, provider: str, level: str, batch: int, busy: float | None,
                  runtime: str = "onnxruntime") -> BenchResult:
-    """A against B (models 0 and 1 of `times`) as a BenchResult, with its verdict."""
+    """A against B (models 0 and 1 of `times`) as a BenchResult, with its verdict; a model 2 is
+    A′, a second copy of A, and A against A′ is the A/A check."""
     ratios = block_ratios(times.runs[0], times.runs[1])
     s = speedup_of(ratios, busy)
     a, b = timing_of(times.runs[0], times.made[0]), timing_of(times.runs[1], times.made[1])
-    return BenchResult(provider, level, batch, a, b, s.estimate, [s.low, s.high], runtime, s.verdict, s.why,
-                       s.spread_pct, s.half_width_pct, plan.blocks, ratios,
-                       "thread cpu" if plan.cpu_clock else "wall")
+    result = BenchResult(provider, level, batch, a, b, s.estimate, [s.low, s.high], runtime, s.verdict, s.why,
+                         s.spread_pct, s.half_width_pct, plan.blocks, ratios,
+                         "thread cpu" if plan.cpu_clock else "wall")
+    if len(times.runs) > 2:
+        aa = speedup_of(block_ratios(times.runs[0], times.runs[2]), busy)
+        result.aa_speedup, result.aa_ci = aa.estimate, [aa.low, aa.high]
+        result.aa_check, result.verdict, result.why = aa_check(s, aa)
+    return result
+
+
+def aa_check(ab: Speedup, aa: Speedup) -> tuple[str, str, str]:
+    """The A/A check: when the verdict rule sees a difference between A and a second copy of A
+    timed in the same blocks, the machine is making differences up, and A/B cannot tell.
+    Returns the check's outcome, and the A/B verdict and its reason after it."""
+    read = f"A against A′, a second copy of A, read {aa.estimate:.3f} ({aa.low:.3f}–{aa.high:.3f})"
+    if aa.verdict in (B_FASTER, B_SLOWER):
+        return AA_FAILED, CANNOT_TELL, (f"the A/A check failed: {read}, a difference where there is none, so "
+                                        f"\"{ab.verdict}: {ab.why}\" is not to be trusted; run again on a quieter "
+                                        "machine")
+    return AA_PASSED, ab.verdict, f"{ab.why}; A/A check passed: {read}"
 
 
 def offset_progress(progress: Progress | None, k: int, n: int) -> Progress | None:

@@ -56,8 +56,11 @@ def bench(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     fail_below: Optional[float] = typer.Option(None, help="CI gate on the speed-up A/B: exit 1 if its whole 95 % "
-                                                          "interval is below this, 2 (cannot tell) if the interval "
-                                                          "straddles it or is wider than ±5 %, 0 if at or above."),
+                                                          "interval is below this, 0 if at or above, 2 (cannot tell) "
+                                                          "if it straddles it or the A/A check failed."),
+    aa_check: bool = typer.Option(False, "--aa-check", help="Also time A′, a second copy of A, in every block (1.5× "
+                                                             "the time): if A against A′ reads a difference, the "
+                                                             "verdict is cannot tell."),
     as_json: Json = False,
 ) -> None:
     """Measure what folding buys: A (original) vs B (fused), per runtime × provider × batch × level.
@@ -66,16 +69,18 @@ def bench(
     runs them in rounds, A and B once each in a random order. The speed-up is the median over
     blocks of median(A)/median(B), with a 95 % interval from the blocks. Each result gets a
     verdict: B faster / B slower (the whole interval above 1.01 / below 0.99), same within ±1 %
-    (the interval inside 0.99-1.01), or cannot tell (anything else, or an interval wider than
-    ±5 %: too noisy). --fail-below X: exit 1 only if some result's whole interval is below X;
-    else exit 2 if some result straddles X or is too noisy; else exit 0.
+    (the interval inside 0.99-1.01), or cannot tell (anything else; "too noisy" when the
+    interval is wider than ±5 %). --aa-check times a second copy of A too: if the rule sees a
+    difference between A and its copy, every verdict of that configuration is cannot tell.
+    --fail-below X: exit 1 only if some result's whole interval is below X (and its A/A check,
+    if any, passed); else exit 2 if some result straddles X or failed its A/A check; else 0.
     """
     out = Output(as_json)
     runtimes = tuple(RUNTIME_ALIASES.get(r.lower(), r.lower()) for r in _csv(runtime, "--runtime"))
     forms = tuple(f.lower() for f in _csv(torch_form, "--torch-form")) if torch_form is not None else None
     options = BenchOptions(_csv(provider, "--provider"), _csv(batch_size, "--batch-size", int), _csv(level, "--level"),
                            threads, warmup, runs, seconds, parse_shapes(shape), data, seed, blocks, runtimes, forms,
-                           fail_below)
+                           fail_below, aa_check)
     with out.progress("benchmarking", total=None) as tick:
         report = run_bench(original, fused, options, load_options(trust_pickle, arch, arch_kwargs, shape),
                            progress=tick)

@@ -10,6 +10,7 @@ VERDICT_STYLE = {"B faster": "bold green", "B slower": "bold red", "same within 
                  "cannot tell": "bold yellow"}
 
 
+AA_STYLE = {"passed": "green", "failed": "bold yellow"}
 SHORT_RUNTIME = {"onnxruntime": "ort"}
 CLOCK = {"thread cpu": "CPU time of the timing thread (1 thread: preemption not counted)", "wall": "wall"}
 
@@ -39,9 +40,10 @@ def render_bench(report: BenchReport, out: Output) -> None:
     clocks = " and ".join(sorted({CLOCK.get(r.clock, r.clock) for r in report.results}))
     con.print(table(f"latency ms, median (p10–p90); clock: {clocks}", ("configuration", "A original", "B fused"),
                     [(_name(r), _ms(r.a), _ms(r.b)) for r in report.results]))
+    aa = ("A/A check",) if report.aa_check else ()
     con.print(table("speed-up A / B: median over blocks, 95 % interval, block-to-block spread",
-                    ("configuration", "speed-up", "95 % interval", "spread", "verdict"),
-                    [_row(r) for r in report.results]))
+                    ("configuration", "speed-up", "95 % interval", "spread", *aa, "verdict"),
+                    [_row(r, bool(aa)) for r in report.results]))
     for r in report.results:
         con.print(f"[dim]{plain(_name(r))}:[/] {plain(r.verdict)}: {plain(r.why)}")
     for r in report.results:
@@ -60,10 +62,11 @@ def _name(r: BenchResult) -> str:
     return f"{SHORT_RUNTIME.get(r.runtime, r.runtime)} {r.provider} {r.level} ×{r.batch_size}"
 
 
-def _row(r: BenchResult) -> tuple:
+def _row(r: BenchResult, aa: bool) -> tuple:
     verdict = Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, ""))
+    check = (Text(f"{r.aa_speedup:.3f} {r.aa_check}", style=AA_STYLE.get(r.aa_check, "")),) if aa else ()
     return (_name(r), Text(f"{r.speedup:.3f}×", style="bold"), f"{r.speedup_ci[0]:.3f}–{r.speedup_ci[1]:.3f}",
-            f"±{r.spread_pct:.1f} %", verdict)
+            f"±{r.spread_pct:.1f} %", *check, verdict)
 
 
 def _placement(placement: dict[str, dict[str, int]]) -> str:

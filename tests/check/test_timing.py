@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from bnfold.check import timing
-from bnfold.check.timing import (B_FASTER, B_SLOWER, CANNOT_TELL, FAIL, PASS, SAME, BlockTimes, Plan, block_ratios,
-                                 choose_threads, coverage, creation_order, median, median_interval,
-                                 order_statistic_rank, percentile, speedup_of, threshold_outcome, time_blocks)
+from bnfold.check.timing import (AA_FAILED, AA_PASSED, B_FASTER, B_SLOWER, CANNOT_TELL, FAIL, PASS, SAME, BlockTimes,
+                                 Plan, aa_check, bench_result, block_ratios, choose_threads, coverage,
+                                 creation_order, median, median_interval, order_statistic_rank, percentile,
+                                 speedup_of, threshold_outcome, time_blocks)
 
 
 def test_percentiles_by_hand():
@@ -75,11 +76,20 @@ def test_noise_rule_clean_series_get_a_verdict():
     assert same.verdict == SAME and same.low >= 0.99 and same.high <= 1.01
 
 
-def test_noise_rule_noisy_series_cannot_tell_and_says_why():
-    noisy = speedup_of(_synthetic(1.10, 0.15, 0.05), busy=3.0)
-    assert noisy.verdict == CANNOT_TELL
+@pytest.mark.parametrize("seed", range(3))
+def test_noise_rule_noisy_series_cannot_tell_and_says_why(seed):
+    noisy = speedup_of(_synthetic(1.00, 0.15, 0.05, seed=seed), busy=3.0)  # no difference, measured very noisily
+    assert noisy.verdict == CANNOT_TELL and noisy.low < 1.01 and noisy.high > 0.99
     assert "too noisy" in noisy.why and "3.0 other runnable" in noisy.why and noisy.half_width_pct > 5
     assert noisy.spread_pct > 5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_noise_rule_a_large_difference_is_resolved_through_the_noise(seed):
+    """Width alone never overrules an interval that clears the ±1 % band: 1.5× measured ±8–16 %."""
+    s = speedup_of(_synthetic(1.50, 0.15, 0.05, seed=seed))
+    assert s.verdict == B_FASTER and s.half_width_pct > 5 and s.low > 1.01
+    assert speedup_of([1 / r for r in _synthetic(1.50, 0.15, 0.05, seed=seed)]).verdict == B_SLOWER
 
 
 def test_noise_rule_straddling_interval_cannot_tell_without_being_too_noisy():
@@ -91,13 +101,47 @@ def test_noise_rule_straddling_interval_cannot_tell_without_being_too_noisy():
     (1.05, 1.10, PASS), (1.00, 1.02, PASS),  # at or above the threshold
     (0.90, 0.98, FAIL),  # the whole interval below
     (0.98, 1.02, CANNOT_TELL),  # straddles
-    (1.20, 1.40, CANNOT_TELL),  # above, but ±7.7 %: too noisy to decide anything
-    (0.60, 0.80, CANNOT_TELL),  # below, but too noisy
+    (1.20, 1.40, PASS),  # ±7.7 % wide, but wholly above: the width has not hidden the answer
+    (0.60, 0.80, FAIL),  # wide, wholly below
+    (0.90, 1.15, CANNOT_TELL),  # straddles, and too noisy
 ])
 def test_fail_below_rule(low, high, outcome):
     estimate = math.sqrt(low * high)
     got, why = threshold_outcome(low, high, (high - low) / 2 / estimate, 1.0)
     assert got == outcome, why
+    assert ("too noisy" in why) == (outcome == CANNOT_TELL and (high - low) / 2 / estimate > 0.05)
+
+
+def _blocks(a_over_b, a_over_a2):
+    """Block times, one run each: B = 1, A = r_b, A′ = A / q_b (so A/A′ = q_b)."""
+    a = [[r] for r in a_over_b]
+    return BlockTimes([a, [[1.0]] * len(a), [[r / q] for (r,), q in zip(a, a_over_a2)]], [[0.001] * len(a)] * 3)
+
+
+def test_aa_check_passes_and_keeps_the_verdict():
+    r = bench_result(_blocks([1.2 + 0.001 * i for i in range(20)], [0.998 + 0.0002 * i for i in range(20)]),
+                     Plan(), "cpu", "disabled", 1, None)
+    assert r.verdict == B_FASTER and r.aa_check == AA_PASSED and "A/A check passed" in r.why
+    assert r.aa_speedup == pytest.approx(np.median([0.998 + 0.0002 * i for i in range(20)]))
+    assert r.aa_ci == pytest.approx([0.998 + 0.0002 * 5, 0.998 + 0.0002 * 14])  # x(6), x(15)
+
+
+@pytest.mark.parametrize("aa", [1.03, 0.97])
+def test_aa_check_that_sees_a_difference_makes_the_verdict_cannot_tell(aa):
+    """A machine that reads 3 % between A and a copy of A cannot be believed about A and B."""
+    r = bench_result(_blocks([1.2 + 0.001 * i for i in range(20)], [aa + 0.0002 * i for i in range(20)]),
+                     Plan(), "cpu", "disabled", 1, None)
+    assert r.aa_check == AA_FAILED and r.verdict == CANNOT_TELL
+    assert "A/A check failed" in r.why and "B faster" in r.why  # says what it would have said, and why not
+    assert r.speedup_ci[0] > 1.01  # the A/B interval itself is unchanged
+
+
+def test_aa_check_rule_uses_the_verdict_rule():
+    same = speedup_of([1.0 + 0.0001 * i for i in range(20)])
+    straddling = speedup_of([0.98 + 0.002 * i for i in range(20)])
+    ab = speedup_of([0.7 + 0.001 * i for i in range(20)])
+    assert aa_check(ab, same)[:2] == (AA_PASSED, B_SLOWER)
+    assert aa_check(ab, straddling)[:2] == (AA_PASSED, B_SLOWER)  # A/A undecided is not a false difference
 
 
 class CountingMaker:

@@ -85,23 +85,27 @@ def test_human_report_says_verdict_spread_and_threads(tiny, capsys):
 
 
 class FakeCore:
-    """Stands in for time_blocks: one run per block per model, A = r_b and B = 1."""
+    """Stands in for time_blocks: one run per block per model, A = r_b and B = 1; a third
+    model (A′, --aa-check) gets A / q_b, so that A/A′ = q_b (default: A′ = A)."""
 
-    def __init__(self, ratios: list[float]):
-        self.ratios = ratios
+    def __init__(self, ratios: list[float], aa: list[float] | None = None):
+        self.ratios, self.aa = ratios, aa or [1.0] * len(ratios)
 
     def __call__(self, makers, plan, seed=0, progress=None) -> BlockTimes:
-        return BlockTimes([[[r] for r in self.ratios], [[1.0] for _ in self.ratios]], [[0.001] * len(self.ratios)] * 2)
+        runs = [[[r] for r in self.ratios], [[1.0] for _ in self.ratios], [[r / q] for r, q in zip(self.ratios, self.aa)]]
+        return BlockTimes(runs[:len(makers)], [[0.001] * len(self.ratios)] * len(makers))
 
 
 CLEAN_FASTER = [1.20 + 0.001 * i for i in range(20)]
 CLEAN_SLOWER = [0.80 + 0.001 * i for i in range(20)]
 STRADDLING = [0.99 + 0.001 * i for i in range(20)]  # x(6) … x(15) = 0.995 … 1.004
-NOISY = list(1.3 * np.random.default_rng(0).lognormal(0, 0.15, 20))  # all above 1, but ± over 5 %
+NOISY = list(np.random.default_rng(0).lognormal(0, 0.15, 20))  # around 1, ± over 5 %
+WIDE_ABOVE = list(1.3 * np.random.default_rng(0).lognormal(0, 0.15, 20))  # ± over 5 %, but wholly above 1
 
 
 @pytest.mark.parametrize("ratios, code, outcome", [
     (CLEAN_FASTER, 0, "pass"), (CLEAN_SLOWER, 1, "fail"), (STRADDLING, 2, "cannot tell"), (NOISY, 2, "cannot tell"),
+    (WIDE_ABOVE, 0, "pass"),
 ])
 def test_fail_below(tiny, monkeypatch, capsys, ratios, code, outcome):
     monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", FakeCore(ratios))
@@ -117,6 +121,56 @@ def test_fail_below(tiny, monkeypatch, capsys, ratios, code, outcome):
         assert "too noisy" in captured.err
     if ratios is STRADDLING:
         assert "straddles 1" in captured.err and "cannot tell" in captured.err
+    if ratios is WIDE_ABOVE:
+        r = report["results"][0]
+        assert r["verdict"] == "B faster" and r["half_width_pct"] > 5 and r["speedup_ci"][0] > 1.01
+
+
+AA_BIASED = [1.03 + 0.0005 * i for i in range(20)]  # A against a copy of A: 3 % apart, a machine making things up
+AA_CLEAN = [0.999 + 0.0001 * i for i in range(20)]
+
+
+@pytest.mark.parametrize("ratios, aa, code, outcome, verdict", [
+    (CLEAN_SLOWER, AA_CLEAN, 1, "fail", "B slower"),
+    (CLEAN_FASTER, AA_CLEAN, 0, "pass", "B faster"),
+    (CLEAN_SLOWER, AA_BIASED, 2, "cannot tell", "cannot tell"),  # a failed A/A check: not trusted either way
+    (CLEAN_FASTER, AA_BIASED, 2, "cannot tell", "cannot tell"),
+])
+def test_aa_check_decides_whether_the_run_is_trusted(tiny, monkeypatch, capsys, ratios, aa, code, outcome, verdict):
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", FakeCore(ratios, aa))
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--aa-check", "--fail-below", "1.0",
+                "--json"]) == code
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    r = report["results"][0]
+    assert report["aa_check"] is True and r["verdict"] == verdict and r["fail_below"] == outcome
+    assert r["aa_check"] == ("failed" if aa is AA_BIASED else "passed")
+    assert r["aa_speedup"] == pytest.approx(math.exp(np.median(np.log(aa))))
+    if aa is AA_BIASED:
+        assert "A/A check failed" in r["why"] and "A/A check failed" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_aa_check_times_a_fresh_copy_of_a_in_every_block(tiny, torch_files, monkeypatch, capsys):
+    core = CapturingCore()
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", core)
+    monkeypatch.setattr("bnfold.torchfold.bench.time_blocks", core)
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--aa-check", "--json"]) == 0
+    assert cli(["bench", str(torch_files["pickle"]), "--trust-pickle", "--runtime", "torch", "--shape",
+                "input=2,3,8,8", "--threads", "1", "--aa-check", "--json"]) == 0
+    for makers in core.makers:
+        assert len(makers) == 3
+        a, a2 = makers[0](), makers[2]()
+        assert a is not a2 and type(a) is type(a2)  # a new runner of A, not B, not the same one
+        if hasattr(a, "module"):
+            assert a.module is not a2.module
+            x = torch.randn(2, 3, 8, 8)
+            torch.testing.assert_close(a.module(x), a2.module(x))
+        else:
+            assert a.sess is not a2.sess and a.sess._model_path == a2.sess._model_path
+    capsys.readouterr()
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--json"]) == 0
+    assert len(core.makers[-1]) == 2 and _json(capsys)["results"][0]["aa_check"] is None
 
 
 def test_fail_below_fails_when_any_result_is_below(tiny, monkeypatch, capsys):
