@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sections import write_section
 
-BEGIN, END = "<!-- noise:begin -->", "<!-- noise:end -->"  # the default section
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def before(path: Path, batch: int, seconds: float | None, seed: int) -> tuple:
     idx = np.random.default_rng(seed).integers(0, a.size, size=(2000, a.size))
     resampled = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     return float(np.median(a) / np.median(b)), float(np.percentile(resampled, 2.5)), \
-        float(np.percentile(resampled, 97.5)), threads, None
+        float(np.percentile(resampled, 97.5)), threads, None, None
 
 
 THREADS: list[int | None] = [None]  # --threads for "after"; None: bnfold's default (from the load)
@@ -103,7 +103,7 @@ def after(path: Path, batch: int, seconds: float | None, seed: int, aa_check: bo
     report = bench(path, path, BenchOptions(batch_sizes=(batch,), levels=("disabled",), seconds=seconds, seed=seed,
                                             threads=THREADS[0], aa_check=aa_check))
     r = report.results[0]
-    return r.speedup, r.speedup_ci[0], r.speedup_ci[1], report.threads, r.verdict if aa_check else None
+    return r.speedup, r.speedup_ci[0], r.speedup_ci[1], report.threads, r.verdict if aa_check else None, r.aa_check
 
 
 def after_aa(path: Path, batch: int, seconds: float | None, seed: int) -> tuple:
@@ -179,13 +179,13 @@ def run_setting(method: str, path: Path, batch: int, seconds: float | None, load
         foreign = ForeignLoad(pids)
         loadavg = os.getloadavg()[0]
         for k in range(n):
-            ratio, low, high, threads, said = METHODS[method](path, batch, seconds, k)
-            runs.append((ratio, low, high, threads, said or verdict(low, high, ratio)))
+            ratio, low, high, threads, said, aa = METHODS[method](path, batch, seconds, k)
+            runs.append((ratio, low, high, threads, said or verdict(low, high, ratio), aa))
             if verbose:
+                check = f", A/A check {aa}" if aa else ""
                 print(f"  {method} {path.stem} b{batch} {'competitor' if load else 'idle'} {seconds or 'default'} s "
-                      f"run {k}: "
-                      f"{ratio:.3f} [{low:.3f}, {high:.3f}] threads={threads} → {runs[-1][4]}", file=sys.stderr,
-                      flush=True)
+                      f"run {k}: {ratio:.4f} [{low:.4f}, {high:.4f}] threads={threads} → {runs[-1][4]}{check}",
+                      file=sys.stderr, flush=True)
         cores = foreign.cores()
     ratios = np.array([r[0] for r in runs])
     half = np.array([(r[2] - r[1]) / 2 / r[0] * 100 for r in runs])
@@ -194,6 +194,7 @@ def run_setting(method: str, path: Path, batch: int, seconds: float | None, load
             "hits": sum(r[1] <= 1.0 <= r[2] for r in runs), "n": n,
             "wrong": sum(r[4] in ("B faster", "B slower") for r in runs),
             "cannot": sum(r[4] == "cannot tell" for r in runs),
+            "aa_failed": f"{sum(r[5] == 'failed' for r in runs)}/{n}" if runs[0][5] else "–",
             "half": f"±{np.median(half):.2f} % (max ±{half.max():.2f} %)",
             "ratio": f"{np.median(ratios):.3f} ({ratios.min():.3f}–{ratios.max():.3f})",
             "threads": ",".join(sorted({str(r[3]) for r in runs})), "foreign": cores, "loadavg": loadavg}
@@ -213,24 +214,14 @@ def markdown(rows: list[dict], command: str) -> str:
              f"Machine: {platform.machine()} {cpu}, {len(os.sched_getaffinity(0))} cores, onnxruntime "
              f"{onnxruntime.__version__}, level disabled, A = B = the same file.", "",
              "| config | setting | method | seconds | interval ∋ 1.00 | half-width median (max) | ratio median (range) "
-             "| claimed a difference | cannot tell | threads | foreign cores | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| claimed a difference | cannot tell | A/A check failed | threads | foreign cores | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['setting']} | {r['method']} | {r['seconds']:g} | {r['hits']}/{r['n']} | "
-                     f"{r['half']} | {r['ratio']} | {r['wrong']}/{r['n']} | {r['cannot']}/{r['n']} | {r['threads']} | "
+                     f"{r['half']} | {r['ratio']} | {r['wrong']}/{r['n']} | {r['cannot']}/{r['n']} | {r['aa_failed']} | "
+                     f"{r['threads']} | "
                      f"{r['foreign']:.2f} | {r['loadavg']:.1f} |")
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """`text` between the markers in `path` (appended, with them, the first time)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -263,7 +254,7 @@ def main() -> None:
     text = markdown(rows, command.strip())
     print(text)
     if args.out:
-        write_section(args.out, text, f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->")
+        write_section(args.out, text, args.section)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_noise import ForeignLoad, build_models, competitor, write_section  # noqa: E402
+from bench_noise import ForeignLoad, build_models, competitor  # noqa: E402
+from sections import write_section  # noqa: E402
 
-BEGIN, END = "<!-- sessions:begin -->", "<!-- sessions:end -->"
 
 
 def thread_stats() -> dict[int, tuple[int, int]]:
@@ -126,7 +126,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_section(args.out, text, BEGIN, END)
+        write_section(args.out, text, "sessions")
 
 
 if __name__ == "__main__":

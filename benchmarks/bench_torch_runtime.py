@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_noise import ForeignLoad, write_section  # noqa: E402
+from bench_noise import ForeignLoad  # noqa: E402
+from sections import write_section  # noqa: E402
 
-BEGIN, END = "<!-- torch-runtime:begin -->", "<!-- torch-runtime:end -->"
 
 
 def bench_model(name: str, batches: list[int], forms: tuple[str, ...], seconds: float | None, folder: Path) -> list[dict]:
@@ -88,7 +88,7 @@ def main() -> None:
     text = markdown(rows, command.strip())
     print(text)
     if args.out:
-        write_section(args.out, text, BEGIN, END)
+        write_section(args.out, text, "torch-runtime")
 
 
 if __name__ == "__main__":

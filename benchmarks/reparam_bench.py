@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "onnxfold"))
+from sections import write_section  # noqa: E402
 
-BEGIN, END = "<!-- reparam:begin -->", "<!-- reparam:end -->"
 LATENCY_PEER = "onnxoptimizer"
 
 
@@ -182,7 +182,7 @@ def markdown(command: str, count_rows, peer_status, lat_rows, structure: dict, l
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
-    lines = [BEGIN, "## Where other tools stop (issue 15)", "",
+    lines = ["## Where other tools stop (issue 15)", "",
              f"Command: `{command}`  ",
              f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
              f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
@@ -221,17 +221,8 @@ def markdown(command: str, count_rows, peer_status, lat_rows, structure: dict, l
               f"attribute for attribute and weight shape for weight shape; weights differ by at most "
               f"{structure['max_weight_diff']:.1e} (both summed in float64 and cast once; bnfold uses ε as ONNX stores it, in float32). "
               f"Load average during the latency runs: {load[0]:.1f} → {load[1]:.1f} on {os.cpu_count()} cores "
-              "(other work on the machine widens the intervals).", END]
+              "(other work on the machine widens the intervals)."]
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -257,7 +248,7 @@ def main() -> None:
     text = markdown(command, count_rows, peer_versions(), lat_rows, structure, load, args.threads, runs)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, "reparam")
 
 
 if __name__ == "__main__":

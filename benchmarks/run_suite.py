@@ -29,8 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+from sections import write_section  # noqa: E402 — beside this script
 
-BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 LATENCY_MODELS = ("cnn", "mlp", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "mlp_6x1024")
 PEER_MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "mlp_6x1024", "dcgan")
 PEERS = ("bnfold", "onnxoptimizer", "onnxslim", "onnxsim", "onnxscript", "ort_basic")
@@ -292,7 +292,7 @@ def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threa
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     import onnxruntime
 
-    lines = [BEGIN, "## Benchmark suite", "",
+    lines = ["## Benchmark suite", "",
              f"Command: `{command}`  ",
              f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
              f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
@@ -329,17 +329,7 @@ def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threa
         lines.append(f"| {mb(r['size'])}{' (external)' if r['external'] else ''} | {r['fold_s']:.2f} | "
                      f"{r['load_save_s']:.2f} | {ratio:.2f} | {mb(r['fold_rss'])} | {mb(r['load_save_rss'])} | "
                      f"{r['fold_rss'] / r['size']:.2f} |")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -367,7 +357,7 @@ def main() -> None:
     text = markdown(command, lat, check, peer_rows, installed_peers(), scale_rows, args.threads)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, "suite")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,13 @@ class BenchOptions:
     runtimes: tuple[str, ...] = ("auto",)
     torch_forms: tuple[str, ...] | None = None
     fail_below: float | None = None
-    aa_check: bool = False  # time A′ (a second copy of A) in every block too
+    aa_check: bool | None = None  # time A′ (a second copy of A) in every block too; None: with --fail-below
+
+    @property
+    def checks_aa(self) -> bool:
+        """The A/A check runs when asked for, and by default under --fail-below, where a run
+        that makes differences up would fail a CI job."""
+        return self.aa_check if self.aa_check is not None else self.fail_below is not None
 
     def __post_init__(self):
         for n in self.batch_sizes:

@@ -82,7 +82,7 @@ def bench_onnx(original: Path, fused: Path, options: BenchOptions, threads: int,
                     cpu_clock=use_thread_clock(threads, cpu))
         makers = [SessionMaker(original, feeds, provider, level, threads), SessionMaker(fused, feeds, provider, level,
                                                                                          threads)]
-        if options.aa_check:
+        if options.checks_aa:
             makers.append(makers[0])  # A′: another fresh session of A in every block
         times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
         result = bench_result(times, plan, provider, level, batch, busy)

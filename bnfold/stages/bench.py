@@ -34,7 +34,7 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
     report = BenchReport(ModelInfo(str(original), 0, None, None), ModelInfo("", 0, None, None), threads,
                          options.warmup, options.seed, reason, options.blocks,
                          None if options.runs else options.timed_seconds, options.runs, runtimes, notes=notes,
-                         aa_check=options.aa_check)
+                         aa_check=options.checks_aa)
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
         for j, runtime in enumerate(runtimes):
             step = offset_progress(progress, j, len(runtimes))

@@ -73,7 +73,7 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
                         cpu_clock=use_thread_clock(threads, device == "cpu"))
             with torch.no_grad():
                 makers = [ModuleMaker(as_form(m, form, inputs), inputs, device, original) for m in (a, b)]
-                if options.aa_check:
+                if options.checks_aa:
                     makers.append(makers[0])  # A′: another fresh copy of A in every block
                 times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
             results.append(bench_result(times, plan, device, form, batch, busy, runtime="torch"))

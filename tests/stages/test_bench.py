@@ -151,6 +151,16 @@ def test_aa_check_decides_whether_the_run_is_trusted(tiny, monkeypatch, capsys, 
         assert len(captured.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, models", [
+    ([], 2), (["--fail-below", "1.0"], 3), (["--fail-below", "1.0", "--no-aa-check"], 2), (["--aa-check"], 3),
+])
+def test_aa_check_is_on_by_default_under_fail_below(tiny, monkeypatch, capsys, args, models):
+    core = CapturingCore()
+    monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", core)
+    assert cli(["bench", str(tiny), "--level", "disabled", "--threads", "1", "--json", *args]) == 0
+    assert [len(m) for m in core.makers] == [models] and _json(capsys)["aa_check"] is (models == 3)
+
+
 def test_aa_check_times_a_fresh_copy_of_a_in_every_block(tiny, torch_files, monkeypatch, capsys):
     core = CapturingCore()
     monkeypatch.setattr("bnfold.onnxfold.bench.time_blocks", core)
@@ -361,3 +371,18 @@ def test_torch_cuda_missing_names_what_to_install(monkeypatch):
     assert torch_devices(["all"]) == ["cpu"] and torch_devices(["CPU"]) == ["cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert torch_devices(["all"]) == ["cpu", "cuda"] and torch_devices(["cuda"]) == ["cuda"]
+
+
+def test_a_cuda_run_waits_for_the_gpu_and_is_timed_on_the_wall_clock(monkeypatch):
+    """No GPU here: what a CUDA configuration relies on, checked piece by piece. Kernels are
+    queued asynchronously, so a run must end with the GPU done, and the thread's CPU clock
+    would miss GPU time."""
+    from bnfold.check.timing import use_thread_clock
+    from bnfold.torchfold.bench import ModuleRun
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: waited.append(True))
+    ModuleRun(nn.Identity(), (torch.ones(1),), cuda=True)()
+    ModuleRun(nn.Identity(), (torch.ones(1),), cuda=False)()
+    assert waited == [True]
+    assert not use_thread_clock(1, on_cpu=False) and not use_thread_clock(2, on_cpu=True)
