@@ -118,11 +118,13 @@ def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOpti
     from ..torchfold.convert import export_unfused_onnx
 
     load = dataclasses.replace(load, shapes=options.shapes or load.shapes)
-    a = export_unfused_onnx(original, tmp / "original.onnx", load)
+    given = bool(options.data or load.shapes)  # then the inputs' shapes are the user's, not batch sizes
+    batches = () if given else options.batch_sizes
+    a = export_unfused_onnx(original, tmp / "original.onnx", load, batches)
     if fused is None:
         return a, Path(fuse_file(original, tmp / "fused.onnx", options=FuseOptions(to="onnx", load=load)).output)
     if detect.detect_format(fused) == detect.TORCH:
-        return a, export_unfused_onnx(fused, tmp / "fused.onnx", load)
+        return a, export_unfused_onnx(fused, tmp / "fused.onnx", load, batches)
     return a, fused
 
 

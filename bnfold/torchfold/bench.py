@@ -22,7 +22,7 @@ from ..check.timing import Plan, bench_result, offset_progress, time_blocks, use
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
-from .convert import example_for, fixed_batch, runnable
+from .convert import check_fixed_batch, example_for, fixed_batch, runnable
 from .fuse import fuse_module, fuse_torch_file
 from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_arrays, load_torch
 
@@ -62,7 +62,7 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
     example = _example(source, load, a, options)
     given = bool(options.data or load.shapes)  # the inputs' shapes are the user's: no batch sizes
     if source.kind == EXPORT and not given:
-        _check_batch(fixed_batch(source.module), options.batch_sizes, original)
+        check_fixed_batch(fixed_batch(source.module), options.batch_sizes, original)
     configs = [(d, n, f) for d in devices for n in options.batch_sizes for f in forms]
     results, previous = [], torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -129,15 +129,6 @@ def _example(source: TorchSource, load: LoadOptions, module, options: BenchOptio
     if options.data is not None:
         return load_arrays(options.data)
     return tuple(example_for(source, load, module))
-
-
-def _check_batch(fixed: int | None, batch_sizes: tuple[int, ...], path: Path) -> None:
-    """An exported program with a fixed batch dimension runs at that batch size only (its
-    guards refuse any other), as an ONNX model with a fixed batch does."""
-    other = next((n for n in batch_sizes if fixed is not None and n != fixed), None)
-    if other is not None:
-        raise UsageError(f"the program's first input has a fixed batch size {fixed}; --batch-size {other} cannot "
-                         f"be used (pass --batch-size {fixed}, or export with a dynamic batch dimension)", path)
 
 
 def _batch_of(example: tuple[torch.Tensor, ...], batch: int, given: bool) -> tuple[torch.Tensor, ...]:

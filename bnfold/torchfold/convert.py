@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -63,21 +64,24 @@ def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | N
     return guess_example(module) if isinstance(module, nn.Module) else None
 
 
-def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> None:
-    """The folded weight sets to `dst`: in the source's format ("same"), or the first converted."""
+def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> list[str]:
+    """The folded weight sets to `dst`: in the source's format ("same"), or the first converted.
+    Returns notes on the conversion."""
+    notes: list[str] = []
     if to == "same" or (to, source.kind) in (("pt2", EXPORT), ("torchscript", TORCHSCRIPT)):
         write_same(source, folded, dst)
-        return
+        return notes
     module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
-        write_onnx(module, example, dst)
+        write_onnx(module, example, dst, onnx_dynamic_axes(source), notes)
     elif to == "torchscript":
         traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
         atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
     else:
         program = export_program(module, example, {})
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+    return notes
 
 
 def write_same(source: TorchSource, folded: list, dst: Path) -> None:
@@ -141,19 +145,45 @@ def export_program(module, args, kwargs, dynamic_shapes=None):
                        f"{str(exc).splitlines()[0][:160]})") from None
 
 
-def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions) -> Path:
-    """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks."""
+def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions, batch_sizes: tuple[int, ...] = ()) -> Path:
+    """The torch model as it is (BNs and all) in ONNX, for onnxruntime benchmarks. A program
+    exported with a fixed batch is refused up front for any other of `batch_sizes`."""
     source = load_torch(src, options)
+    if source.kind == EXPORT and not options.shapes:
+        check_fixed_batch(fixed_batch(source.module), batch_sizes, src)
     module = runnable(source)
-    return write_onnx(module, example_for(source, options, module), dst)
+    return write_onnx(module, example_for(source, options, module), dst, onnx_dynamic_axes(source))
 
 
-def write_onnx(module, example, dst: Path) -> Path:
+def check_fixed_batch(fixed: int | None, batch_sizes: tuple[int, ...], path: Path) -> None:
+    """An exported program with a fixed batch dimension runs at that batch size only (its
+    guards refuse any other), as an ONNX model with a fixed batch does."""
+    other = next((n for n in batch_sizes if fixed is not None and n != fixed), None)
+    if other is not None:
+        raise UsageError(f"the program's first input has a fixed batch size {fixed}; --batch-size {other} cannot "
+                         f"be used (pass --batch-size {fixed}, or export with a dynamic batch dimension)", path)
+
+
+def onnx_dynamic_axes(source: TorchSource) -> list[set[int]] | None:
+    """The ONNX inputs' dynamic axes: an exported program's own dynamic dimensions (the others
+    were specialized, and the graph may have baked them in); None (the batch axis) otherwise."""
+    if source.kind != EXPORT:
+        return None
+    return [set(dims or ()) for dims in dynamic_dims(source.module) or ()] or []
+
+
+def write_onnx(module, example, dst: Path, dynamic: list[set[int]] | None = None,
+               notes: list[str] | None = None) -> Path:
     """The torch exporter's ONNX, checked and saved; a model it cannot convert is bad input."""
-    buffer = io.BytesIO()
     try:
-        to_onnx(module, example, buffer)
-        return save_onnx(onnx.load_from_string(buffer.getvalue()), dst)
+        data = onnx_bytes(module, example, dynamic)
+        if dynamic and refuses_train(module) and not runs_at_other_sizes(data, example, dynamic):
+            data = onnx_bytes(module, example, [])  # a size the tracer baked in: the program's sizes, fixed
+            if notes is not None:
+                notes.append("the ONNX keeps the program's input shapes fixed "
+                             f"({', '.join(str(list(t.shape)) for t in example)}): the exporter turned one of its "
+                             "dynamic sizes into a constant")
+        return save_onnx(onnx.load_from_string(data), dst)
     except BnfoldError:
         raise
     except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
@@ -161,17 +191,48 @@ def write_onnx(module, example, dst: Path) -> Path:
             from None
 
 
-def to_onnx(module, example, target) -> None:
-    """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs."""
+def onnx_bytes(module, example, dynamic: list[set[int]] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    to_onnx(module, example, buffer, dynamic)
+    return buffer.getvalue()
+
+
+def runs_at_other_sizes(data: bytes, example, dynamic: list[set[int]]) -> bool:
+    """Whether the ONNX of an exported program runs with every dynamic dimension doubled: the
+    tracer keeps most sizes symbolic (see traced_sizes), but an op that reads a size as a
+    plain int bakes it in, and the model would then fail at any other size."""
+    feeds = {}
+    for i, (t, dims) in enumerate(zip(example, list(dynamic) + [set()] * len(example))):
+        shape = [2 * n if d in dims else n for d, n in enumerate(t.shape)]
+        feeds[f"input{i}" if i else "input"] = torch.zeros(shape, dtype=t.dtype).numpy()
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 4  # the failure is the answer, not an error to print
+    run = ort.RunOptions()
+    run.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(data, quiet, providers=["CPUExecutionProvider"])
+        sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}, run)
+    except Exception:  # noqa: BLE001 — any failure means: not dynamic after all
+        return False
+    return True
+
+
+def to_onnx(module, example, target, dynamic: list[set[int]] | None = None) -> None:
+    """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs.
+    `dynamic`: each input's dynamic axes (None: axis 0 of every input)."""
     names = [f"input{i}" if i else "input" for i in range(len(example))]
+    dynamic = [{0}] * len(names) if dynamic is None else dynamic
+    axes = {name: {d: f"{name}_dim{d}" if d else "batch" for d in sorted(dims)}
+            for name, dims in zip(names, dynamic) if dims}
     mode, outputs = torch.onnx.TrainingMode.EVAL, None
     if refuses_train(module):
         mode, outputs = torch.onnx.TrainingMode.PRESERVE, graph_output_names(module)
+        traced_sizes(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(example), target, dynamo=False, do_constant_folding=False,
                           training=mode, opset_version=17, input_names=names, output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in names})
+                          dynamic_axes=axes)
 
 
 def refuses_train(module) -> bool:
@@ -187,6 +248,36 @@ def refuses_train(module) -> bool:
             sub.training = False
         return True
     return False
+
+
+# The ATen calls that take sizes, as the Tensor methods through which the tracer follows a
+# traced size (called as ATen ops, they read it as a plain int).
+SIZE_TAKERS = {torch.ops.aten.view.default: "view", torch.ops.aten.reshape.default: "reshape",
+               torch.ops.aten._unsafe_view.default: "view", torch.ops.aten.expand.default: "expand"}
+
+
+def traced_sizes(module: torch.fx.GraphModule) -> None:
+    """In place: aten.sym_size calls become Tensor.size, and the ATen ops that take sizes their
+    Tensor methods, so the tracer records Shape ops where the export has symbolic sizes, as it
+    does for an eager module, instead of baking in the example's (a Reshape to [2, 144])."""
+    graph, changed = module.graph, False
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.sym_size.int:
+            with graph.inserting_before(node):
+                replacement = graph.call_method("size", node.args)
+        elif node.target in SIZE_TAKERS and not node.kwargs:
+            with graph.inserting_before(node):
+                replacement = graph.call_method(SIZE_TAKERS[node.target], node.args)
+        else:
+            continue
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        module.recompile()
 
 
 def graph_output_names(module: torch.fx.GraphModule) -> list[str]:

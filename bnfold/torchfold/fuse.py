@@ -90,7 +90,7 @@ def fuse_torch_file(src: Path, target: Path, options: FuseOptions, reference: Pa
                        f"({report.notes[0] if report.notes else ''})", src)
     report.variance, report.calibration = corrections, calibration
     report.input, report.size_before = str(src), src.stat().st_size
-    write_module(source, folded, options.to, target, options.load)
+    report.notes += write_module(source, folded, options.to, target, options.load)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -87,7 +87,10 @@ def _program_example(ws) -> tuple[torch.Tensor, ...] | None:
     """An exported program's own example inputs: the shapes its guards were made for."""
     if ws.kind != EXPORT or not ws.module.example_inputs:
         return None
-    return tuple(t for t in ws.module.example_inputs[0] if isinstance(t, torch.Tensor)) or None
+    args, kwargs = ws.module.example_inputs
+    if kwargs or not args or not all(isinstance(t, torch.Tensor) for t in args):
+        return None  # verify feeds tensors by position only: such a program needs --data it can take
+    return tuple(args)
 
 
 def _example(module, options: VerifyOptions, seed: int, path: Path,

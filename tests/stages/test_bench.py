@@ -350,10 +350,13 @@ def test_pt2_by_default_times_torch_and_its_onnx_export(torch_files, capsys):
     report = _json(capsys)
     assert [(r["runtime"], r["level"], r["batch_size"]) for r in report["results"]] == [
         ("torch", "export", 2), ("onnxruntime", "disabled", 2)]
-    # the program was exported at batch 2 and guards it: another batch size is refused up front, naming the file
-    assert cli(["bench", str(torch_files["pt2"]), *QUICK]) == 2
-    err = capsys.readouterr().err
-    assert "conv_bn.pt2" in err and "fixed batch size 2" in err and "--batch-size 2" in err
+    # the program was exported at batch 2 and guards it: another batch size is refused up front, naming the
+    # file, in either runtime
+    for runtime in ("auto", "torch", "onnxruntime"):
+        assert cli(["bench", str(torch_files["pt2"]), *QUICK, "--runtime", runtime]) == 2
+        err = capsys.readouterr().err
+        assert "conv_bn.pt2" in err and "fixed batch size 2" in err and "--batch-size 2" in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_torch_runtime_refuses_forms_a_checkpoint_cannot_take(torch_files):

@@ -272,6 +272,52 @@ def test_pt2_to_onnx_runs_the_program_it_came_from(cnn, tmp_path, capsys):
     assert cli(["verify", str(src), report["output"]]) == 0
 
 
+class TwoHeads(nn.Module):
+    """Two inputs, two outputs, and a flatten by h.size(0): export turns the size into a
+    sym_size that a tracer reads as a plain int."""
+
+    def __init__(self, zeros: bool = False):
+        super().__init__()
+        self.zeros = zeros
+        self.c, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 5)
+        self.c2, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x, y):
+        h = self.bn(self.c(x))
+        out = self.fc(h.view(h.size(0), -1))
+        if self.zeros:  # a size taken by an op the exporter can only read as an int
+            out = out + torch.zeros(x.size(0), 1)
+        return out, self.bn2(self.c2(y)).mean()
+
+
+@pytest.mark.parametrize("dynamic, zeros, batches_that_run", [
+    (False, False, [2]), (True, False, [2, 1, 5]), (True, True, [2]),
+])
+def test_pt2_to_onnx_keeps_the_programs_dynamic_batch(tmp_path, capsys, dynamic, zeros, batches_that_run):
+    torch.manual_seed(0)
+    model = TwoHeads(zeros).eval()
+    for bn in (model.bn, model.bn2):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    args = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, args, dynamic_shapes=({0: batch}, {0: batch}) if dynamic else None)
+    torch.export.save(program, tmp_path / "m.pt2")
+    report = fuse_json([str(tmp_path / "m.pt2"), "-o", str(tmp_path / "m.onnx")], capsys)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(report["output"], providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert [i.shape[0] for i in sess.get_inputs()] == (["batch"] * 2 if batches_that_run != [2] else [2, 2])
+    for n in batches_that_run:
+        x, y = torch.randn(n, 3, 8, 8), torch.randn(n, 3, 8, 8)
+        got = sess.run(None, dict(zip(names, (x.numpy(), y.numpy()))))
+        with torch.no_grad():
+            expected = model(x, y)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(torch.from_numpy(g).reshape(e.shape), e)
+    assert any("keeps the program's input shapes fixed" in n for n in report["notes"]) == (dynamic and zeros)
+
+
 def test_report_says_what_happened(cnn, tmp_path, capsys):
     src = tmp_path / "sd.pt"
     torch.save({"state_dict": cnn.state_dict(), "epoch": 3}, src)
