@@ -45,4 +45,5 @@ class OutputExists(BnfoldError):
 
 
 class CannotTell(BnfoldError):
-    """A benchmark too noisy to decide what --fail-below asks."""
+    """A benchmark whose interval straddles the --fail-below threshold: too noisy (or, after the
+    A/A check widened it, too biased) to decide."""

@@ -211,10 +211,13 @@ class BenchResult:
     clock: str = "wall"  # "thread cpu" (1 thread on a CPU: preemption not counted) or "wall"
     placement: dict[str, dict[str, int]] | None = None  # non-CPU provider: nodes per provider, of A and of B
     fail_below: str | None = None  # with --fail-below: "pass", "fail" or "cannot tell"
+    # the interval the verdict and --fail-below read: speedup_ci, widened by aa_bias_pct when the A/A check saw bias
+    decision_ci: list[float] = field(default_factory=list)
     # with --aa-check: A against A′ (a second copy of A, timed in the same blocks)
     aa_speedup: float | None = None
     aa_ci: list[float] | None = None
-    aa_check: str | None = None  # "passed", or "failed": the verdict rule saw a difference between A and A′
+    aa_check: str | None = None  # "passed" (aa_ci holds 1.00) or "biased" (it does not)
+    aa_bias_pct: float | None = None  # how far aa_ci stays from 1.00, in %
 
 
 @dataclass
@@ -242,7 +245,7 @@ class BenchReport:
     results: list[BenchResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a GPU provider that ran nodes on the CPU
-    aa_check: bool = False  # every block also timed A′, a second copy of A
+    aa_checked: bool = False  # every block also timed A′, a second copy of A
     fail_below: float | None = None
     fail_below_outcome: str | None = None  # "pass", "fail", "cannot tell": decides the exit code
     fail_below_why: str | None = None

@@ -46,7 +46,7 @@ SAME_WITHIN = 0.01  # a speed-up inside 1 ± 1 % is "the same"
 TOO_NOISY = 0.05  # an undecided interval wider than ±5 % is called too noisy: run longer or quieter
 
 B_FASTER, B_SLOWER, SAME, CANNOT_TELL = "B faster", "B slower", "same within ±1 %", "cannot tell"
-AA_PASSED, AA_FAILED = "passed", "failed"
+AA_PASSED, AA_BIASED = "passed", "biased"
 
 
 # -- the plan and the core ---------------------------------------------------------------------
@@ -100,10 +100,15 @@ def time_blocks(makers: Sequence[Maker], plan: Plan, seed: int = 0,
 
 
 def creation_order(n_models: int, block: int) -> list[int]:
-    """Who is made first in block b: rotated every block (AB, BA, … or ABC, BCA, CAB, …),
-    because the runner made first tends to run slower for its whole life."""
-    shift = block % n_models
-    return list(range(shift, n_models)) + list(range(shift))
+    """The order block b makes its runners in. The one made first tends to run slower for its
+    whole life, so the orders are the rotations, each followed by its reverse (AB, BA; ABC,
+    CBA, BCA, ACB, CAB, BAC): over any even number of blocks each model is made before each
+    other one equally often, and A′ (--aa-check) stands to A as B does."""
+    orders: list[list[int]] = []
+    for shift in range(n_models):
+        rotation = list(range(shift, n_models)) + list(range(shift))
+        orders += [o for o in (rotation, rotation[::-1]) if o not in orders]
+    return orders[block % len(orders)]
 
 
 def use_thread_clock(threads: int, on_cpu: bool) -> bool:
@@ -314,23 +319,41 @@ def bench_result(times: BlockTimes, plan: Plan, provider: str, level: str, batch
     result = BenchResult(provider, level, batch, a, b, s.estimate, [s.low, s.high], runtime, s.verdict, s.why,
                          s.spread_pct, s.half_width_pct, plan.blocks, ratios,
                          "thread cpu" if plan.cpu_clock else "wall")
+    result.decision_ci = [s.low, s.high]
     if len(times.runs) > 2:
         aa = speedup_of(block_ratios(times.runs[0], times.runs[2]), busy)
-        result.aa_speedup, result.aa_ci = aa.estimate, [aa.low, aa.high]
-        result.aa_check, result.verdict, result.why = aa_check(s, aa)
+        check = aa_check(s, aa, busy)
+        result.aa_speedup, result.aa_ci, result.aa_check, result.aa_bias_pct = aa.estimate, [aa.low, aa.high], \
+            check.outcome, check.bias_pct
+        result.decision_ci, result.verdict, result.why = [check.low, check.high], check.verdict, check.why
     return result
 
 
-def aa_check(ab: Speedup, aa: Speedup) -> tuple[str, str, str]:
-    """The A/A check: when the verdict rule sees a difference between A and a second copy of A
-    timed in the same blocks, the machine is making differences up, and A/B cannot tell.
-    Returns the check's outcome, and the A/B verdict and its reason after it."""
+@dataclass
+class AACheck:
+    outcome: str  # AA_PASSED or AA_BIASED
+    bias_pct: float  # how far A/A's interval stays from 1.00, in % (0 when it holds 1.00)
+    low: float  # the A/B interval the verdict and --fail-below then use
+    high: float
+    verdict: str
+    why: str
+
+
+def aa_check(ab: Speedup, aa: Speedup, busy: float | None = None) -> AACheck:
+    """The A/A check. A′ is a second copy of A timed in the same blocks, so A/A′ is 1 but for
+    what the machine makes up. When A/A′'s interval holds 1.00 nothing changes; when it stays
+    a distance d (in log) from 1.00, the machine made up at least that much, and the A/B
+    interval is widened by d on both sides before the verdict rule (and --fail-below) reads it:
+    a 1 % bias cannot undo a 30 % speed-up, but it can a 1.5 % one."""
     read = f"A against A′, a second copy of A, read {aa.estimate:.3f} ({aa.low:.3f}–{aa.high:.3f})"
-    if aa.verdict in (B_FASTER, B_SLOWER):
-        return AA_FAILED, CANNOT_TELL, (f"the A/A check failed: {read}, a difference where there is none, so "
-                                        f"\"{ab.verdict}: {ab.why}\" is not to be trusted; run again on a quieter "
-                                        "machine")
-    return AA_PASSED, ab.verdict, f"{ab.why}; A/A check passed: {read}"
+    bias = max(0.0, math.log(aa.low), -math.log(aa.high))
+    if bias == 0:
+        return AACheck(AA_PASSED, 0.0, ab.low, ab.high, ab.verdict, f"{ab.why}; A/A check passed: {read}")
+    low, high = ab.low * math.exp(-bias), ab.high * math.exp(bias)
+    verdict, why = judge(low, high, half_width(low, high, ab.estimate), busy)
+    return AACheck(AA_BIASED, 100 * math.expm1(bias), low, high, verdict,
+                   f"A/A check: {read}, {100 * math.expm1(bias):.1f} % away from 1.00, so the A/B interval "
+                   f"{ab.low:.3f}–{ab.high:.3f} is widened by that: {why}")
 
 
 def offset_progress(progress: Progress | None, k: int, n: int) -> Progress | None:

@@ -10,7 +10,7 @@ VERDICT_STYLE = {"B faster": "bold green", "B slower": "bold red", "same within 
                  "cannot tell": "bold yellow"}
 
 
-AA_STYLE = {"passed": "green", "failed": "bold yellow"}
+AA_STYLE = {"passed": "green", "biased": "bold yellow"}
 SHORT_RUNTIME = {"onnxruntime": "ort"}
 CLOCK = {"thread cpu": "CPU time of the timing thread (1 thread: preemption not counted)", "wall": "wall"}
 
@@ -34,13 +34,15 @@ def render_bench(report: BenchReport, out: Output) -> None:
         ("nodes", _count(a.nodes), _count(b.nodes)), ("BatchNormalization", _count(a.bn_nodes), _count(b.bn_nodes))]))
     inputs = ", ".join(f"{i.name} {i.dtype}{i.shape}" for i in report.inputs)
     how = f"{report.seconds:g} s timed" if report.seconds is not None else f"≥ {report.runs} runs of each"
+    if report.aa_checked:
+        how += " (+ half again for A′, A's copy for the A/A check)"
     con.print(f"runtime: {', '.join(report.runtimes)}; {report.threads} thread(s) ({plain(report.threads_reason)}); "
               f"{how} per configuration in {report.blocks} blocks with fresh sessions, {report.warmup} warm-up "
               f"run(s) each; inputs: {plain(inputs)}")
     clocks = " and ".join(sorted({CLOCK.get(r.clock, r.clock) for r in report.results}))
     con.print(table(f"latency ms, median (p10–p90); clock: {clocks}", ("configuration", "A original", "B fused"),
                     [(_name(r), _ms(r.a), _ms(r.b)) for r in report.results]))
-    aa = ("A/A check",) if report.aa_check else ()
+    aa = ("A/A′",) if report.aa_checked else ()
     con.print(table("speed-up A / B: median over blocks, 95 % interval, block-to-block spread",
                     ("configuration", "speed-up", "95 % interval", "spread", *aa, "verdict"),
                     [_row(r, bool(aa)) for r in report.results]))
@@ -64,7 +66,8 @@ def _name(r: BenchResult) -> str:
 
 def _row(r: BenchResult, aa: bool) -> tuple:
     verdict = Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, ""))
-    check = (Text(f"{r.aa_speedup:.3f} {r.aa_check}", style=AA_STYLE.get(r.aa_check, "")),) if aa else ()
+    check = (Text(f"{r.aa_speedup:.3f} " + ("ok" if r.aa_check == "passed" else f"bias {r.aa_bias_pct:.1f} %"),
+                  style=AA_STYLE.get(r.aa_check, "")),) if aa else ()
     return (_name(r), Text(f"{r.speedup:.3f}×", style="bold"), f"{r.speedup_ci[0]:.3f}–{r.speedup_ci[1]:.3f}",
             f"±{r.spread_pct:.1f} %", *check, verdict)
 

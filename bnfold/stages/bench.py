@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import detect
-from ..check.timing import AA_FAILED, CANNOT_TELL, FAIL, PASS, choose_threads, offset_progress, threshold_outcome
+from ..check.timing import CANNOT_TELL, FAIL, PASS, choose_threads, offset_progress, threshold_outcome
 from ..errors import UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchReport, ModelInfo
@@ -34,7 +34,7 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
     report = BenchReport(ModelInfo(str(original), 0, None, None), ModelInfo("", 0, None, None), threads,
                          options.warmup, options.seed, reason, options.blocks,
                          None if options.runs else options.timed_seconds, options.runs, runtimes, notes=notes,
-                         aa_check=options.checks_aa)
+                         aa_checked=options.checks_aa)
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
         for j, runtime in enumerate(runtimes):
             step = offset_progress(progress, j, len(runtimes))
@@ -130,14 +130,14 @@ def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOpti
 
 def apply_fail_below(report: BenchReport, threshold: float) -> None:
     """--fail-below X on every result; the report's outcome is "fail" if any result's whole
-    interval is below X, else "cannot tell" if any straddles X or failed its A/A check, else "pass"."""
+    interval is below X, else "cannot tell" if any straddles X, else "pass". The interval is the
+    one the verdict reads (widened by the A/A check's bias, if any)."""
     whys = {PASS: [], FAIL: [], CANNOT_TELL: []}
     for r in report.results:
-        lo, hi = r.speedup_ci
-        r.fail_below, why = threshold_outcome(lo, hi, r.half_width_pct / 100, threshold)
-        if r.aa_check == AA_FAILED:
-            r.fail_below, why = CANNOT_TELL, f"{why}, but the A/A check failed (A against a second copy of A " \
-                                             f"read {r.aa_speedup:.3f}): this run cannot be trusted"
+        lo, hi = r.decision_ci or r.speedup_ci
+        r.fail_below, why = threshold_outcome(lo, hi, (hi - lo) / 2 / r.speedup, threshold)
+        if r.aa_check == "biased":
+            why += f" (widened by the A/A check's {r.aa_bias_pct:.1f} % bias)"
         whys[r.fail_below].append(f"{r.runtime} {r.provider} {r.level} ×{r.batch_size}: {why}")
     outcome = FAIL if whys[FAIL] else CANNOT_TELL if whys[CANNOT_TELL] else PASS
     report.fail_below, report.fail_below_outcome = threshold, outcome

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bnfold.check import timing
-from bnfold.check.timing import (AA_FAILED, AA_PASSED, B_FASTER, B_SLOWER, CANNOT_TELL, FAIL, PASS, SAME, BlockTimes,
+from bnfold.check.timing import (AA_BIASED, AA_PASSED, B_FASTER, B_SLOWER, CANNOT_TELL, FAIL, PASS, SAME, BlockTimes,
                                  Plan, aa_check, bench_result, block_ratios, choose_threads, coverage,
                                  creation_order, median, median_interval, order_statistic_rank, percentile,
                                  speedup_of, threshold_outcome, time_blocks)
@@ -121,27 +121,31 @@ def _blocks(a_over_b, a_over_a2):
 def test_aa_check_passes_and_keeps_the_verdict():
     r = bench_result(_blocks([1.2 + 0.001 * i for i in range(20)], [0.998 + 0.0002 * i for i in range(20)]),
                      Plan(), "cpu", "disabled", 1, None)
-    assert r.verdict == B_FASTER and r.aa_check == AA_PASSED and "A/A check passed" in r.why
+    assert r.verdict == B_FASTER and r.aa_check == AA_PASSED and r.aa_bias_pct == 0 and "A/A check passed" in r.why
     assert r.aa_speedup == pytest.approx(np.median([0.998 + 0.0002 * i for i in range(20)]))
     assert r.aa_ci == pytest.approx([0.998 + 0.0002 * 5, 0.998 + 0.0002 * 14])  # x(6), x(15)
+    assert r.decision_ci == r.speedup_ci
 
 
 @pytest.mark.parametrize("aa", [1.03, 0.97])
-def test_aa_check_that_sees_a_difference_makes_the_verdict_cannot_tell(aa):
-    """A machine that reads 3 % between A and a copy of A cannot be believed about A and B."""
-    r = bench_result(_blocks([1.2 + 0.001 * i for i in range(20)], [aa + 0.0002 * i for i in range(20)]),
-                     Plan(), "cpu", "disabled", 1, None)
-    assert r.aa_check == AA_FAILED and r.verdict == CANNOT_TELL
-    assert "A/A check failed" in r.why and "B faster" in r.why  # says what it would have said, and why not
-    assert r.speedup_ci[0] > 1.01  # the A/B interval itself is unchanged
+@pytest.mark.parametrize("ab, verdict", [(1.02, CANNOT_TELL), (1.20, B_FASTER), (0.80, B_SLOWER)])
+def test_aa_bias_widens_the_interval_the_verdict_reads(aa, ab, verdict):
+    """A machine that reads 3 % between A and a copy of A could make up 3 % between A and B: a
+    2 % speed-up is then undecided, a 20 % one still stands."""
+    ratios, aa_ratios = [ab + 0.0005 * i for i in range(20)], [aa + 0.0002 * i for i in range(20)]
+    r = bench_result(_blocks(ratios, aa_ratios), Plan(), "cpu", "disabled", 1, None)
+    d = max(math.log(aa_ratios[5]), -math.log(aa_ratios[14]))  # how far x(6)…x(15) stays from 1.00
+    assert r.aa_check == AA_BIASED and r.aa_bias_pct == pytest.approx(100 * math.expm1(d))
+    assert r.speedup_ci == pytest.approx([ratios[5], ratios[14]])  # the A/B interval as measured …
+    assert r.decision_ci == pytest.approx([ratios[5] * math.exp(-d), ratios[14] * math.exp(d)])  # … and as read
+    assert r.verdict == verdict and "A/A check" in r.why and "widened" in r.why
 
 
-def test_aa_check_rule_uses_the_verdict_rule():
-    same = speedup_of([1.0 + 0.0001 * i for i in range(20)])
-    straddling = speedup_of([0.98 + 0.002 * i for i in range(20)])
-    ab = speedup_of([0.7 + 0.001 * i for i in range(20)])
-    assert aa_check(ab, same)[:2] == (AA_PASSED, B_SLOWER)
-    assert aa_check(ab, straddling)[:2] == (AA_PASSED, B_SLOWER)  # A/A undecided is not a false difference
+def test_aa_check_passes_whenever_its_interval_holds_one():
+    ab = speedup_of([1.02 + 0.0005 * i for i in range(20)])
+    for aa in ([0.999 + 0.0001 * i for i in range(20)], [0.90 + 0.01 * i for i in range(20)]):  # narrow, and noisy
+        check = aa_check(ab, speedup_of(aa))
+        assert (check.outcome, check.verdict, check.low, check.high) == (AA_PASSED, B_FASTER, ab.low, ab.high)
 
 
 class CountingMaker:
@@ -176,7 +180,20 @@ def test_blocks_make_fresh_runners_in_alternating_order():
     assert [len(blk) for blk in times.runs[0]] == [2] * 6 and [len(m) for m in times.made] == [6, 6]
     for block in range(6):  # every run in block b is by that block's runners: warm-up 2 + timed 2 each
         assert sorted(tag for tag, blk in log if blk == block) == ["A"] * 4 + ["B"] * 4
-    assert creation_order(3, 1) == [1, 2, 0]
+    assert [creation_order(3, b) for b in range(6)] == [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1],
+                                                        [1, 0, 2]]
+
+
+@pytest.mark.parametrize("models", [2, 3, 4])
+@pytest.mark.parametrize("blocks", [6, 20, 8])
+def test_creation_order_makes_each_model_first_as_often_as_each_other(models, blocks):
+    """The runner made first runs slower: over an even number of blocks, every pair of models
+    (A and B, A and A′) is made in each order equally often."""
+    orders = [creation_order(models, b) for b in range(blocks)]
+    assert all(sorted(o) == list(range(models)) for o in orders)
+    for i in range(models):
+        for j in range(i + 1, models):
+            assert sum(o.index(i) < o.index(j) for o in orders) == blocks // 2
 
 
 def test_round_order_is_random_and_reproducible_from_the_seed():
