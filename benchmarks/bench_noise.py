@@ -194,7 +194,7 @@ def run_setting(method: str, path: Path, batch: int, seconds: float | None, load
             "hits": sum(r[1] <= 1.0 <= r[2] for r in runs), "n": n,
             "wrong": sum(r[4] in ("B faster", "B slower") for r in runs),
             "cannot": sum(r[4] == "cannot tell" for r in runs),
-            "aa_failed": f"{sum(r[5] == 'failed' for r in runs)}/{n}" if runs[0][5] else "–",
+            "aa_biased": f"{sum(r[5] == 'biased' for r in runs)}/{n}" if runs[0][5] else "–",
             "half": f"±{np.median(half):.2f} % (max ±{half.max():.2f} %)",
             "ratio": f"{np.median(ratios):.3f} ({ratios.min():.3f}–{ratios.max():.3f})",
             "threads": ",".join(sorted({str(r[3]) for r in runs})), "foreign": cores, "loadavg": loadavg}
@@ -214,11 +214,11 @@ def markdown(rows: list[dict], command: str) -> str:
              f"Machine: {platform.machine()} {cpu}, {len(os.sched_getaffinity(0))} cores, onnxruntime "
              f"{onnxruntime.__version__}, level disabled, A = B = the same file.", "",
              "| config | setting | method | seconds | interval ∋ 1.00 | half-width median (max) | ratio median (range) "
-             "| claimed a difference | cannot tell | A/A check failed | threads | foreign cores | load avg |",
+             "| claimed a difference | cannot tell | A/A′ interval missed 1.00 | threads | foreign cores | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['setting']} | {r['method']} | {r['seconds']:g} | {r['hits']}/{r['n']} | "
-                     f"{r['half']} | {r['ratio']} | {r['wrong']}/{r['n']} | {r['cannot']}/{r['n']} | {r['aa_failed']} | "
+                     f"{r['half']} | {r['ratio']} | {r['wrong']}/{r['n']} | {r['cannot']}/{r['n']} | {r['aa_biased']} | "
                      f"{r['threads']} | "
                      f"{r['foreign']:.2f} | {r['loadavg']:.1f} |")
     return "\n".join(lines)
