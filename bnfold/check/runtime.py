@@ -73,7 +73,7 @@ def provider_name(name: str) -> str:
     if full not in ort.get_available_providers():
         hint = INSTALL_HINT.get(full, "an onnxruntime build that has it")
         raise MissingProvider(f"onnxruntime has no {full} here (installed: "
-                              f"{', '.join(ort.get_available_providers())}); install {hint}")
+                              f"{', '.join(ort.get_available_providers())}); it needs {hint}")
     return full
 
 

@@ -356,6 +356,14 @@ def aa_check(ab: Speedup, aa: Speedup, busy: float | None = None) -> AACheck:
                    f"{ab.low:.3f}–{ab.high:.3f} is widened by that: {why}")
 
 
+def batch_of(inputs, asked: int) -> int:
+    """The batch size a configuration really ran: the first input's leading dimension (a
+    --shape or --data input sets its own), else the one asked for."""
+    first = next(iter(inputs), None)
+    shape = getattr(first, "shape", ())
+    return int(shape[0]) if len(shape) else asked
+
+
 def offset_progress(progress: Progress | None, k: int, n: int) -> Progress | None:
     """Configuration k of n as its share of the whole benchmark's bar."""
     return None if progress is None else ConfigProgress(progress, k, n)

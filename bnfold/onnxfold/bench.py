@@ -13,7 +13,7 @@ import numpy as np
 
 from ..check.inputs import describe_inputs, load_inputs, make_inputs
 from ..check.runtime import PROVIDERS, available_providers, node_placement, provider_name, run_session, session
-from ..check.timing import Plan, bench_result, offset_progress, time_blocks, use_thread_clock
+from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import UsageError
 from ..options import BenchOptions
 from ..report import BenchResult, InputInfo, ModelInfo
@@ -85,7 +85,7 @@ def bench_onnx(original: Path, fused: Path, options: BenchOptions, threads: int,
         if options.checks_aa:
             makers.append(makers[0])  # A′: another fresh session of A in every block
         times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
-        result = bench_result(times, plan, provider, level, batch, busy)
+        result = bench_result(times, plan, provider, level, batch_of(feeds.values(), batch), busy)
         if not cpu:
             result.placement = {"A": node_placement(original, provider, level, feeds, threads),
                                 "B": node_placement(fused, provider, level, feeds, threads)}

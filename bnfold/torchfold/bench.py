@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..check.inputs import describe_inputs
-from ..check.timing import Plan, bench_result, offset_progress, time_blocks, use_thread_clock
+from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
@@ -41,7 +41,7 @@ def torch_devices(providers) -> list[str]:
     devices = []
     for name in names:
         if name in ("cuda", "cudaexecutionprovider") and not torch.cuda.is_available():
-            raise MissingProvider(f"torch sees no CUDA GPU here (torch {torch.__version__}); install {CUDA_HINT}")
+            raise MissingProvider(f"torch sees no CUDA GPU here (torch {torch.__version__}); it needs {CUDA_HINT}")
         if name not in ("cpu", "cpuexecutionprovider", "cuda", "cudaexecutionprovider"):
             raise UsageError(f"the torch runtime runs on cpu or cuda, not {name!r}; time other providers with "
                              "--runtime onnxruntime")
@@ -76,7 +76,7 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
                 if options.checks_aa:
                     makers.append(makers[0])  # A′: another fresh copy of A in every block
                 times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
-            results.append(bench_result(times, plan, device, form, batch, busy, runtime="torch"))
+            results.append(bench_result(times, plan, device, form, batch_of(inputs, batch), busy, runtime="torch"))
             notes += [n for m in makers for n in m.notes if n not in notes]
     finally:
         torch.set_num_threads(previous)

@@ -328,7 +328,7 @@ def test_torch_runtime_times_the_module_and_its_fold(torch_files, monkeypatch, c
     report = _json(capsys)
     assert report["runtimes"] == ["torch"] and [r["level"] for r in report["results"]] == expected
     assert all(r["runtime"] == "torch" and r["provider"] == "cpu" and r["clock"] == "thread cpu"
-               for r in report["results"])
+               and r["batch_size"] == 2 for r in report["results"])  # the batch --shape gave, not --batch-size's 1
     assert report["original"]["bn_nodes"] == 1 and report["fused"]["bn_nodes"] == 0
     assert report["original"]["format"] == {"pickle": "torch-pickle", "torchscript": "torchscript",
                                             "pt2": "torch-export"}[kind]
