@@ -286,17 +286,17 @@ def scale(sizes, out: Path) -> list[dict]:
 # Report
 
 
-def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threads: int) -> str:
-    mb = lambda b: f"{b / 2**20:,.0f} MB" if b is not None else "-"  # noqa: E731
+def machine(threads: int) -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     import onnxruntime
 
-    lines = ["## Benchmark suite", "",
-             f"Command: `{command}`  ",
-             f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
-             f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.", "",
-             "### 1. Latency: unfused vs fused vs the no-BN twin", "",
+    return (f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {threads} ORT thread(s), "
+            f"onnxruntime {onnxruntime.__version__} CPU, Python {platform.python_version()}.")
+
+
+def latency_markdown(lat, check) -> list[str]:
+    lines = ["### 1. Latency: unfused vs fused vs the no-BN twin", "",
              "Medians over 20 blocks of fresh sessions of the three models (`bnfold bench`'s method); speed-up = "
              "unfused / fused (95% interval over blocks); "
              "fused/twin = 1.00 means folding reached the limit.", "",
@@ -306,30 +306,44 @@ def markdown(command: str, lat, check, peer_rows, peer_status, scale_rows, threa
         lines.append(f"| {r['model']} | {r['level']} | {r['batch']} | {r['unfused_ms']:.3f} | {r['fused_ms']:.3f} | "
                      f"{r['twin_ms']:.3f} | {r['speedup']:.3f} ({r['speedup_ci'][0]:.3f}–{r['speedup_ci'][1]:.3f}) | "
                      f"{r['fused_vs_twin']:.3f} ({r['fused_vs_twin_ci'][0]:.3f}–{r['fused_vs_twin_ci'][1]:.3f}) |")
-    lines += ["", f"Self-check: {check['model']} benched against itself reads {check['speedup']:.3f} "
-              f"(95% CI {check['ci'][0]:.3f}–{check['ci'][1]:.3f}; {check['verdict']}).", "",
-              "### 2. Against peers", "",
-              "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_status.items()) + ". "
-              "`verify` is bnfold's default-tolerance check of the tool's output against the unfused model.", "",
-              "| model | tool | BN left | nodes (before → after) | wall s | peak RSS | max abs error | verify |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines + ["", f"Self-check: {check['model']} benched against itself reads {check['speedup']:.3f} "
+                        f"(95% interval {check['ci'][0]:.3f}–{check['ci'][1]:.3f}; {check['verdict']})."]
+
+
+def peers_markdown(peer_rows, peer_status) -> list[str]:
+    lines = ["### 2. Against peers", "",
+             "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_status.items()) + ". "
+             "`verify` is bnfold's default-tolerance check of the tool's output against the unfused model.", "",
+             "| model | tool | BN left | nodes (before → after) | wall s | peak RSS | max abs error | verify |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in peer_rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['tool']} | - | - | - | - | - | failed: {r['error']} |")
             continue
         lines.append(f"| {r['model']} | {r['tool']} | {r['bn_left']} | {r['nodes_before']} → {r['nodes']} | "
-                     f"{r['seconds']:.2f} | {mb(r['peak_rss'])} | {r['max_abs']:.2e} | "
+                     f"{r['seconds']:.2f} | {_mb(r['peak_rss'])} | {r['max_abs']:.2e} | "
                      f"{'pass' if r['verify'] else 'FAIL'} |")
-    lines += ["", "### 3. Scale: fold time and peak memory", "",
-              "Chains of Conv(C×C×3×3)+BN; the > 2 GB model uses external data. Each run is its own process.", "",
-              "| model size | bnfold fuse s | onnx.load+save s | time ratio | bnfold peak RSS | load+save peak RSS | "
-              "bnfold RSS / model size |", "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def scale_markdown(scale_rows) -> list[str]:
+    lines = ["### 3. Scale: fold time and peak memory", "",
+             "Chains of Conv(C×C×3×3)+BN; the > 2 GB model uses external data. Each run is its own process.", "",
+             "| model size | bnfold fuse s | onnx.load+save s | time ratio | bnfold peak RSS | load+save peak RSS | "
+             "bnfold RSS / model size |", "|---|---|---|---|---|---|---|"]
     for r in scale_rows:
         ratio = r["fold_s"] / r["load_save_s"] if r["fold_s"] and r["load_save_s"] else float("nan")
-        lines.append(f"| {mb(r['size'])}{' (external)' if r['external'] else ''} | {r['fold_s']:.2f} | "
-                     f"{r['load_save_s']:.2f} | {ratio:.2f} | {mb(r['fold_rss'])} | {mb(r['load_save_rss'])} | "
+        lines.append(f"| {_mb(r['size'])}{' (external)' if r['external'] else ''} | {r['fold_s']:.2f} | "
+                     f"{r['load_save_s']:.2f} | {ratio:.2f} | {_mb(r['fold_rss'])} | {_mb(r['load_save_rss'])} | "
                      f"{r['fold_rss'] / r['size']:.2f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def _mb(b) -> str:
+    return f"{b / 2**20:,.0f} MB" if b is not None else "-"
+
+
+PARTS = ("latency", "peers", "scale")
 
 
 def main() -> None:
@@ -340,25 +354,35 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models, few runs, sizes up to 100 MB")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to update (e.g. BENCHMARKS.md)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="which parts to run, comma-separated; each has its own section in --out")
     args = parser.parse_args()
-    command = "python benchmarks/run_suite.py" + (" --quick" if args.quick else "") + \
-        (f" --out {args.out}" if args.out else "")
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts takes {', '.join(PARTS)}")
+    command = "python benchmarks/run_suite.py " + " ".join(sys.argv[1:])
     runs = 10 if args.quick else 60
+    sections = {}
     with tempfile.TemporaryDirectory(prefix="bnfold-suite-") as tmp:
         out = Path(tmp)
-        models = export_models(LATENCY_MODELS if not args.quick else ("cnn", "mlp", "resnet18"), out, args.quick)
-        lat = latency(models, runs, args.threads)
-        check = self_check(models["resnet18"]["original"], runs, args.threads)
-        peer_models = {k: v for k, v in models.items() if k in PEER_MODELS}
-        if not args.quick:
-            peer_models.update(export_models([m for m in PEER_MODELS if m not in models], out, False))
-        peer_rows = peers(peer_models, out)
-        scale_rows = scale((10, 100) if args.quick else (10, 100, 1024, 2300), out)
-    text = markdown(command, lat, check, peer_rows, installed_peers(), scale_rows, args.threads)
-    print(text)
-    if args.out:
-        write_section(args.out, text, "suite")
-
+        if "latency" in parts or "peers" in parts:
+            models = export_models(LATENCY_MODELS if not args.quick else ("cnn", "mlp", "resnet18"), out, args.quick)
+        if "latency" in parts:
+            lat = latency(models, runs, args.threads)
+            check = self_check(models["resnet18"]["original"], runs, args.threads)
+            sections["latency"] = latency_markdown(lat, check)
+        if "peers" in parts:
+            peer_models = {k: v for k, v in models.items() if k in PEER_MODELS}
+            if not args.quick:
+                peer_models.update(export_models([m for m in PEER_MODELS if m not in models], out, False))
+            sections["peers"] = peers_markdown(peers(peer_models, out), installed_peers())
+        if "scale" in parts:
+            sections["scale"] = scale_markdown(scale((10, 100) if args.quick else (10, 100, 1024, 2300), out))
+    for part, lines in sections.items():
+        text = "\n".join([f"Command: `{command.strip()}`  ", machine(args.threads), "", *lines])
+        print(text + "\n")
+        if args.out:
+            write_section(args.out, text, f"suite-{part}")
 
 if __name__ == "__main__":
     main()
