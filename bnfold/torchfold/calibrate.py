@@ -15,6 +15,7 @@ from ..errors import BadInput
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..population import BatchAccumulator, finish_report, require_storable, statistics_row
 from ..report import CalibrationReport
+from .hooks import recording_inputs
 from .io import EAGER, load_torch
 from .variance import correct_torch_variance, tracked_bns
 
@@ -27,24 +28,12 @@ def calibrate_torch(module: nn.Module, options: CalibrateOptions,
     if not bns:
         raise BadInput("no BatchNorm module with running statistics to calibrate")
     report = CalibrationReport(type(module).__name__, None, options.upstream, options.batch_size)
-    captured: dict[int, np.ndarray] = {}
-    hooks = [m.register_forward_pre_hook(InputCapture(captured, k)) for k, (_, m) in enumerate(bns)]
     saved = [(m.momentum, m.training) for _, m in bns]
     totals = BatchAccumulator.for_sites(len(bns))
     try:
-        for _, m in bns:
-            m.momentum = 0.0
-            m.train(options.upstream == "batch")
-        for batch in positional_batches(options):
-            with torch.no_grad():
-                module(*(torch.from_numpy(a) for a in batch))
-            totals.add([captured[k] for k in range(len(bns))])
-            report.samples += len(batch[0])
-            if progress is not None:
-                progress(totals.batches + totals.dropped, 0)
+        with recording_inputs(((k, m) for k, (_, m) in enumerate(bns)), _as_numpy) as captured:
+            _measure(module, bns, options, totals, captured, report, progress)
     finally:
-        for h in hooks:
-            h.remove()
         for (_, m), (momentum, training) in zip(bns, saved):
             m.momentum, m.training = momentum, training
     finish_report(report, totals, options.data)
@@ -59,14 +48,24 @@ def calibrate_torch(module: nn.Module, options: CalibrateOptions,
     return report
 
 
-class InputCapture:
-    """Forward pre-hook keeping the input a BN module sees, for its batch statistics."""
+def _measure(module: nn.Module, bns, options: CalibrateOptions, totals: BatchAccumulator, captured: dict,
+             report: CalibrationReport, progress) -> None:
+    """Every batch through the model, BNs in the mode Algorithm 2 asks for (momentum 0: their
+    stored statistics stay put), each BN's input added to the sums."""
+    for _, m in bns:
+        m.momentum = 0.0
+        m.train(options.upstream == "batch")
+    for batch in positional_batches(options):
+        with torch.no_grad():
+            module(*(torch.from_numpy(a) for a in batch))
+        totals.add([captured[k] for k in range(len(bns))])
+        report.samples += len(batch[0])
+        if progress is not None:
+            progress(totals.batches + totals.dropped, 0)
 
-    def __init__(self, store: dict, key: int):
-        self.store, self.key = store, key
 
-    def __call__(self, _module, args) -> None:
-        self.store[self.key] = args[0].detach().cpu().numpy()
+def _as_numpy(args: tuple) -> np.ndarray:
+    return args[0].detach().cpu().numpy()
 
 
 def positional_batches(options: CalibrateOptions) -> Iterator[list[np.ndarray]]:

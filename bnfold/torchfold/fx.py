@@ -24,6 +24,7 @@ from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .export import aten_found
+from .hooks import recording_inputs
 from .sites import FoldSite, Found, analysis_copy, apply_site, bn_name, check_linear_axis
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -131,28 +132,17 @@ def child_inputs(module: nn.Module, example: tuple | None) -> dict[str, tuple]:
     if example is None:
         return {}
     probe = analysis_copy(module)
-    seen: dict[str, tuple] = {}
-    hooks = [child.register_forward_pre_hook(InputRecorder(seen, name)) for name, child in probe.named_children()]
-    try:
-        with torch.no_grad():
-            probe(*example)
-    except Exception:  # noqa: BLE001 — what ran before the failure is still known
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with recording_inputs(probe.named_children(), _detached_copy, first_only=True) as seen:
+        try:
+            with torch.no_grad():
+                probe(*example)
+        except Exception:  # noqa: BLE001 — what ran before the failure is still known
+            pass
     return seen
 
 
-class InputRecorder:
-    """Forward pre-hook keeping (a copy of) the first input a child module receives."""
-
-    def __init__(self, seen: dict, name: str):
-        self.seen, self.name = seen, name
-
-    def __call__(self, _module, args) -> None:
-        if self.name not in self.seen:
-            self.seen[self.name] = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, args)
+def _detached_copy(args: tuple) -> tuple:
+    return tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, args)
 
 
 def guess_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:

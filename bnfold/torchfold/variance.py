@@ -9,6 +9,7 @@ from ..errors import UsageError
 from ..options import VarianceOptions
 from ..population import correction_factor, spatial_size, values_per_channel
 from ..report import VarianceCorrection
+from .hooks import recording_inputs
 
 
 def tracked_bns(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -39,22 +40,10 @@ def input_shapes(module: nn.Module, bns, example) -> dict[str, tuple[int, ...]]:
     if example is None:
         raise UsageError("--variance biased on a torch model needs --shape or --example-input to know "
                          "each BN's spatial size, or --values-per-channel m")
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [m.register_forward_pre_hook(ShapeRecorder(shapes, n)) for n, m in bns]
-    try:
-        with torch.no_grad():
-            module.eval()(*example)
-    finally:
-        for h in hooks:
-            h.remove()
+    with recording_inputs(bns, _first_shape) as shapes, torch.no_grad():
+        module.eval()(*example)
     return shapes
 
 
-class ShapeRecorder:
-    """Forward pre-hook that notes the shape of a module's input."""
-
-    def __init__(self, shapes: dict, name: str):
-        self.shapes, self.name = shapes, name
-
-    def __call__(self, _module, args) -> None:
-        self.shapes[self.name] = tuple(args[0].shape)
+def _first_shape(args: tuple) -> tuple[int, ...]:
+    return tuple(args[0].shape)
