@@ -134,7 +134,7 @@ class BenchOptions:
     torch checkpoint); `torch_forms` None: the form the checkpoint is in."""
 
     providers: tuple[str, ...] = ("cpu",)
-    batch_sizes: tuple[int, ...] = (1,)
+    batch_sizes: tuple[int, ...] | None = None  # None: 1, or the batch size the model fixes
     levels: tuple[str, ...] = ("disabled", "default")
     threads: int | None = None
     warmup: int = 3
@@ -156,7 +156,7 @@ class BenchOptions:
         return self.aa_check if self.aa_check is not None else self.fail_below is not None
 
     def __post_init__(self):
-        for n in self.batch_sizes:
+        for n in self.batch_sizes or ():
             _at_least(n, 1, "--batch-size")
         _at_least(self.threads, 1, "--threads")
         _at_least(self.warmup, 0, "--warmup")
@@ -167,7 +167,7 @@ class BenchOptions:
             raise UsageError(f"--fail-below must be a finite number > 0, not {self.fail_below}")
         if self.runs is not None and self.seconds is not None:
             raise UsageError("--runs and --seconds both say how long to time: give one")
-        if not self.providers or not self.batch_sizes or not self.levels or not self.runtimes:
+        if not self.providers or self.batch_sizes == () or not self.levels or not self.runtimes:
             raise UsageError("--provider, --batch-size, --level and --runtime each need at least one value")
         for runtime in self.runtimes:
             _one_of(runtime, RUNTIMES, "--runtime")

@@ -96,7 +96,7 @@ def _options(level: str, threads: int | None, spinning: bool) -> ort.SessionOpti
     if level not in LEVELS:
         raise BadInput(f"unknown optimization level {level!r}; known: {', '.join(LEVELS)}")
     options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its errors come back as exceptions, said in one line
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

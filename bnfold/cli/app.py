@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 
 import typer
+from typer._click.exceptions import UsageError as ClickUsageError
 from rich.console import Console
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError
@@ -67,33 +69,50 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        app(args=argv, prog_name="bnfold")
+        code = app(args=argv, prog_name="bnfold", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         _say(f"bnfold: interrupted by {signal.Signals(signum).name}; nothing was written")
         return 128 + signum
+    except ClickUsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `bnfold` alone: the help, as click shows it
+            exc.show()
+            return exc.exit_code
+        # One line, like every other error (click's own form is four: usage, hint, blank, error).
+        where = exc.ctx.command_path if exc.ctx is not None else "bnfold"
+        _say(f"bnfold: error: {exc.format_message()} (see {where} --help)")
+        return EXIT_BAD_INPUT
+    except MemoryError:  # inputs or a model too big for this machine: the request, not a bug
+        _debug()
+        _say("bnfold: error: out of memory (the model or the inputs asked for are too big for this machine; "
+             f"try smaller --shape / --batch-size) (set {DEBUG_ENV}=1 for the traceback)")
+        return EXIT_BAD_INPUT
     except OSError as exc:  # the disk is full, a folder is not writable, …: the machine, not the model
-        if os.environ.get(DEBUG_ENV):
-            raise
+        _debug()
         where = f"{exc.filename}: " if exc.filename else ""
         _say(f"bnfold: error: {where}{exc.strerror or exc} (set {DEBUG_ENV}=1 for the traceback)")
         return EXIT_BAD_INPUT
     except BnfoldError as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
+        _debug()
         # One line: scripts grep it, people read it; the traceback is one variable away.
         _say(f"bnfold: error: {exc} (set {DEBUG_ENV}=1 for the traceback)")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 — anything else is a bug in bnfold: one line, exit 3
-        if os.environ.get(DEBUG_ENV):
-            raise
+        _debug()
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         _say(f"bnfold: internal error (a bug in bnfold, please report it): {type(exc).__name__}"
              f"{': ' + detail if detail else ''} (set {DEBUG_ENV}=1 for the traceback)")
         return EXIT_INTERNAL
-    return 0
+
+
+def _debug() -> None:
+    """With BNFOLD_DEBUG set, the traceback goes to stderr too; the exit code stays the one the
+    error means (a CI job with debugging on must not read bad input as a failed gate)."""
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exc()
 
 
 def _say(line: str) -> None:

@@ -19,13 +19,16 @@ RUNTIME_ALIASES = {"ort": "onnxruntime"}
 
 
 def _csv(text: str, what: str, cast=str) -> tuple:
+    """A comma-separated list, each value once (twice would time one configuration twice)."""
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise UsageError(f"{what} is empty")
+    if not all(items):
+        raise UsageError(f"{what} has an empty item: {text!r}")
     try:
-        values = tuple(cast(v.strip()) for v in text.split(",") if v.strip())
+        return tuple(dict.fromkeys(cast(v) for v in items))
     except ValueError:
         raise UsageError(f"{what} expects a comma-separated list, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{what} is empty")
-    return values
 
 
 @app.command(short_help="Time the original against the fused model.")
@@ -34,7 +37,9 @@ def bench(
     fused: Optional[Path] = typer.Argument(None, help="The fused model (B); fused on the fly if omitted."),
     provider: str = typer.Option("cpu", help="cpu, cuda, tensorrt, openvino, coreml, dml, rocm, … (short or "
                                              "onnxruntime's names), or all installed ones; comma-separated."),
-    batch_size: str = typer.Option("1", help="Samples per run, comma-separated for several (e.g. 1,8)."),
+    batch_size: Optional[str] = typer.Option(None, help="Samples per run, comma-separated for several (e.g. 1,8). "
+                                                        "Default: 1, or the batch size the model fixes.",
+                                             show_default=False),
     level: str = typer.Option("disabled,default", help="ORT optimization levels: disabled, basic, extended, default."),
     runtime: str = typer.Option("auto", help="onnxruntime, torch, or both (comma-separated); auto: onnxruntime "
                                              "for ONNX, torch and onnxruntime (of the ONNX export) for a torch "
@@ -79,7 +84,7 @@ def bench(
     out = Output(as_json)
     runtimes = tuple(RUNTIME_ALIASES.get(r.lower(), r.lower()) for r in _csv(runtime, "--runtime"))
     forms = tuple(f.lower() for f in _csv(torch_form, "--torch-form")) if torch_form is not None else None
-    options = BenchOptions(_csv(provider, "--provider"), _csv(batch_size, "--batch-size", int), _csv(level, "--level"),
+    options = BenchOptions(_csv(provider, "--provider"), _csv(batch_size, "--batch-size", int) if batch_size is not None else None, _csv(level, "--level"),
                            threads, warmup, runs, seconds, parse_shapes(shape), data, seed, blocks, runtimes, forms,
                            fail_below, aa_check)
     with out.progress("benchmarking", total=None) as tick:

@@ -48,11 +48,22 @@ def input_signature(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
             for v in graph_inputs(model)}
 
 
+def _type_name(elem_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return str(elem_type)
+
+
 def check_same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, path: Path) -> None:
     """Names and element types must match; fixed dims must not contradict each other."""
     sig_a, sig_b = input_signature(a), input_signature(b)
-    if {k: v[0] for k, v in sig_a.items()} != {k: v[0] for k, v in sig_b.items()}:
+    if sorted(sig_a) != sorted(sig_b):
         raise BadInput(f"inputs differ from the original's: {sorted(sig_b)} vs {sorted(sig_a)}", path)
+    for name, (dtype_a, _) in sig_a.items():
+        if sig_b[name][0] != dtype_a:
+            raise BadInput(f"input {name!r} has element type {_type_name(sig_b[name][0])}, the original's is "
+                           f"{_type_name(dtype_a)}", path)
     for name, (_, dims_a) in sig_a.items():
         dims_b = sig_b[name][1]
         if len(dims_a) != len(dims_b) or any(isinstance(x, int) and isinstance(y, int) and x and y and x != y

@@ -25,9 +25,11 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
           load: LoadOptions | None = None, progress: Callable[[int, int], None] | None = None) -> BenchReport:
     original, fused = Path(original), Path(fused) if fused is not None else None
     options, load = options or BenchOptions(), load or LoadOptions()
+    is_torch = detect.detect_format(original) == detect.TORCH
+    if options.batch_sizes is None:
+        options = dataclasses.replace(options, batch_sizes=(default_batch(original, is_torch, load),))
     if options.data and len(options.batch_sizes) > 1:  # the data's batch is the only one
         options = dataclasses.replace(options, batch_sizes=options.batch_sizes[:1])
-    is_torch = detect.detect_format(original) == detect.TORCH
     runtimes, notes = choose_runtimes(options.runtimes, original, fused, is_torch)
     _check_providers(runtimes, options.providers)
     threads, reason, busy = choose_threads(options.threads)
@@ -49,6 +51,20 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
     if options.fail_below is not None:
         apply_fail_below(report, options.fail_below)
     return report
+
+
+def default_batch(original: Path, is_torch: bool, load: LoadOptions) -> int:
+    """Without --batch-size: the batch size the model fixes (an ONNX input's first dimension, an
+    exported program's), which is the only one it runs at; else 1."""
+    if is_torch:
+        from ..torchfold.convert import program_batch
+
+        return program_batch(original, load) or 1
+    from ..onnxfold.io import read_signature
+
+    inputs = read_signature(original).graph.input
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) else []
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
 
 
 def choose_runtimes(asked: tuple[str, ...], original: Path, fused: Path | None, is_torch: bool
@@ -85,7 +101,8 @@ def _run_torch(report: BenchReport, original: Path, fused: Path | None, options:
                tmp: Path, busy: float | None, progress) -> None:
     from ..torchfold.bench import bench_torch
 
-    load = dataclasses.replace(load, shapes=options.shapes or load.shapes)
+    load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
+                               example_input=options.data or load.example_input)  # --data: the fold sees it too
     results, a, b, inputs, notes = bench_torch(original, fused, options, load, report.threads, tmp, busy, progress)
     report.results += results
     report.original, report.fused, report.inputs = a, b, inputs
@@ -98,6 +115,9 @@ def _run_onnxruntime(report: BenchReport, original: Path, fused: Path | None, op
 
     if is_torch:
         onnx_a, onnx_b = _torch_as_onnx(original, fused, tmp, load, options)
+        options = _batches_the_export_takes(onnx_a, original, options, load, report.notes)
+        if options is None:
+            return
     else:
         onnx_a = original
         onnx_b = fused if fused is not None else Path(fuse_file(original, tmp / original.name).output)
@@ -113,11 +133,35 @@ def _run_onnxruntime(report: BenchReport, original: Path, fused: Path | None, op
     report.original, report.fused, report.inputs = a, b, inputs
 
 
+def _batches_the_export_takes(onnx_a: Path, original: Path, options: BenchOptions, load: LoadOptions,
+                              notes: list[str]) -> BenchOptions | None:
+    """A torch model whose ONNX export came out with a fixed batch (the exporter baked a
+    dynamic size in) runs in onnxruntime at that batch only. Asked for by --runtime, the others
+    are bad input; under "auto" they are timed in torch only, and the report says so."""
+    from ..onnxfold.io import read_signature
+
+    if options.data or load.shapes:
+        return options
+    dims = read_signature(onnx_a).graph.input[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+    other = [n for n in options.batch_sizes if fixed is not None and n != fixed]
+    if not other:
+        return options
+    if ONNXRUNTIME in options.runtimes:
+        raise UsageError(f"its ONNX export has a fixed batch size {fixed}, so onnxruntime cannot time --batch-size "
+                         f"{other[0]} (time it with --runtime torch, or pass --batch-size {fixed})", original)
+    keep = tuple(n for n in options.batch_sizes if n == fixed)
+    notes.append(f"onnxruntime: batch size(s) {', '.join(map(str, other))} timed in torch only: the ONNX export "
+                 f"has a fixed batch size {fixed}")
+    return dataclasses.replace(options, batch_sizes=keep) if keep else None
+
+
 def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOptions,
                    options: BenchOptions) -> tuple[Path, Path]:
     from ..torchfold.convert import export_unfused_onnx
 
-    load = dataclasses.replace(load, shapes=options.shapes or load.shapes)
+    load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
+                               example_input=options.data or load.example_input)  # --data: the fold sees it too
     given = bool(options.data or load.shapes)  # then the inputs' shapes are the user's, not batch sizes
     batches = () if given else options.batch_sizes
     a = export_unfused_onnx(original, tmp / "original.onnx", load, batches)

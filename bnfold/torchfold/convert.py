@@ -7,17 +7,17 @@ import warnings
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from ..check.runtime import session
 from ..errors import BadInput, BnfoldError, UsageError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
 from .fx import guess_example
 from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch,
-                 save_bytes, torch_bytes)
+                 save_bytes, sniff, torch_bytes)
 
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
@@ -74,7 +74,7 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
     module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
-        write_onnx(module, example, dst, onnx_dynamic_axes(source), notes)
+        write_onnx(module, example, dst, onnx_dynamic_axes(source), notes, source.path)
     elif to == "torchscript":
         traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
         atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
@@ -128,6 +128,13 @@ def dynamic_dims(program) -> tuple | None:
     return tuple(shapes) if any(shapes) else None
 
 
+def program_batch(path: Path, options: LoadOptions) -> int | None:
+    """The batch size a .pt2 fixes, None for anything else (only a .pt2 is loaded to see)."""
+    if sniff(path) != EXPORT:
+        return None
+    return fixed_batch(load_torch(path, options).module)
+
+
 def fixed_batch(program) -> int | None:
     """The first input's batch size where the exported program fixed it, else None."""
     user_inputs = [s.arg.name for s in program.graph_signature.input_specs
@@ -152,7 +159,7 @@ def export_unfused_onnx(src: Path, dst: Path, options: LoadOptions, batch_sizes:
     if source.kind == EXPORT and not options.shapes:
         check_fixed_batch(fixed_batch(source.module), batch_sizes, src)
     module = runnable(source)
-    return write_onnx(module, example_for(source, options, module), dst, onnx_dynamic_axes(source))
+    return write_onnx(module, example_for(source, options, module), dst, onnx_dynamic_axes(source), path=src)
 
 
 def check_fixed_batch(fixed: int | None, batch_sizes: tuple[int, ...], path: Path) -> None:
@@ -173,22 +180,34 @@ def onnx_dynamic_axes(source: TorchSource) -> list[set[int]] | None:
 
 
 def write_onnx(module, example, dst: Path, dynamic: list[set[int]] | None = None,
-               notes: list[str] | None = None) -> Path:
-    """The torch exporter's ONNX, checked and saved; a model it cannot convert is bad input."""
+               notes: list[str] | None = None, path: Path | None = None) -> Path:
+    """The torch exporter's ONNX, checked and saved; a model it cannot convert is bad input
+    (`path`: the checkpoint the message names)."""
     try:
-        data = onnx_bytes(module, example, dynamic)
-        if dynamic and refuses_train(module) and not runs_at_other_sizes(data, example, dynamic):
-            data = onnx_bytes(module, example, [])  # a size the tracer baked in: the program's sizes, fixed
-            if notes is not None:
-                notes.append("the ONNX keeps the program's input shapes fixed "
-                             f"({', '.join(str(list(t.shape)) for t in example)}): the exporter turned one of its "
-                             "dynamic sizes into a constant")
+        data = _program_onnx(module, example, dynamic, notes) if refuses_train(module) and dynamic else \
+            onnx_bytes(module, example, dynamic)
         return save_onnx(onnx.load_from_string(data), dst)
     except BnfoldError:
         raise
     except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
-        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") \
-            from None
+        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                       path) from None
+
+
+def _program_onnx(module, example, dynamic: list[set[int]], notes: list[str] | None) -> bytes:
+    """An exported program with dynamic dimensions: dynamic in the ONNX where the exporter
+    keeps them so (a run at doubled sizes says), else with the program's example shapes fixed."""
+    try:
+        data = onnx_bytes(module, example, dynamic)
+        if runs_at_other_sizes(data, example, dynamic):
+            return data
+    except Exception:  # noqa: BLE001 — the traced sizes did not export: try the shapes fixed
+        pass
+    if notes is not None:
+        notes.append("the ONNX keeps the program's input shapes fixed "
+                     f"({', '.join(str(list(t.shape)) for t in example)}): the exporter turned one of its "
+                     "dynamic sizes into a constant")
+    return onnx_bytes(module, example, [])
 
 
 def onnx_bytes(module, example, dynamic: list[set[int]] | None = None) -> bytes:
@@ -205,13 +224,9 @@ def runs_at_other_sizes(data: bytes, example, dynamic: list[set[int]]) -> bool:
     for i, (t, dims) in enumerate(zip(example, list(dynamic) + [set()] * len(example))):
         shape = [2 * n if d in dims else n for d, n in enumerate(t.shape)]
         feeds[f"input{i}" if i else "input"] = torch.zeros(shape, dtype=t.dtype).numpy()
-    quiet = ort.SessionOptions()
-    quiet.log_severity_level = 4  # the failure is the answer, not an error to print
-    run = ort.RunOptions()
-    run.log_severity_level = 4
     try:
-        sess = ort.InferenceSession(data, quiet, providers=["CPUExecutionProvider"])
-        sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}, run)
+        sess = session(data)  # logs nothing: the failure is the answer, not an error to print
+        sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
     except Exception:  # noqa: BLE001 — any failure means: not dynamic after all
         return False
     return True
@@ -257,14 +272,18 @@ SIZE_TAKERS = {torch.ops.aten.view.default: "view", torch.ops.aten.reshape.defau
 
 
 def traced_sizes(module: torch.fx.GraphModule) -> None:
-    """In place: aten.sym_size calls become Tensor.size, and the ATen ops that take sizes their
-    Tensor methods, so the tracer records Shape ops where the export has symbolic sizes, as it
-    does for an eager module, instead of baking in the example's (a Reshape to [2, 144])."""
+    """In place: aten.sym_size calls read only by ops that take sizes become Tensor.size, and
+    those ops their Tensor methods, so the tracer records Shape ops where the export has
+    symbolic sizes, as it does for an eager module, instead of baking in the example's (a
+    Reshape to [2, 144]). A size read by anything else (arange, arithmetic) stays an int: a
+    traced size there would not export at all."""
     graph, changed = module.graph, False
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target is torch.ops.aten.sym_size.int:
+            if not all(user.op == "call_function" and user.target in SIZE_TAKERS for user in node.users):
+                continue
             with graph.inserting_before(node):
                 replacement = graph.call_method("size", node.args)
         elif node.target in SIZE_TAKERS and not node.kwargs:

@@ -11,6 +11,9 @@ loads into the original architecture), sets it to the identity γ=1, β=0, μ=0,
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import operator
 import warnings
 from dataclasses import dataclass
@@ -182,8 +185,8 @@ def _shapes(gm: torch.fx.GraphModule, example) -> dict[str, tuple[int, ...]]:
         return {}
     from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints the traceback of a failed node itself: it is not ours to show
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example)
     except Exception:  # noqa: BLE001 — a wrong guess only means ranks stay unknown
         return {}

@@ -132,11 +132,32 @@ def test_bad_input_one_line_exit_2_no_output(examples, tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_debug_env_shows_traceback(tmp_path):
+def test_debug_env_shows_traceback_and_keeps_the_exit_code(tmp_path):
+    """A CI job with debugging on must not read bad input (2) as a failed gate (1)."""
     exe = Path(sys.executable).with_name("bnfold")
     proc = subprocess.run([str(exe), "fuse", str(tmp_path / "nope.onnx")], capture_output=True, text=True,
                           env={**os.environ, "BNFOLD_DEBUG": "1"}, timeout=120)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "nope.onnx" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("error, code, needle", [
+    (RuntimeError("boom"), 3, "internal error"), (MemoryError(), 2, "out of memory"),
+])
+def test_internal_errors_and_memory_keep_their_codes_with_or_without_debug(monkeypatch, capsys, tmp_path, error,
+                                                                         code, needle):
+    def explode(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("bnfold.cli.fuse.fuse_file", explode)
+    (tmp_path / "m.onnx").write_bytes(b"not read: fuse_file raises first")
+    for debug in (False, True):
+        if debug:
+            monkeypatch.setenv("BNFOLD_DEBUG", "1")
+        else:
+            monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
+        assert cli(["fuse", str(tmp_path / "m.onnx")]) == code
+        err = capsys.readouterr().err
+        assert needle in err.strip().splitlines()[-1] and ("Traceback" in err) == debug
 
 
 def test_output_keeps_opset_ir_metadata_and_io_names(examples, tmp_path, capsys):

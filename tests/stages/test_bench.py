@@ -216,7 +216,8 @@ def test_the_synthetic_interval_is_the_order_statistics(tiny, monkeypatch, capsy
     (["--provider", "cuda"], "onnxruntime-gpu"), (["--provider", "CUDAExecutionProvider"], "onnxruntime-gpu"),
     (["--provider", "tensorrt"], "TensorRT"), (["--provider", "openvino"], "onnxruntime-openvino"),
     (["--provider", "nosuch"], "unknown execution provider"), (["--level", "fastest"], "optimization level"),
-    (["--batch-size", "one"], "--batch-size"), (["--runs", "0"], "--runs"), (["--blocks", "5"], "--blocks"),
+    (["--batch-size", "one"], "--batch-size"), (["--batch-size", "1,,2"], "empty item"), (["--runs", "0"], "--runs"),
+    (["--blocks", "5"], "--blocks"), (["--runs", "x"], "--runs"), (["--bogus"], "No such option"),
     (["--seconds", "1"], "give one"), (["--runtime", "torch"], "needs a torch checkpoint"),
     (["--runtime", "tvm"], "--runtime"), (["--torch-form", "onnx"], "--torch-form"),
 ])
@@ -238,7 +239,7 @@ def test_missing_provider_from_the_command_line(tiny):
     assert len(proc.stderr.strip().splitlines()) == 1 and "pip install onnxruntime-gpu" in proc.stderr
 
 
-def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path):
+def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path, capsys):
     rng = np.random.default_rng(0)
     inits = [init("W", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32))] + bn_inits("bn", 8, rng)
     nodes = [helper.make_node("Conv", ["input", "W"], ["z"], name="conv"), bn_node("z", "y")]
@@ -246,6 +247,11 @@ def test_fixed_batch_model_refuses_other_batch_sizes(tmp_path):
     onnx.save(make_model(nodes, [vi("input", [1, 3, 8, 8])], [vi("y", None)], inits), str(path))
     assert cli(["bench", str(path), "--batch-size", "4", "--runs", "2"]) == 2
     assert cli(["bench", str(path), "--batch-size", "1", *QUICK, "--level", "disabled", "--json"]) == 0
+    onnx.save(make_model(nodes, [vi("input", [3, 3, 8, 8])], [vi("y", None)], inits), str(path))
+    capsys.readouterr()
+    assert cli(["bench", str(path), *QUICK, "--level", "disabled", "--json"]) == 0  # its own batch by default
+    assert _json(capsys)["results"][0]["batch_size"] == 3
+    assert cli(["bench", str(path), "--batch-size", "1", "--runs", "2"]) == 2
 
 
 def test_a_non_cpu_provider_reports_node_placement(tiny, monkeypatch, capsys):
@@ -358,10 +364,12 @@ def test_pt2_by_default_times_torch_and_its_onnx_export(torch_files, capsys):
     report = _json(capsys)
     assert [(r["runtime"], r["level"], r["batch_size"]) for r in report["results"]] == [
         ("torch", "export", 2), ("onnxruntime", "disabled", 2)]
-    # the program was exported at batch 2 and guards it: another batch size is refused up front, naming the
-    # file, in either runtime
+    # the program was exported at batch 2 and guards it: that is the default, and another batch size is refused up
+    # front, naming the file, in either runtime
+    assert cli(["bench", str(torch_files["pt2"]), *QUICK, "--level", "disabled", "--json"]) == 0
+    assert {r["batch_size"] for r in _json(capsys)["results"]} == {2}
     for runtime in ("auto", "torch", "onnxruntime"):
-        assert cli(["bench", str(torch_files["pt2"]), *QUICK, "--runtime", runtime]) == 2
+        assert cli(["bench", str(torch_files["pt2"]), *QUICK, "--runtime", runtime, "--batch-size", "1"]) == 2
         err = capsys.readouterr().err
         assert "conv_bn.pt2" in err and "fixed batch size 2" in err and "--batch-size 2" in err
         assert len(err.strip().splitlines()) == 1
@@ -397,3 +405,30 @@ def test_a_cuda_run_waits_for_the_gpu_and_is_timed_on_the_wall_clock(monkeypatch
     ModuleRun(nn.Identity(), (torch.ones(1),), cuda=False)()
     assert waited == [True]
     assert not use_thread_clock(1, on_cpu=False) and not use_thread_clock(2, on_cpu=True)
+
+
+class Embedder(nn.Module):
+    """Integer ids in: a fold that guessed float inputs could not run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.bn = nn.Embedding(10, 8), nn.Linear(8, 6), nn.BatchNorm1d(6)
+
+    def forward(self, ids):
+        return self.bn(self.fc(self.emb(ids).mean(1)))
+
+
+def test_integer_inputs_from_data_reach_the_fold_and_no_torch_traceback_leaks(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    model.bn.running_mean.uniform_(-1, 1), model.bn.running_var.uniform_(0.5, 2)
+    torch.save(model, tmp_path / "emb.pt")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 10, (4, 5)).astype(np.int64))
+    assert cli(["fuse", str(tmp_path / "emb.pt"), "--trust-pickle", "-o", str(tmp_path / "out.pt")]) == 0
+    assert "Traceback" not in capsys.readouterr().err  # torch.fx's ShapeProp prints its own on a float guess
+    assert cli(["bench", str(tmp_path / "emb.pt"), "--trust-pickle", "--data", str(tmp_path / "ids.npy"), *QUICK,
+                "--level", "disabled", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "Traceback" not in captured.err and report["fused"]["bn_nodes"] == 0
+    assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [("torch", 4), ("onnxruntime", 4)]

@@ -276,26 +276,28 @@ class TwoHeads(nn.Module):
     """Two inputs, two outputs, and a flatten by h.size(0): export turns the size into a
     sym_size that a tracer reads as a plain int."""
 
-    def __init__(self, zeros: bool = False):
+    def __init__(self, extra: str = ""):
         super().__init__()
-        self.zeros = zeros
+        self.extra = extra
         self.c, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 5)
         self.c2, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
 
     def forward(self, x, y):
         h = self.bn(self.c(x))
         out = self.fc(h.view(h.size(0), -1))
-        if self.zeros:  # a size taken by an op the exporter can only read as an int
+        if self.extra == "zeros":  # a size taken by an op the exporter can only read as an int
             out = out + torch.zeros(x.size(0), 1)
+        if self.extra == "arange":  # … or cannot export at all once the size is traced
+            out = out + torch.arange(x.shape[0]).view(-1, 1)
         return out, self.bn2(self.c2(y)).mean()
 
 
-@pytest.mark.parametrize("dynamic, zeros, batches_that_run", [
-    (False, False, [2]), (True, False, [2, 1, 5]), (True, True, [2]),
+@pytest.mark.parametrize("dynamic, extra, batches_that_run", [
+    (False, "", [2]), (True, "", [2, 1, 5]), (True, "zeros", [2]), (True, "arange", [2]),
 ])
-def test_pt2_to_onnx_keeps_the_programs_dynamic_batch(tmp_path, capsys, dynamic, zeros, batches_that_run):
+def test_pt2_to_onnx_keeps_the_programs_dynamic_batch(tmp_path, capsys, dynamic, extra, batches_that_run):
     torch.manual_seed(0)
-    model = TwoHeads(zeros).eval()
+    model = TwoHeads(extra).eval()
     for bn in (model.bn, model.bn2):
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
     args = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
@@ -315,7 +317,14 @@ def test_pt2_to_onnx_keeps_the_programs_dynamic_batch(tmp_path, capsys, dynamic,
             expected = model(x, y)
         for g, e in zip(got, expected):
             torch.testing.assert_close(torch.from_numpy(g).reshape(e.shape), e)
-    assert any("keeps the program's input shapes fixed" in n for n in report["notes"]) == (dynamic and zeros)
+    assert any("keeps the program's input shapes fixed" in n for n in report["notes"]) == (dynamic and bool(extra))
+    if extra == "arange":  # bench: torch times every batch asked for, onnxruntime the one its export takes
+        assert cli(["bench", str(tmp_path / "m.pt2"), "--batch-size", "1,2", "--runs", "6", "--blocks", "6",
+                    "--warmup", "0", "--threads", "1", "--level", "disabled", "--json"]) == 0
+        bench = json.loads(capsys.readouterr().out)
+        assert [(r["runtime"], r["batch_size"]) for r in bench["results"]] == [
+            ("torch", 1), ("torch", 2), ("onnxruntime", 2)]
+        assert any("timed in torch only" in n for n in bench["notes"])
 
 
 def test_report_says_what_happened(cnn, tmp_path, capsys):
