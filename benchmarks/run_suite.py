@@ -357,9 +357,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="which parts to run, comma-separated; each has its own section in --out")
     args = parser.parse_args()
-    parts = args.parts.split(",")
+    parts = list(dict.fromkeys(args.parts.split(",")))
     if not set(parts) <= set(PARTS):
-        parser.error(f"--parts takes {', '.join(PARTS)}")
+        parser.error(f"--parts takes {', '.join(PARTS)}, not {', '.join(p for p in parts if p not in PARTS)}")
     command = "python benchmarks/run_suite.py " + " ".join(sys.argv[1:])
     runs = 10 if args.quick else 60
     sections = {}

@@ -28,7 +28,7 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
     is_torch = detect.detect_format(original) == detect.TORCH
     if options.batch_sizes is None:
         options = dataclasses.replace(options, batch_sizes=(default_batch(original, is_torch, load),))
-    if options.data and len(options.batch_sizes) > 1:  # the data's batch is the only one
+    if (options.data or options.shapes) and len(options.batch_sizes) > 1:  # their batch is the only one
         options = dataclasses.replace(options, batch_sizes=options.batch_sizes[:1])
     runtimes, notes = choose_runtimes(options.runtimes, original, fused, is_torch)
     _check_providers(runtimes, options.providers)
@@ -46,8 +46,8 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
                 _run_onnxruntime(report, original, fused, options, load, Path(tmp), is_torch, busy, step)
     if fused is None:
         report.fused.path = "(fused on the fly)"
-    if options.data:
-        report.notes.append("inputs from --data: batch sizes come from the data")
+    if options.data or options.shapes:
+        report.notes.append(f"inputs from {'--data' if options.data else '--shape'}: batch sizes come from there")
     if options.fail_below is not None:
         apply_fail_below(report, options.fail_below)
     return report

@@ -56,6 +56,9 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
     modules' facts, the inputs and notes."""
     devices = torch_devices(options.providers)
     source = load_torch(original, load)
+    if source.kind == EXPORT and (source.module.example_inputs or ((), {}))[1]:
+        raise BadInput(f"the program takes keyword inputs ({', '.join(source.module.example_inputs[1])}); bnfold "
+                       "feeds a model its inputs by position", original)
     a = _eval(runnable(source))
     b, b_kind, notes = _fused(source, a, fused, load, scratch)
     forms = _forms(options.torch_forms, source.kind, b_kind)

@@ -375,6 +375,30 @@ def test_pt2_by_default_times_torch_and_its_onnx_export(torch_files, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_shape_sets_the_batch_so_batch_sizes_collapse(tiny, capsys):
+    assert cli(["bench", str(tiny), "--shape", "input=4,3,8,8", "--batch-size", "1,8", *QUICK, "--level",
+                "disabled", "--provider", "cpu,cpu", "--json"]) == 0
+    report = _json(capsys)
+    assert [(r["provider"], r["batch_size"]) for r in report["results"]] == [("cpu", 4)]  # once, at --shape's batch
+    assert any("--shape" in n for n in report["notes"])
+
+
+def test_pt2_with_keyword_inputs_is_refused_naming_the_file(tmp_path, capsys):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, *, scale):
+            return self.bn(self.conv(x)) * scale
+
+    program = torch.export.export(Scaled().eval(), (torch.randn(2, 3, 8, 8),), {"scale": torch.tensor(2.0)})
+    torch.export.save(program, tmp_path / "kw.pt2")
+    assert cli(["bench", str(tmp_path / "kw.pt2"), *QUICK, "--runtime", "torch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kw.pt2" in err[0] and "keyword inputs (scale)" in err[0]
+
+
 def test_torch_runtime_refuses_forms_a_checkpoint_cannot_take(torch_files):
     assert cli(["bench", str(torch_files["torchscript"]), "--runtime", "torch", "--torch-form", "eager",
                 "--shape", "input=1,3,8,8", "--runs", "2"]) == 2
