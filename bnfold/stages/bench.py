@@ -30,6 +30,8 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
         options = dataclasses.replace(options, batch_sizes=(default_batch(original, is_torch, load),))
     if (options.data or options.shapes) and len(options.batch_sizes) > 1:  # their batch is the only one
         options = dataclasses.replace(options, batch_sizes=options.batch_sizes[:1])
+    if options.torch_forms and not is_torch:
+        raise UsageError(f"--torch-form is for torch checkpoints; {original} is ONNX")
     runtimes, notes = choose_runtimes(options.runtimes, original, fused, is_torch)
     _check_providers(runtimes, options.providers)
     threads, reason, busy = choose_threads(options.threads)

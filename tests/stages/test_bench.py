@@ -220,6 +220,7 @@ def test_the_synthetic_interval_is_the_order_statistics(tiny, monkeypatch, capsy
     (["--blocks", "5"], "--blocks"), (["--runs", "x"], "--runs"), (["--bogus"], "No such option"),
     (["--seconds", "1"], "give one"), (["--runtime", "torch"], "needs a torch checkpoint"),
     (["--runtime", "tvm"], "--runtime"), (["--torch-form", "onnx"], "--torch-form"),
+    (["--torch-form", "torchscript"], "is ONNX"),
 ])
 def test_bad_options_exit_2_one_line(tiny, args, needle, capsys, monkeypatch):
     monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
