@@ -22,9 +22,9 @@ from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_b
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
-from .convert import check_fixed_batch, example_for, fixed_batch, runnable
+from .convert import check_fixed_batch, data_inputs, example_for, fixed_batch, runnable
 from .fuse import fuse_module, fuse_torch_file
-from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_arrays, load_torch
+from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch
 
 EAGER, SCRIPT, EXPORTED = "eager", "torchscript", "export"
 # The forms a checkpoint of each kind can be timed in; the first is its own.
@@ -130,7 +130,7 @@ def _forms(asked: tuple[str, ...] | None, a_kind: str, b_kind: str) -> tuple[str
 
 def _example(source: TorchSource, load: LoadOptions, module, options: BenchOptions) -> tuple[torch.Tensor, ...]:
     if options.data is not None:
-        return load_arrays(options.data)
+        return data_inputs(options.data, module)
     return tuple(example_for(source, load, module))
 
 

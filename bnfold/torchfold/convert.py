@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -10,13 +11,14 @@ import onnx
 import torch
 from torch import nn
 
+from ..check.arrays import read_file
 from ..check.runtime import session
 from ..errors import BadInput, BnfoldError, UsageError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
 from .fx import guess_example
-from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, load_arrays, load_torch,
+from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, load_torch,
                  save_bytes, sniff, torch_bytes)
 
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -30,6 +32,32 @@ def runnable(source: TorchSource):
 def input_names(module) -> list[str] | None:
     """The names `--shape` may use for a module's inputs: its forward's parameters, and the
     names bnfold's ONNX export gives them (input, input1, …); None where forward takes *args."""
+    params = forward_params(module)
+    if params is None:
+        return None
+    return params + ["input"] + [f"input{i}" for i in range(1, max(1, len(params)))]
+
+
+POSITIONAL_KEY = re.compile(r"(arr_\d+|input\d*)")  # np.savez's and bnfold's own names: by position
+
+
+def data_inputs(path: Path, module) -> tuple[torch.Tensor, ...]:
+    """--data (or --example-input) for a torch model: arrays named like the forward's parameters
+    go to those, whatever their order in the file; unnamed ones (a .npy, np.savez's arr_0 …,
+    input, input1 …) by position; any other name is a usage error naming the model's inputs."""
+    arrays = read_file(Path(path), ["input"])
+    if all(POSITIONAL_KEY.fullmatch(k) for k in arrays):
+        return tuple(torch.from_numpy(a) for a in arrays.values())
+    params = forward_params(module)
+    unknown = sorted(set(arrays) - set(params or ()))
+    if params is None or unknown:
+        known = f"the model's inputs are {params}" if params is not None else "the model takes *args: name them arr_0 …"
+        raise UsageError(f"--data names {unknown or sorted(arrays)}; {known}", path)
+    return tuple(torch.from_numpy(arrays[n]) for n in params if n in arrays)
+
+
+def forward_params(module) -> list[str] | None:
+    """The forward's parameter names, in order; None where it takes *args or cannot be read."""
     try:
         if isinstance(module, torch.jit.ScriptModule):
             params = [a.name for a in module.forward.schema.arguments[1:]]
@@ -40,7 +68,7 @@ def input_names(module) -> list[str] | None:
             params = list(signature.parameters)
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return None
-    return params + ["input"] + [f"input{i}" for i in range(1, max(1, len(params)))]
+    return params
 
 
 def check_shape_names(shapes: dict, module, path=None) -> None:
@@ -54,7 +82,7 @@ def check_shape_names(shapes: dict, module, path=None) -> None:
 def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
     """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
     if options.example_input:
-        return load_arrays(options.example_input)
+        return data_inputs(options.example_input, module)
     if options.shapes:
         check_shape_names(options.shapes, module)
         dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \

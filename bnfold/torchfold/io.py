@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..check.arrays import read_file
 from ..detect import check_readable, looks_like_safetensors
 from ..errors import BadInput, UsageError
 from ..options import LoadOptions
@@ -257,11 +256,6 @@ def build_arch(spec: str, kwargs: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
-
-
-def load_arrays(path: str | Path) -> tuple[torch.Tensor, ...]:
-    """Positional inputs from `.npy` (one) or `.npz` (in the file's order)."""
-    return tuple(torch.from_numpy(a) for a in read_file(Path(path), ["input"]).values())
 
 
 def atomic_write(dst: Path, write) -> Path:

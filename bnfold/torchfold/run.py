@@ -15,9 +15,9 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
-from .convert import check_shape_names
+from .convert import check_shape_names, data_inputs
 from .fx import guess_example
-from .io import EXPORT, load_arrays, load_torch
+from .io import EXPORT, load_torch
 from .script import guess_script_example
 
 
@@ -97,7 +97,7 @@ def _example(module, options: VerifyOptions, seed: int, path: Path,
              hint: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
     dtype = _float_dtype(module)
     if options.data is not None:
-        return tuple(t.to(dtype) if t.is_floating_point() else t for t in load_arrays(options.data))
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in data_inputs(options.data, module))
     g = torch.Generator().manual_seed(seed)
     if options.shapes:
         check_shape_names(options.shapes, module, path)

@@ -457,3 +457,32 @@ def test_integer_inputs_from_data_reach_the_fold_and_no_torch_traceback_leaks(tm
     report = json.loads(captured.out)
     assert "Traceback" not in captured.err and report["fused"]["bn_nodes"] == 0
     assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [("torch", 4), ("onnxruntime", 4)]
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(5, 4)
+
+    def forward(self, x, v):
+        return self.bn(self.conv(x)).mean((2, 3)) + self.fc(v)
+
+
+def test_torch_data_goes_to_inputs_by_name_then_by_position(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    model.bn.running_mean.uniform_(-1, 1), model.bn.running_var.uniform_(0.5, 2)
+    torch.save(model, tmp_path / "two.pt")
+    rng = np.random.default_rng(0)
+    x, v = rng.normal(size=(3, 3, 8, 8)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+    np.savez(tmp_path / "named.npz", v=v, x=x)  # not in the forward's order
+    np.savez(tmp_path / "positional.npz", x, v)
+    np.savez(tmp_path / "wrong.npz", img=x, ids=v)
+    for data in ("named", "positional"):
+        assert cli(["bench", str(tmp_path / "two.pt"), "--trust-pickle", "--data", str(tmp_path / f"{data}.npz"),
+                    "--runtime", "torch", *QUICK, "--json"]) == 0
+        assert _json(capsys)["results"][0]["batch_size"] == 3
+    assert cli(["bench", str(tmp_path / "two.pt"), "--trust-pickle", "--data", str(tmp_path / "wrong.npz"),
+                "--runtime", "torch", *QUICK]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wrong.npz" in err[0] and "['ids', 'img']" in err[0] and "['x', 'v']" in err[0]
