@@ -59,7 +59,7 @@ def default_batch(original: Path, is_torch: bool, load: LoadOptions) -> int:
     """Without --batch-size: the batch size the model fixes (an ONNX input's first dimension, an
     exported program's), which is the only one it runs at; else 1."""
     if is_torch:
-        from ..torchfold.convert import program_batch
+        from ..torchfold.inputs import program_batch
 
         return program_batch(original, load) or 1
     from ..onnxfold.io import read_signature
@@ -160,7 +160,7 @@ def _batches_the_export_takes(onnx_a: Path, original: Path, options: BenchOption
 
 def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOptions,
                    options: BenchOptions) -> tuple[Path, Path]:
-    from ..torchfold.convert import export_unfused_onnx
+    from ..torchfold.onnx_export import export_unfused_onnx
 
     load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
                                example_input=options.data or load.example_input)  # --data: the fold sees it too

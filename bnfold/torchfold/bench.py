@@ -22,9 +22,9 @@ from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_b
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
-from .convert import check_fixed_batch, data_inputs, example_for, fixed_batch, runnable
+from .inputs import check_fixed_batch, data_inputs, example_for, fixed_batch
 from .fuse import fuse_module, fuse_torch_file
-from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch
+from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch, runnable
 
 EAGER, SCRIPT, EXPORTED = "eager", "torchscript", "export"
 # The forms a checkpoint of each kind can be timed in; the first is its own.

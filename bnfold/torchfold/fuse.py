@@ -15,7 +15,8 @@ from ..options import FuseOptions, LoadOptions
 from ..report import CalibrationReport, FoldedBN, FoldReport, SkippedBN, VarianceCorrection, WeightSetReport
 from .calibrate import calibrate_torch
 from .checkpoint import STATE, WeightSet
-from .convert import example_inputs, write_module
+from .convert import write_module
+from .inputs import example_inputs
 from .branches import merge_exported, merge_module
 from .export import BN_OPS, fold_exported
 from .fx import fold_module

@@ -279,3 +279,8 @@ def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def runnable(source: TorchSource):
+    """A callable module: an exported program is unlifted into a GraphModule (a new one per call)."""
+    return source.module.module() if source.kind == EXPORT else source.module

@@ -15,7 +15,7 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
-from .convert import check_shape_names, data_inputs
+from .inputs import check_shape_names, data_inputs
 from .fx import guess_example
 from .io import EXPORT, load_torch
 from .script import guess_script_example

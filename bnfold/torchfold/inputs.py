@@ -1,0 +1,126 @@
+"""What a torch model is fed: its inputs' names, arrays from --data / --example-input matched
+to them, example inputs from --shape or a guess, and the batch size an exported program fixes."""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..check.arrays import read_file
+from ..errors import UsageError
+from ..options import LoadOptions
+from .fx import guess_example
+from .io import EXPORT, TorchSource, load_torch, sniff
+
+
+def input_names(module) -> list[str] | None:
+    """The names `--shape` may use for a module's inputs: its forward's parameters, and the
+    names bnfold's ONNX export gives them (input, input1, …); None where forward takes *args."""
+    params = forward_params(module)
+    if params is None:
+        return None
+    return params + ["input"] + [f"input{i}" for i in range(1, max(1, len(params)))]
+
+
+POSITIONAL_KEY = re.compile(r"(arr_\d+|input\d*)")  # np.savez's and bnfold's own names: by position
+
+
+def data_inputs(path: Path, module) -> tuple[torch.Tensor, ...]:
+    """--data (or --example-input) for a torch model: arrays named like the forward's parameters
+    go to those, whatever their order in the file; unnamed ones (a .npy, np.savez's arr_0 …,
+    input, input1 …) by position; any other name is a usage error naming the model's inputs."""
+    arrays = read_file(Path(path), ["input"])
+    if all(POSITIONAL_KEY.fullmatch(k) for k in arrays):
+        return tuple(torch.from_numpy(a) for a in arrays.values())
+    params = forward_params(module)
+    unknown = sorted(set(arrays) - set(params or ()))
+    if params is None or unknown:
+        known = f"the model's inputs are {params}" if params is not None else "the model takes *args: name them arr_0 …"
+        raise UsageError(f"--data names {unknown or sorted(arrays)}; {known}", path)
+    return tuple(torch.from_numpy(arrays[n]) for n in params if n in arrays)
+
+
+def forward_params(module) -> list[str] | None:
+    """The forward's parameter names, in order; None where it takes *args or cannot be read."""
+    try:
+        if isinstance(module, torch.jit.ScriptModule):
+            params = [a.name for a in module.forward.schema.arguments[1:]]
+        else:
+            signature = inspect.signature(module.forward)
+            if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+                return None
+            params = list(signature.parameters)
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return params
+
+
+def check_shape_names(shapes: dict, module, path=None) -> None:
+    names = input_names(module)
+    unknown = sorted(set(shapes) - set(names)) if names is not None else []
+    if unknown:
+        raise UsageError(f"--shape names unknown input(s) {unknown}; the model's inputs are "
+                         f"{[n for n in names if not n.startswith('input')] or names[:1]}", path)
+
+
+def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
+    """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
+    if options.example_input:
+        return data_inputs(options.example_input, module)
+    if options.shapes:
+        check_shape_names(options.shapes, module)
+        dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
+            else torch.float32
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in options.shapes.values())
+    return guess_example(module) if isinstance(module, nn.Module) else None
+
+
+def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:
+    if source.kind == EXPORT and not options.shapes and not options.example_input:
+        return tuple(source.module.example_inputs[0])
+    example = example_inputs(options, module)
+    if example is None:
+        raise UsageError("cannot tell the model's input shape: pass --shape NAME=D0,D1,… or --example-input")
+    return example
+
+
+def dynamic_dims(program) -> tuple | None:
+    """The original program's dynamic dimensions, so that the re-export keeps them."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    for name in user_inputs:
+        val = nodes[name].meta.get("val")
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(val, "shape", ())) if not isinstance(d, int)}
+        shapes.append(dims or None)
+    return tuple(shapes) if any(shapes) else None
+
+
+def program_batch(path: Path, options: LoadOptions) -> int | None:
+    """The batch size a .pt2 fixes, None for anything else (only a .pt2 is loaded to see)."""
+    if sniff(path) != EXPORT:
+        return None
+    return fixed_batch(load_torch(path, options).module)
+
+
+def fixed_batch(program) -> int | None:
+    """The first input's batch size where the exported program fixed it, else None."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shape = getattr(nodes[user_inputs[0]].meta.get("val"), "shape", ()) if user_inputs else ()
+    return shape[0] if len(shape) and isinstance(shape[0], int) else None
+
+
+def check_fixed_batch(fixed: int | None, batch_sizes: tuple[int, ...], path: Path) -> None:
+    """An exported program with a fixed batch dimension runs at that batch size only (its
+    guards refuse any other), as an ONNX model with a fixed batch does."""
+    other = next((n for n in batch_sizes if fixed is not None and n != fixed), None)
+    if other is not None:
+        raise UsageError(f"the program's first input has a fixed batch size {fixed}; --batch-size {other} cannot "
+                         f"be used (pass --batch-size {fixed}, or export with a dynamic batch dimension)", path)
