@@ -99,6 +99,12 @@ def time_blocks(makers: Sequence[Maker], plan: Plan, seed: int = 0,
     return result
 
 
+def ab_makers(a: Maker, b: Maker, aa_check: bool) -> list[Maker]:
+    """A and B, and for the A/A check A′: A's maker once more, so every block makes a second,
+    fresh runner of A (bench_result reads a third model as A′)."""
+    return [a, b, a] if aa_check else [a, b]
+
+
 def creation_order(n_models: int, block: int) -> list[int]:
     """The order block b makes its runners in. The one made first tends to run slower for its
     whole life, so the orders are the rotations, each followed by its reverse (AB, BA; ABC,

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..check.inputs import describe_inputs, load_inputs, make_inputs
 from ..check.runtime import PROVIDERS, available_providers, node_placement, provider_name, run_session, session
-from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
+from ..check.timing import Plan, ab_makers, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import UsageError
 from ..options import BenchOptions
 from ..report import BenchResult, InputInfo, ModelInfo
@@ -80,10 +80,8 @@ def bench_onnx(original: Path, fused: Path, options: BenchOptions, threads: int,
         cpu = provider_name(provider) == PROVIDERS["cpu"]
         plan = Plan(options.blocks, options.timed_seconds, options.runs, options.warmup,
                     cpu_clock=use_thread_clock(threads, cpu))
-        makers = [SessionMaker(original, feeds, provider, level, threads), SessionMaker(fused, feeds, provider, level,
-                                                                                         threads)]
-        if options.checks_aa:
-            makers.append(makers[0])  # A′: another fresh session of A in every block
+        makers = ab_makers(SessionMaker(original, feeds, provider, level, threads),
+                           SessionMaker(fused, feeds, provider, level, threads), options.checks_aa)
         times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
         result = bench_result(times, plan, provider, level, batch_of(feeds.values(), batch), busy)
         if not cpu:

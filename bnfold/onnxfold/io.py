@@ -94,6 +94,13 @@ def read_signature(path: Path) -> onnx.ModelProto:
     return model
 
 
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The first input's first dimension where the model fixes it, else None."""
+    inputs = model.graph.input
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) else []
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
 def check_tensors(model: onnx.ModelProto, base_dir: Path, path: Path | str | None = None) -> set[Path]:
     """Check every string and tensor of `model` before any is read; returns the data files it uses."""
     payloads.check_text(model, path)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import detect
-from ..check.timing import CANNOT_TELL, FAIL, PASS, choose_threads, offset_progress, threshold_outcome
+from ..check.timing import (AA_BIASED, CANNOT_TELL, FAIL, PASS, choose_threads, half_width, offset_progress,
+                            threshold_outcome)
 from ..errors import UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchReport, ModelInfo
@@ -25,6 +26,9 @@ def bench(original: str | Path, fused: str | Path | None = None, options: BenchO
           load: LoadOptions | None = None, progress: Callable[[int, int], None] | None = None) -> BenchReport:
     original, fused = Path(original), Path(fused) if fused is not None else None
     options, load = options or BenchOptions(), load or LoadOptions()
+    # A torch model's fold and ONNX export see the inputs bench times: --shape, and --data as example input
+    load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
+                               example_input=options.data or load.example_input)
     is_torch = detect.detect_format(original) == detect.TORCH
     if options.batch_sizes is None:
         options = dataclasses.replace(options, batch_sizes=(default_batch(original, is_torch, load),))
@@ -62,11 +66,9 @@ def default_batch(original: Path, is_torch: bool, load: LoadOptions) -> int:
         from ..torchfold.inputs import program_batch
 
         return program_batch(original, load) or 1
-    from ..onnxfold.io import read_signature
+    from ..onnxfold.io import fixed_batch, read_signature
 
-    inputs = read_signature(original).graph.input
-    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) else []
-    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
+    return fixed_batch(read_signature(original)) or 1
 
 
 def choose_runtimes(asked: tuple[str, ...], original: Path, fused: Path | None, is_torch: bool
@@ -103,8 +105,6 @@ def _run_torch(report: BenchReport, original: Path, fused: Path | None, options:
                tmp: Path, busy: float | None, progress) -> None:
     from ..torchfold.bench import bench_torch
 
-    load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
-                               example_input=options.data or load.example_input)  # --data: the fold sees it too
     results, a, b, inputs, notes = bench_torch(original, fused, options, load, report.threads, tmp, busy, progress)
     report.results += results
     report.original, report.fused, report.inputs = a, b, inputs
@@ -140,12 +140,11 @@ def _batches_the_export_takes(onnx_a: Path, original: Path, options: BenchOption
     """A torch model whose ONNX export came out with a fixed batch (the exporter baked a
     dynamic size in) runs in onnxruntime at that batch only. Asked for by --runtime, the others
     are bad input; under "auto" they are timed in torch only, and the report says so."""
-    from ..onnxfold.io import read_signature
+    from ..onnxfold.io import fixed_batch, read_signature
 
     if options.data or load.shapes:
         return options
-    dims = read_signature(onnx_a).graph.input[0].type.tensor_type.shape.dim
-    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+    fixed = fixed_batch(read_signature(onnx_a))
     other = [n for n in options.batch_sizes if fixed is not None and n != fixed]
     if not other:
         return options
@@ -162,8 +161,6 @@ def _torch_as_onnx(original: Path, fused: Path | None, tmp: Path, load: LoadOpti
                    options: BenchOptions) -> tuple[Path, Path]:
     from ..torchfold.onnx_export import export_unfused_onnx
 
-    load = dataclasses.replace(load, shapes=options.shapes or load.shapes,
-                               example_input=options.data or load.example_input)  # --data: the fold sees it too
     given = bool(options.data or load.shapes)  # then the inputs' shapes are the user's, not batch sizes
     batches = () if given else options.batch_sizes
     a = export_unfused_onnx(original, tmp / "original.onnx", load, batches)
@@ -181,8 +178,8 @@ def apply_fail_below(report: BenchReport, threshold: float) -> None:
     whys = {PASS: [], FAIL: [], CANNOT_TELL: []}
     for r in report.results:
         lo, hi = r.decision_ci or r.speedup_ci
-        r.fail_below, why = threshold_outcome(lo, hi, (hi - lo) / 2 / r.speedup, threshold)
-        if r.aa_check == "biased":
+        r.fail_below, why = threshold_outcome(lo, hi, half_width(lo, hi, r.speedup), threshold)
+        if r.aa_check == AA_BIASED:
             why += f" (widened by the A/A check's {r.aa_bias_pct:.1f} % bias)"
         whys[r.fail_below].append(f"{r.runtime} {r.provider} {r.level} ×{r.batch_size}: {why}")
     outcome = FAIL if whys[FAIL] else CANNOT_TELL if whys[CANNOT_TELL] else PASS

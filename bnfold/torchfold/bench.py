@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from ..check.inputs import describe_inputs
-from ..check.timing import Plan, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
+from ..check.timing import Plan, ab_makers, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
-from .inputs import check_fixed_batch, data_inputs, example_for, fixed_batch
 from .fuse import fuse_module, fuse_torch_file
+from .inputs import check_fixed_batch, example_for, fixed_batch
 from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch, runnable
 
 EAGER, SCRIPT, EXPORTED = "eager", "torchscript", "export"
@@ -60,10 +60,10 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
         raise BadInput(f"the program takes keyword inputs ({', '.join(source.module.example_inputs[1])}); bnfold "
                        "feeds a model its inputs by position", original)
     a = _eval(runnable(source))
-    b, b_kind, notes = _fused(source, a, fused, load, scratch)
+    example = tuple(example_for(source, load, a))  # --data arrives as load.example_input
+    b, b_kind, notes = _fused(source, a, fused, load, scratch, example)
     forms = _forms(options.torch_forms, source.kind, b_kind)
-    example = _example(source, load, a, options)
-    given = bool(options.data or load.shapes)  # the inputs' shapes are the user's: no batch sizes
+    given = bool(load.example_input or load.shapes)  # the inputs' shapes are the user's: no batch sizes
     if source.kind == EXPORT and not given:
         check_fixed_batch(fixed_batch(source.module), options.batch_sizes, original)
     configs = [(d, n, f) for d in devices for n in options.batch_sizes for f in forms]
@@ -75,9 +75,8 @@ def bench_torch(original: Path, fused: Path | None, options: BenchOptions, load:
             plan = Plan(options.blocks, options.timed_seconds, options.runs, options.warmup,
                         cpu_clock=use_thread_clock(threads, device == "cpu"))
             with torch.no_grad():
-                makers = [ModuleMaker(as_form(m, form, inputs), inputs, device, original) for m in (a, b)]
-                if options.checks_aa:
-                    makers.append(makers[0])  # A′: another fresh copy of A in every block
+                makers = ab_makers(*(ModuleMaker(as_form(m, form, inputs), inputs, device, original) for m in (a, b)),
+                                   options.checks_aa)
                 times = time_blocks(makers, plan, options.seed, offset_progress(progress, k, len(configs)))
             results.append(bench_result(times, plan, device, form, batch_of(inputs, batch), busy, runtime="torch"))
             notes += [n for m in makers for n in m.notes if n not in notes]
@@ -94,7 +93,7 @@ def _eval(module):
     return module
 
 
-def _fused(source: TorchSource, a, fused: Path | None, load: LoadOptions, scratch: Path):
+def _fused(source: TorchSource, a, fused: Path | None, load: LoadOptions, scratch: Path, example):
     """B, its checkpoint kind, and notes. Folded here when not given."""
     if fused is not None:
         b_source = load_torch(fused, load)
@@ -102,9 +101,8 @@ def _fused(source: TorchSource, a, fused: Path | None, load: LoadOptions, scratc
     if source.kind == EXPORT:  # an exported graph folds at the ATen level, then is exported again
         report = fuse_torch_file(source.path, scratch / "fused.pt2", FuseOptions(load=load))
         return runnable(load_torch(scratch / "fused.pt2", load)), EXPORT, [_folded_note(report)]
-    example = example_for(source, load, a) if source.kind != TORCHSCRIPT else None
     module = a if source.kind == TORCHSCRIPT else copy.deepcopy(a)  # fuse_module copies a ScriptModule itself
-    folded, report = fuse_module(module, example)
+    folded, report = fuse_module(module, None if source.kind == TORCHSCRIPT else example)
     return _eval(folded), source.kind, [_folded_note(report)]
 
 
@@ -126,12 +124,6 @@ def _forms(asked: tuple[str, ...] | None, a_kind: str, b_kind: str) -> tuple[str
             kinds = a_kind if form not in FORMS[a_kind] else b_kind
             raise UsageError(f"--torch-form {form}: a {kinds} checkpoint runs only as {', '.join(FORMS[kinds])}")
     return asked
-
-
-def _example(source: TorchSource, load: LoadOptions, module, options: BenchOptions) -> tuple[torch.Tensor, ...]:
-    if options.data is not None:
-        return data_inputs(options.data, module)
-    return tuple(example_for(source, load, module))
 
 
 def _batch_of(example: tuple[torch.Tensor, ...], batch: int, given: bool) -> tuple[torch.Tensor, ...]:

@@ -88,16 +88,18 @@ def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torc
     return example
 
 
+def user_input_shapes(program) -> list[tuple]:
+    """Each user input's shape as the program traced it: ints where fixed, symbols where dynamic."""
+    names = [s.arg.name for s in program.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return [tuple(getattr(nodes[name].meta.get("val"), "shape", ())) for name in names]
+
+
 def dynamic_dims(program) -> tuple | None:
     """The original program's dynamic dimensions, so that the re-export keeps them."""
-    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
-                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    shapes = []
-    for name in user_inputs:
-        val = nodes[name].meta.get("val")
-        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(val, "shape", ())) if not isinstance(d, int)}
-        shapes.append(dims or None)
+    shapes = [{i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None
+              for shape in user_input_shapes(program)]
     return tuple(shapes) if any(shapes) else None
 
 
@@ -110,11 +112,8 @@ def program_batch(path: Path, options: LoadOptions) -> int | None:
 
 def fixed_batch(program) -> int | None:
     """The first input's batch size where the exported program fixed it, else None."""
-    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
-                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    shape = getattr(nodes[user_inputs[0]].meta.get("val"), "shape", ()) if user_inputs else ()
-    return shape[0] if len(shape) and isinstance(shape[0], int) else None
+    shapes = user_input_shapes(program)
+    return shapes[0][0] if shapes and shapes[0] and isinstance(shapes[0][0], int) else None
 
 
 def check_fixed_batch(fixed: int | None, batch_sizes: tuple[int, ...], path: Path) -> None:
