@@ -23,21 +23,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import zoo  # noqa: E402
+from lookalikes import LevitMlp as Mlp  # noqa: E402 — the torch look-alikes' blocks, shared
+from lookalikes import LevitResidual as Residual  # noqa: E402
+from lookalikes import LinearNorm  # noqa: E402
 
 fill_bn_stats = zoo.fill_bn_stats
 
 
 # -- LeViT -----------------------------------------------------------------------------------------
-
-
-class LinearNorm(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
-
-    def forward(self, x):
-        x = self.linear(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
 
 
 class NormLinear(nn.Module):
@@ -89,24 +82,6 @@ class AttentionDownsample(nn.Module):
         attn = (q @ k.permute(0, 2, 3, 1)) * self.scale + self.bias
         x = (attn.softmax(-1) @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, -1, self.heads * self.val_dim)
         return self.proj(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.ln1, self.act, self.ln2 = LinearNorm(dim, hidden), nn.Hardswish(), LinearNorm(hidden, dim)
-
-    def forward(self, x):
-        return self.ln2(self.act(self.ln1(x)))
-
-
-class Residual(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return x + self.inner(x)
 
 
 @dataclass(frozen=True)
