@@ -15,6 +15,7 @@ add is traced and replaced by its GraphModule (the rest of the model keeps its c
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,9 +26,10 @@ from torch import nn
 from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow, cast_exact
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
-from .export import BN_OPS
-from .params import affine_of, attr_at
-from .sites import PLAIN_LAYER_FORWARDS, analysis_copy
+from .fx_graph import FxGraph, reads_shape_only
+from .params import attr_at
+from .sites import analysis_copy
+from .vocabulary import LAYER_FORWARDS, TUPLE_BN_OPS, op_name
 
 STATE_DICT_REASON = "state_dict keeps the architecture; use --to onnx/pt2 or fuse_module to re-parameterize"
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -192,8 +194,31 @@ class GraphDialect:
         raise NotImplementedError
 
     def bn(self, node) -> tuple[torch.fx.Node, list[torch.fx.Node], Term] | None:
-        """(its input, its nodes, a Term carrying s, t and the BN's name) if `node` is a BN."""
-        raise NotImplementedError
+        """(its input, its nodes, a Term carrying s, t and the BN's name) if `node` is a BN: the
+        one BN recogniser (fx_graph.py), whatever the graph's vocabulary."""
+        if not hasattr(self, "_bns"):
+            self._graph = FxGraph(self.gm, Counter(self.calls) if isinstance(self, FxDialect) else None)
+            self._bns = {c.node: c for c in self._graph.bn_calls()}
+        nodes = []
+        if isinstance(node, torch.fx.Node) and op_name(node.target) == "getitem" and node.args[1] == 0 \
+                and node.args[0] in self._bns:
+            nodes, node = [node], node.args[0]
+        call = self._bns.get(node)
+        if call is None or (op_name(node.target) in TUPLE_BN_OPS and not nodes):
+            return None
+        nodes += call.nodes or [node]
+        label = f"BN '{_join(self.prefix, call.name)}'"
+        term = Term(label, None, module=call.name, problem=call.reason, bns=[call.name])
+        shared = next((p for p in call.stats.paths() if self._graph.reads(p) != 1), None)
+        if term.problem is None and shared is not None:
+            term.problem = f"{shared} is read by {self._graph.reads(shared)} ops"
+        if term.problem is None:
+            try:
+                affine = call.stats.affine(self.gm)
+                term.scale, term.shift = affine.scale, affine.shift
+            except (BrokenStatistics, Skip) as why:
+                term.problem = f"BN {call.name}: {why}"
+        return call.input, nodes, term
 
     def conv(self, node) -> Term | None:
         raise NotImplementedError
@@ -307,17 +332,6 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _affine_term(label: str, tensors: dict, eps: float, module: str, problem: str | None = None) -> Term:
-    term = Term(label, None, module=module, problem=problem, bns=[module])
-    if problem is None:
-        try:
-            affine = affine_of(tensors["weight"], tensors["bias"], tensors["running_mean"], tensors["running_var"], eps)
-            term.scale, term.shift = affine.scale, affine.shift
-        except BrokenStatistics as why:
-            term.problem = f"BN {module}: {why}"
-    return term
-
-
 def _f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
@@ -350,25 +364,7 @@ class FxDialect(GraphDialect):
             and isinstance(self.gm.get_submodule(node.target), TRANSPARENT_MODULES)
 
     def value_users(self, node) -> list:
-        from .fx import _value_users
-
-        return _value_users(node)
-
-    def bn(self, node):
-        from .fx import _bn_source, _check_bn
-
-        if not isinstance(node, torch.fx.Node):
-            return None
-        source = _bn_source(self.gm, self.probe, node)
-        if source is None:
-            return None
-        try:
-            _check_bn(source, self.calls)
-        except Skip as why:
-            return source.input, [node], Term(f"BN '{_join(self.prefix, source.name)}'", None, module=source.name, problem=str(why),
-                                              bns=[source.name])
-        tensors = {k: (attr_at(self.gm, p) if p else None) for k, p in source.tensors.items()}
-        return source.input, [node], _affine_term(f"BN '{_join(self.prefix, source.name)}'", tensors, source.eps, source.name)
+        return [u for u in node.users if not reads_shape_only(u, node)]
 
     def conv(self, node):
         if not isinstance(node, torch.fx.Node) or node.op != "call_module":
@@ -377,7 +373,7 @@ class FxDialect(GraphDialect):
         if not isinstance(layer, CONV_MODULES):
             return None
         problem = None
-        if type(layer).forward not in PLAIN_LAYER_FORWARDS:
+        if type(layer).forward not in LAYER_FORWARDS:
             problem = f"{node.target} ({type(layer).__name__}) has a forward of its own"
         elif self.calls.get(node.target, 0) != 1:
             problem = f"{node.target} is called {self.calls[node.target]} times"
@@ -522,34 +518,7 @@ class AtenDialect(GraphDialect):
             or (node.target is aten.dropout.default and len(node.args) > 2 and not node.args[2]))
 
     def value_users(self, node) -> list:
-        from .export import _value_users
-
-        return _value_users(node)
-
-    def bn(self, node):
-        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-            return None
-        nodes = []
-        if node.target is operator.getitem and node.args[1] == 0 and getattr(node.args[0], "target", None) in BN_OPS:
-            nodes, node = [node], node.args[0]
-        if node.target not in BN_OPS:
-            return None
-        (xi, wi, bi, mi, vi, ei), returns_tuple = BN_OPS[node.target]
-        if returns_tuple and not nodes:
-            return None
-        nodes.append(node)
-        paths = {k: self._param(node.args[i]) for k, i in (("weight", wi), ("bias", bi), ("running_mean", mi),
-                                                          ("running_var", vi))}
-        name = (paths["running_mean"] or node.name).rpartition(".")[0] or node.name
-        problem = None
-        if node.target is aten.batch_norm.default and node.args[5]:
-            problem = "batch_norm called with training=True"
-        elif paths["running_mean"] is None or paths["running_var"] is None:
-            problem = f"BN {name} has no constant running statistics"
-        elif returns_tuple and len(node.users) != 1:
-            problem = f"BN {name}'s saved statistics are used"
-        tensors = {k: (attr_at(self.gm, p) if p else None) for k, p in paths.items()}
-        return node.args[xi], nodes, _affine_term(f"BN '{name}'", tensors, float(node.args[ei]), name, problem)
+        return [u for u in node.users if not reads_shape_only(u, node)]
 
     def _param(self, node) -> str | None:
         if isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1:

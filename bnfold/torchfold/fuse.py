@@ -18,8 +18,8 @@ from .checkpoint import STATE, WeightSet
 from .convert import write_module
 from .inputs import example_inputs
 from .branches import merge_exported, merge_module
-from .export import BN_OPS, fold_exported
-from .fx import fold_module
+from .apply import fold_module
+from .export import count_aten_bn, fold_exported
 from .io import EAGER, EXPORT, TORCHSCRIPT, TorchSource, load_torch
 from .sites import copy_module
 from .variance import correct_torch_variance
@@ -40,7 +40,7 @@ def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = No
     it bnfold guesses from the first layer. `keep_layout` sets folded BNs to the identity
     instead of removing them, so the state_dict keeps its keys."""
     if isinstance(module, torch.jit.ScriptModule):
-        from .script import reload
+        from .script_graph import reload
 
         return fold_in_place(reload(module), example, keep_layout)
     return fold_in_place(copy_module(module), example, keep_layout)
@@ -58,13 +58,13 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
         module = fold_script_module(module, report, example)
         report.bn_after = count_batch_norms(module)
         return module, report
-    report.bn_before = count_bn_modules(module)
-    fold_module(module, report, "identity" if keep_layout else "remove", example)
+    module = fold_module(module, report, "identity" if keep_layout else "remove", example)
+    report.bn_before = len(report.folded) + len(report.skipped)
     left, kept = count_bn_modules(module), len(report.skipped)
     module = merge_module(module, report, keep_layout)
-    report.bn_after = count_bn_modules(module)
     # BNs a merge removed that had been folded into an identity (a forward of their own) are gone now
-    report.identity_bns -= (left - report.bn_after) - (kept - len(report.skipped))
+    report.identity_bns -= (left - count_bn_modules(module)) - (kept - len(report.skipped))
+    report.bn_after = len(report.skipped) + report.identity_bns
     return module, report
 
 
@@ -183,7 +183,3 @@ def _dtype(module) -> str:
     tensors = (state() if callable(state) else state).values()
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
     return str(dtype).replace("torch.", "") if dtype is not None else ""
-
-
-def count_aten_bn(gm) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS)

@@ -12,7 +12,7 @@ from torch import nn
 from ..check.arrays import read_file
 from ..errors import UsageError
 from ..options import LoadOptions
-from .fx import guess_example
+from .guess import guess_example
 from .io import EXPORT, TorchSource, load_torch, sniff
 
 

@@ -16,9 +16,9 @@ from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
 from .inputs import check_shape_names, data_inputs
-from .fx import guess_example
+from .guess import guess_example
 from .io import EXPORT, load_torch
-from .script import guess_script_example
+from .script_graph import guess_script_example
 
 
 def verify_torch(original: Path, fused: Path, options: VerifyOptions, load: LoadOptions) -> VerifyReport:

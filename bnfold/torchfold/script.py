@@ -24,19 +24,16 @@ import torch
 from ..errors import BadInput, Skip
 from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
+from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
-from .sites import FoldSite, check_linear_axis, owner, retire
+from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, reload
+from .site_rule import fold_site
+from .sites import FoldSite
+from .vocabulary import LAYER_OPS
 
 BN_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
-# op → (transposed: a constant, or the position of the flag; position of groups)
-LAYER_OPS = {"aten::_convolution": (6, 8), "aten::convolution": (6, 8),
-             "aten::conv1d": (False, 6), "aten::conv2d": (False, 6), "aten::conv3d": (False, 6),
-             "aten::conv_transpose1d": (True, 6), "aten::conv_transpose2d": (True, 6),
-             "aten::conv_transpose3d": (True, 6), "aten::linear": (False, None)}
-RESHAPES = ("aten::flatten", "aten::view", "aten::reshape")
-SHAPE_READS = ("aten::size", "aten::dim", "aten::numel", "prim::shape", "prim::device", "prim::dtype", "aten::len",
-               "aten::__is__", "aten::__isnot__", "prim::isinstance", "prim::GetAttr", "prim::unchecked_cast")
-SHAPE_OF_SECOND = ("aten::reshape_as", "aten::view_as", "aten::expand_as")
+LAYER_KINDS = tuple(f"aten::{name}" for name in LAYER_OPS)
+
 
 
 def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
@@ -48,16 +45,14 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
     except (RuntimeError, AttributeError) as exc:
         raise BadInput(f"TorchScript module without a forward to fold ({str(exc).splitlines()[0][:100]})") from None
     values = Values(root, graph)
-    live = list(_live_nodes(graph, values))
-    reads = _reads(live, values)
-    shapes = Shapes(root, graph, example)
+    live = list(live_nodes(graph, values))
+    dialect = ScriptGraph(values, reads_of(live, values), Shapes(root, graph, example))
     plans, kept = [], {}
-    for bn in (n for n in live if n.kind() == "aten::batch_norm"):
+    for bn in dialect.bn_calls(live):
         try:
-            site = _site(root, bn, values, reads, shapes)
-            plans.append(Plan(root, site))
+            plans.append(Plan(root, fold_site(dialect, bn)))
         except (Skip, BrokenStatistics, FoldOverflow) as why:
-            kept.setdefault(_name(values, bn), str(why))  # one BN inlined in two branches: said once
+            kept.setdefault(bn.name, str(why))  # one BN inlined in two branches: said once
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
     _bias_slots(root, plans)
     cut = _cuts(root, plans)
@@ -70,248 +65,11 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
     return reload(root)
 
 
-def reload(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """A save/load round trip: types of its own (scripted classes share one graph per type across a
-    process) and graphs compiled afresh."""
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer, map_location="cpu")
-
-
 def count_batch_norms(module: torch.jit.ScriptModule) -> int:
     return len(module.inlined_graph.findAllNodes("aten::batch_norm", True))
 
 
 # -- reading the graph -------------------------------------------------------------------------
-
-
-class Values:
-    """What a value of a module's graph is: an attribute path from self, or a constant."""
-
-    def __init__(self, module, graph):
-        self.module, self.self_id = module, next(graph.inputs()).unique()
-        self.paths: dict[int, str | None] = {}
-
-    def path(self, value) -> str | None:
-        if value.unique() not in self.paths:
-            self.paths[value.unique()] = self._path(value)
-        return self.paths[value.unique()]
-
-    def _path(self, value) -> str | None:
-        node = value.node()
-        kind = node.kind()
-        if kind == "prim::GetAttr":
-            base = node.input()
-            if base.unique() == self.self_id:
-                return node.s("name")
-            parent = self.path(base)
-            return f"{parent}.{node.s('name')}" if parent is not None else None
-        if kind == "prim::unchecked_cast":
-            return self.path(node.input())
-        if kind == "prim::If":
-            chosen = self._branch(node, value)
-            return self.path(chosen) if chosen is not None else None
-        return None
-
-    def constant(self, value):
-        """The value's Python value, or raise Skip when the graph does not fix it."""
-        node, kind = value.node(), value.node().kind()
-        if kind == "prim::Constant":
-            return value.toIValue()
-        if kind in ("prim::GetAttr", "prim::unchecked_cast"):
-            path = self.path(value)
-            if path is not None:
-                return attr_at(self.module, path)
-            if kind == "prim::unchecked_cast":
-                return self.constant(node.input())
-        if kind == "prim::If":
-            chosen = self._branch(node, value)
-            if chosen is not None:
-                return self.constant(chosen)
-        if kind == "aten::__not__":
-            return not self.constant(node.input())
-        if kind in ("aten::__is__", "aten::__isnot__"):
-            a, b = (self._none_or_not(v) for v in node.inputs())
-            same = a is None and b is None
-            return same if kind == "aten::__is__" else not same
-        raise Skip(f"{kind} value %{value.debugName()} is not a constant of the graph")
-
-    def _none_or_not(self, value):
-        """None if the value is None; something else (the value, or the graph's value) if not."""
-        try:
-            return self.constant(value)
-        except Skip:
-            return value
-
-    def _branch(self, node, value):
-        """The output of the If branch taken, when its condition is fixed."""
-        try:
-            condition = self.constant(node.input())
-        except Skip:
-            return None
-        index = [o.unique() for o in node.outputs()].index(value.unique())
-        block = list(node.blocks())[0 if condition else 1]
-        return list(block.outputs())[index]
-
-
-def _live_nodes(block, values: Values):
-    """Nodes that can run: a branch on a fixed condition (`if self.residual:`) runs one side only."""
-    for node in block.nodes():
-        yield node
-        blocks = list(node.blocks())
-        if node.kind() == "prim::If":
-            try:
-                blocks = [blocks[0 if values.constant(node.input()) else 1]]
-            except Skip:
-                pass
-        for inner in blocks:
-            yield from _live_nodes(inner, values)
-
-
-def _reads(nodes, values: Values) -> dict[str, int]:
-    """How many ops read each tensor attribute (its values, not its shape or whether it is None)."""
-    reads: dict[str, int] = {}
-    for node in nodes:
-        if node.kind() in SHAPE_READS or node.kind() == "prim::If":
-            continue
-        for value in node.inputs():
-            path = values.path(value)
-            if path is not None:
-                reads[path] = reads.get(path, 0) + 1
-    return reads
-
-
-def _all_nodes(graph):
-    for node in graph.nodes():
-        yield node
-        for block in node.blocks():
-            yield from _all_nodes(block)
-
-
-def _value_uses(value) -> int:
-    return sum(1 for use in value.uses() if use.user.kind() not in SHAPE_READS
-               and not (use.user.kind() in SHAPE_OF_SECOND and use.offset == 1))
-
-
-def _name(values: Values, bn) -> str:
-    return owner(values.path(bn.inputsAt(3))) or bn.output().debugName()
-
-
-def _site(root, bn, values: Values, reads: dict[str, int], shapes: "Shapes") -> FoldSite:
-    """Check what must hold for this batch_norm call to fold into the layer before it."""
-    if values.constant(bn.inputsAt(5)) is not False:
-        raise Skip("batch_norm runs in training mode (batch statistics)")
-    tensors = {k: _tensor_path(values, bn.inputsAt(i), reads)
-               for k, i in (("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4))}
-    if tensors["running_mean"] is None or tensors["running_var"] is None:
-        raise Skip("no running statistics: BN uses batch statistics")
-    eps = values.constant(bn.inputsAt(7))
-    producer, reshape = bn.inputsAt(0).node(), None
-    if producer.kind() in RESHAPES and producer.inputsAt(0).node().kind() == "aten::linear":
-        producer, reshape = producer.inputsAt(0).node(), producer
-    if producer.kind() not in LAYER_OPS:
-        raise Skip(f"input comes from {producer.kind()}, not a conv or linear")
-    others = _value_uses(producer.output()) - 1 + (_value_uses(reshape.output()) - 1 if reshape is not None else 0)
-    if others:
-        raise Skip(f"output of {producer.kind()} is also used by {others} other op(s)")
-    weight = _tensor_path(values, producer.inputsAt(1), reads)
-    bias = _tensor_path(values, producer.inputsAt(2), reads) if producer.inputsAt(2) is not None else None
-    if weight is None or weight.rpartition(".")[2] != "weight" or bias not in (None, f"{owner(weight)}.bias"):
-        raise Skip(f"{producer.kind()} reads {weight or 'a computed weight'}, not a layer's own weight and bias")
-    transposed, groups_at = LAYER_OPS[producer.kind()]
-    if not isinstance(transposed, bool):
-        transposed = bool(values.constant(producer.inputsAt(transposed)))
-    groups = int(values.constant(producer.inputsAt(groups_at))) if transposed else 1
-    layer = attr_at(root, owner(weight))
-    kind = getattr(layer, "original_name", producer.kind())
-    if producer.kind() == "aten::linear":
-        check_linear_axis(shapes.of(producer.output()), shapes.of((reshape or producer).output()),
-                          reshape is not None)
-    return FoldSite(owner(tensors["running_mean"]), owner(weight), kind, 1 if transposed else 0, groups, tensors,
-                    float(eps))
-
-
-def _tensor_path(values: Values, value, reads: dict[str, int]) -> str | None:
-    """The attribute path a tensor input reads, None for a None constant; Skip for anything else."""
-    path = values.path(value)
-    if path is None:
-        if value.node().kind() == "prim::Constant" and value.toIValue() is None:
-            return None
-        raise Skip(f"%{value.debugName()} is computed, not a module attribute")
-    if attr_at(values.module, path) is None:
-        return None
-    if reads.get(path, 0) != 1:
-        raise Skip(f"{path} is read by {reads.get(path, 0)} ops (a module called more than once?)")
-    return path
-
-
-class Shapes:
-    """Sizes of graph values: from the types a trace records, else from one run on an example."""
-
-    def __init__(self, root, graph, example):
-        self.root, self.graph, self.example = root, graph, example
-        self.probed: dict[int, tuple] | None = None
-
-    def of(self, value) -> tuple | None:
-        sizes = _recorded(value)
-        if sizes is not None:
-            return sizes
-        if self.probed is None:
-            self.probed = probe_sizes(self.root, self.graph, self.example or guess_script_example(self.root))
-        return self.probed.get(value.unique())
-
-
-def _recorded(value) -> tuple | None:
-    try:
-        sizes = value.type().sizes()
-    except RuntimeError:
-        return None
-    return tuple(sizes) if sizes is not None and all(isinstance(d, int) for d in sizes) else None
-
-
-def probe_sizes(root, graph, example) -> dict[int, tuple]:
-    """Run a copy of the graph that also returns the sizes of every linear and reshape output
-    (top-level block only: a value inside a branch cannot be returned)."""
-    if example is None:
-        return {}
-    twin = reload(root)  # forward may set attributes (a cached anchor grid): not on the module we write
-    twin_graph = twin.inlined_graph
-    mine = [n for n in graph.nodes() if n.kind() in ("aten::linear", *RESHAPES)]
-    theirs = [n for n in twin_graph.nodes() if n.kind() in ("aten::linear", *RESHAPES)]
-    if len(mine) != len(theirs):
-        return {}
-    for node in theirs:
-        size = twin_graph.create("aten::size", [node.output()])
-        size.output().setType(torch._C.ListType.ofInts())
-        size.insertAfter(node)
-        twin_graph.registerOutput(size.output())
-    twin_graph.makeMultiOutputIntoTuple()
-    try:
-        run = torch._C._create_function_from_graph(f"bnfold_probe_{next(_PROBES)}", twin_graph)
-        with torch.no_grad():
-            results = run(twin._c, *example)
-    except Exception:  # noqa: BLE001 — a wrong guess of the input only leaves ranks unknown
-        return {}
-    return {n.output().unique(): tuple(s) for n, s in zip(mine, results[-len(mine):])}
-
-
-_PROBES = itertools.count()
-
-
-def guess_script_example(root) -> tuple[torch.Tensor, ...] | None:
-    """An input for the first conv or linear of a ScriptModule (32 pixels a side)."""
-    for _, module in root.named_modules():
-        kind = getattr(module, "original_name", "")
-        weight = getattr(module, "weight", None) if kind.startswith(("Conv", "Linear")) else None
-        if not isinstance(weight, torch.Tensor):
-            continue
-        if kind == "Linear":
-            return (torch.randn(2, weight.shape[1], dtype=weight.dtype),)
-        channels = weight.shape[0] if kind.startswith("ConvTranspose") else weight.shape[1] * int(getattr(module, "groups", 1))
-        size = 1 if kind.startswith("ConvTranspose") else 32
-        return (torch.randn(2, channels, *([size] * (weight.dim() - 2)), dtype=weight.dtype),)
-    return None
 
 
 # -- applying ----------------------------------------------------------------------------------
@@ -333,13 +91,13 @@ class Plan:
         layer = attr_at(root, self.site.producer)
         if self.bias_slot is None:  # the shift stays in the BN: BN(x) = x + t
             write_params(layer, self.new_w, None)
-            retire(root, self.site, "identity", self.shift)
+            set_identity(root, self.site.stats.tensors, self.site.stats.eps, self.shift)
             return (f"{self.site.bn} kept in the graph as an identity holding the shift: {self.site.producer} has "
                     "no bias and its class's graph is shared with layers that do not fold")
         write_params(layer, self.new_w, None)
         _set_bias(layer, self.bias_slot, self.new_b)
         if cut is None:
-            retire(root, self.site, "identity")
+            set_identity(root, self.site.stats.tensors, self.site.stats.eps, None)
             return (f"{self.site.bn} kept in the graph as an identity (γ=1, β=0, μ=0, σ²=1−ε): its call is in a graph "
                     "shared with instances that do not fold, or not in a graph bnfold can cut")
         cut.apply()
@@ -384,7 +142,7 @@ BIAS_ATTRIBUTE = "bnfold_bias"
 
 def _bias_input(layer):
     """The one conv/linear op of the layer's own graph, if its bias input is None."""
-    nodes = [n for n in layer.graph.nodes() if n.kind() in LAYER_OPS]
+    nodes = [n for n in layer.graph.nodes() if n.kind() in LAYER_KINDS]
     if len(nodes) != 1:
         return None
     bias = nodes[0].inputsAt(2)
@@ -462,7 +220,7 @@ def _call_site(modules: dict, bn: str):
         parent = modules[parent_path]
         graph = parent.graph
         this = next(graph.inputs()).unique()
-        calls = [n for n in _all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
+        calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
                  and n.inputsAt(0).node().kind() == "prim::GetAttr" and n.inputsAt(0).node().s("name") == child
                  and n.inputsAt(0).node().input().unique() == this]
         return (parent, child, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
@@ -470,7 +228,7 @@ def _call_site(modules: dict, bn: str):
         return None
     graph = module.graph
     values = Values(module, graph)
-    calls = [(n, i) for n in _all_nodes(graph) for i in _batch_norm_input(n)
+    calls = [(n, i) for n in all_nodes(graph) for i in _batch_norm_input(n)
              if values.path(n.inputsAt(i[1])) == "running_mean"]
     if len(calls) != 1:
         return None

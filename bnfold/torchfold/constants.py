@@ -1,0 +1,91 @@
+"""Values an fx graph computes from constants alone, evaluated once in float64.
+
+A per-channel affine `x·S + T` is a BN when S and T depend on no input: FrozenBatchNorm2d computes
+them from its buffers in its forward (`w · rsqrt(σ² + ε)`, `b − μ·scale`, reshaped to [1, C, 1, 1]).
+Their subgraph is evaluated here from the module's tensors cast to float64, so the fold uses the
+exact values rather than their float32 roundings; casts between float dtypes inside it are passed
+over for that reason. The subgraph is bounded (nodes, elements): anything larger is not a BN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .params import attr_at
+from .site_rule import per_channel
+from .vocabulary import FLOAT_CASTS, SHAPE_READS, op_name
+
+MAX_NODES = 32
+MAX_ELEMENTS = 1 << 20
+
+
+def affine_of_constants(gm: torch.fx.GraphModule, x, scale, shift):
+    """((Affine, axis from the end), tensor paths read) when x·scale + shift is a per-channel
+    affine of the non-constant x; None otherwise."""
+    if not isinstance(x, torch.fx.Node) or _constant(x, set()):
+        return None
+    nodes: set = set()
+    if not (_constant(scale, nodes) and _constant(shift, nodes)) or len(nodes) > MAX_NODES:
+        return None
+    try:
+        values: dict = {}
+        s, t = _evaluate(gm, scale, values), _evaluate(gm, shift, values)
+    except Exception:  # noqa: BLE001 — a subgraph that cannot be evaluated here is not a BN
+        return None
+    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in (s, t)):
+        return None
+    found = per_channel(s.numpy(), t.numpy())
+    paths = sorted(n.target for n in nodes if isinstance(n, torch.fx.Node) and n.op == "get_attr")
+    return (found, paths) if found is not None else None
+
+
+def _constant(value, seen: set) -> bool:
+    """Whether `value` depends on no graph input (collects the nodes it is computed from)."""
+    if not isinstance(value, torch.fx.Node):
+        if isinstance(value, (list, tuple)):
+            return all(_constant(v, seen) for v in value)
+        return isinstance(value, (int, float, bool, type(None), torch.dtype, torch.Tensor))
+    if value in seen:
+        return True
+    if value.op == "get_attr":
+        seen.add(value)
+        return True
+    if value.op not in ("call_function", "call_method"):
+        return False
+    name = op_name(value.target)
+    if name in FLOAT_CASTS:  # `.to(x.dtype)`: the cast's target is not part of the value
+        if any(isinstance(a, torch.dtype) and not a.is_floating_point for a in (*value.args, *value.kwargs.values())):
+            return False
+        args = value.args[:1]
+    elif name == "getattr" or name in SHAPE_READS:
+        return False
+    else:
+        args = (*value.args, *value.kwargs.values())
+    seen.add(value)
+    return all(_constant(a, seen) for a in args)
+
+
+def _evaluate(gm, value, values: dict):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_evaluate(gm, v, values) for v in value)
+    if not isinstance(value, torch.fx.Node):
+        return value
+    if value in values:
+        return values[value]
+    if value.op == "get_attr":
+        tensor = attr_at(gm, value.target)
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() > MAX_ELEMENTS:
+            raise ValueError("not a small tensor")
+        result = tensor.detach().to("cpu", torch.float64) if tensor.is_floating_point() else tensor.detach().cpu()
+    elif op_name(value.target) in FLOAT_CASTS:
+        result = _evaluate(gm, value.args[0], values)
+    else:
+        args = _evaluate(gm, value.args, values)
+        kwargs = {k: _evaluate(gm, v, values) for k, v in value.kwargs.items()}
+        with torch.no_grad():
+            result = value.target(*args, **kwargs) if value.op == "call_function" \
+                else getattr(args[0], value.target)(*args[1:], **kwargs)
+    if isinstance(result, torch.Tensor) and result.numel() > MAX_ELEMENTS:
+        raise ValueError("too large")
+    values[value] = result
+    return result

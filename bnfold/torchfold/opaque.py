@@ -1,0 +1,61 @@
+"""What a submodule fx cannot trace computes, when that is one conv or linear of its own weight.
+
+timm's Conv2dSame pads by the input's size in Python before `F.conv2d(x, self.weight, self.bias)`:
+fx cannot trace it, yet a BN after it folds exactly. The module is traced alone by torch.jit on
+the input it received (milliseconds for one layer); its graph must end in a conv/linear op that
+reads the module's own weight (and bias) once. Where it has no bias, one set on a copy must show
+in the output, or the shift stays in the BN.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from .script_graph import ScriptGraph, Shapes, Values, live_nodes, reads_of
+from .site_rule import LayerCall
+
+
+def module_layer(module: nn.Module, inputs: tuple | None, path: str) -> LayerCall | None:
+    """The layer `module` computes, as the enclosing graph sees it (paths under `path`), or None."""
+    if inputs is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(copy.deepcopy(module), inputs, check_trace=False)
+            graph = traced.inlined_graph
+    except Exception:  # noqa: BLE001 — not traceable alone either: not a layer bnfold can see
+        return None
+    values = Values(traced, graph)
+    outputs = list(graph.outputs())
+    script = ScriptGraph(values, reads_of(list(live_nodes(graph, values)), values), Shapes(traced, graph, None))
+    layer = script.layer(outputs[0]) if len(outputs) == 1 else None
+    if layer is None or layer.weight != "weight" or script.reads("weight") != 1 \
+            or (layer.bias is not None and script.reads(layer.bias) != 1):
+        return None
+    uses_bias = layer.bias is not None or _reads_new_bias(module, inputs, layer)
+    return LayerCall(None, layer.kind, layer.axis, layer.groups, f"{path}.weight",
+                     f"{path}.bias" if layer.bias is not None else None, path, uses_bias, layer.spatial)
+
+
+def _reads_new_bias(module: nn.Module, inputs: tuple, layer: LayerCall) -> bool:
+    """Whether a bias given to the module is added to its output."""
+    weight = module.weight
+    channels = weight.shape[layer.axis] * (layer.groups if layer.axis == 1 else 1)
+    twin = copy.deepcopy(module)
+    try:
+        with torch.no_grad():
+            before = twin(*inputs)
+            twin.bias = nn.Parameter(torch.full((channels,), 0.5, dtype=weight.dtype, device=weight.device))
+            after = twin(*inputs)
+    except Exception:  # noqa: BLE001 — a module that refuses a bias does not read one
+        return False
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor) or before.shape != after.shape:
+        return False
+    return torch.allclose((after - before).double(), torch.full(before.shape, 0.5, dtype=torch.float64),
+                          atol=1e-2, rtol=0)

@@ -1,0 +1,72 @@
+"""A torch.fx trace for finding fold sites: modules whose forward is torch's own (Conv, Linear, BN)
+are single nodes, everything else is traced through — so a Conv subclass, a FrozenBatchNorm2d or
+timm's BatchNormAct2d shows what it computes — and a submodule fx cannot trace becomes an opaque
+node of its own, handled on its own (find.py), instead of failing the whole model."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from .vocabulary import plain_bn, plain_layer, qat_module
+
+
+class Untraceable(Exception):
+    """The module's own forward cannot be traced by torch.fx."""
+
+
+@dataclass
+class Traced:
+    gm: torch.fx.GraphModule
+    opaque: list[str] = field(default_factory=list)  # submodules left as nodes because fx cannot trace them
+    calls: Counter = field(default_factory=Counter)  # module path → calls in the graph
+
+
+class SiteTracer(torch.fx.Tracer):
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.calls: Counter = Counter()
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque or plain_bn(m) or plain_layer(m) or qat_module(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        self.calls[path] += 1
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module the failure passed through
+                self.failed_in = path
+            raise
+
+
+def trace(module: nn.Module) -> Traced:
+    """The module's graph, with every submodule fx cannot trace left opaque; Untraceable when the
+    module's own forward fails."""
+    opaque: set[str] = set()
+    limit = sum(1 for _ in module.modules())
+    while True:
+        tracer = SiteTracer(opaque)
+        try:
+            graph = tracer.trace(module)
+        except Exception as exc:  # noqa: BLE001 — any tracing failure
+            if tracer.failed_in in (None, "") or tracer.failed_in in opaque or len(opaque) >= limit:
+                raise Untraceable(first_line(exc)) from None
+            opaque.add(tracer.failed_in)
+            continue
+        gm = torch.fx.GraphModule(tracer.root, graph)
+        called = {n.target for n in graph.nodes if n.op == "call_module"}
+        return Traced(gm, sorted(p for p in opaque if p in called), tracer.calls)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:100] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
