@@ -135,6 +135,9 @@ class InputInfo:
 
 @dataclass
 class OutputComparison:
+    """One leaf of the outputs, by its path: `output` (a bare tensor), an ONNX output's name,
+    or a path into nested outputs such as `[0]['boxes']` or `.logits`."""
+
     name: str
     passed: bool
     shape: list[int] = field(default_factory=list)
@@ -154,6 +157,9 @@ class OutputComparison:
     argmax_agreement: float | None = None  # classifier-shaped [N, K] outputs
     worst_index: list[int] | None = None
     message: str = ""
+    # "tensor": compared element by element; "value": a non-tensor leaf (int, str, None, …) that
+    # must be equal; "structure": a container that differs in kind, or a leaf only one side has
+    kind: str = "tensor"
 
 
 @dataclass
@@ -170,6 +176,7 @@ class VerifyReport:
     inputs: list[InputInfo] = field(default_factory=list)
     outputs: list[OutputComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    compared_elements: int = 0  # tensor elements compared, over all outputs and batches; 0 is never a pass
 
     @property
     def failures(self) -> list[OutputComparison]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import detect
+from ..check.compare import nothing_compared
 from ..errors import BadInput
 from ..options import LoadOptions, VerifyOptions
 from ..report import VerifyReport
@@ -11,9 +12,19 @@ from ..report import VerifyReport
 
 def verify(original: str | Path, fused: str | Path, options: VerifyOptions | None = None,
            load: LoadOptions | None = None) -> VerifyReport:
-    """Compare every output of `fused` against `original` on seeded random (or given) inputs."""
+    """Compare every output of `fused` against `original` on seeded random (or given) inputs.
+
+    A comparison that compared no tensor element (no outputs, only non-tensor values, only
+    empty tensors) and found no mismatch proves nothing: it is bad input, not a pass."""
     original, fused = Path(original), Path(fused)
-    options, load = options or VerifyOptions(), load or LoadOptions()
+    report = _compare(original, fused, options or VerifyOptions(), load or LoadOptions())
+    why = nothing_compared(report)
+    if why is not None:
+        raise BadInput(f"nothing was verified: {why}", original)
+    return report
+
+
+def _compare(original: Path, fused: Path, options: VerifyOptions, load: LoadOptions) -> VerifyReport:
     if detect.detect_format(original) == detect.TORCH:
         from ..torchfold.run import verify_torch
 

@@ -1,20 +1,27 @@
 """verify for PyTorch checkpoints: original and fused run in torch (or the fused ONNX export
-in onnxruntime) on the same inputs, compared with the same rule as the ONNX path."""
+in onnxruntime) on the same inputs, compared with the same rule as the ONNX path.
+
+A forward may return any nesting of tensors (a detector's list of dicts, a namedtuple, a
+dataclass, a container registered with torch's pytree): every leaf is compared by its path.
+An ONNX export holds the forward's tensors in the order torch flattens them, so against the
+fused ONNX the tensor leaves are matched by position; the forward's non-tensor values are not
+in the export and are left out."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from .. import detect
-from ..check.compare import compare_outputs, merge
+from ..check.compare import Flat, compare_trees, conclude, flatten, flatten_named
 from ..check.inputs import describe_inputs
 from ..check.runtime import run_session, session
 from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
-from ..report import VerifyReport
+from ..report import OutputComparison, VerifyReport
 from .inputs import check_shape_names, data_inputs
 from .guess import guess_example
 from .io import EXPORT, load_torch
@@ -41,8 +48,7 @@ def verify_torch(original: Path, fused: Path, options: VerifyOptions, load: Load
             for comparison in run:
                 comparison.name = f"{name}/{comparison.name}" if len(pairs) > 1 else comparison.name
             runs.append(run)
-    report.outputs = merge(runs)
-    report.passed = all(o.passed for o in report.outputs)
+    conclude(report, runs)
     return report
 
 
@@ -58,6 +64,7 @@ def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: 
              hint: tuple[torch.Tensor, ...] | None = None) -> list[list]:
     """One list of OutputComparisons per input batch; `b` None: the fused ONNX in onnxruntime."""
     session_b = session(fused, "cpu") if b is None else None
+    onnx_outputs = session_b is not None and bool(session_b.get_outputs())
     onnx_names = [i.name for i in read_signature(fused).graph.input] if b is None else []
     runs = []
     for k in range(1 if options.data is not None else options.batches):
@@ -66,14 +73,29 @@ def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: 
         if not report.inputs:
             report.inputs = describe_inputs(feeds)
         with torch.no_grad():
-            expected = outputs_of(a(*example))
+            expected = outputs_of(a(*example), original)
             if b is None:
-                got = run_session(session_b, dict(zip(onnx_names, feeds.values())), fused)
-                got = dict(zip(expected, got.values()))
+                got = run_session(session_b, dict(zip(onnx_names, feeds.values())), fused) if onnx_outputs else {}
+                runs.append(_against_onnx(expected, got, options, report))
             else:
-                got = outputs_of(b(*example))
-        runs.append(compare_outputs(expected, got, options.atol, options.rtol))
+                runs.append(compare_trees(expected, outputs_of(b(*example), fused), options.atol, options.rtol))
     return runs
+
+
+def _against_onnx(expected: Flat, got: dict, options: VerifyOptions, report: VerifyReport) -> list:
+    """The forward's tensors against the export's outputs, matched by position (a sequence's
+    tensors counted one by one): another count is a mismatch, said once."""
+    tensors = {p: v for p, v in expected.entries.items() if isinstance(v, np.ndarray)}
+    values = [v for _, v in flatten_named(got).leaves()]
+    dropped = len(expected.leaves()) - len(tensors)
+    note = f"{dropped} non-tensor value(s) in the forward's output are not in an ONNX model: not compared"
+    if dropped and note not in report.notes:
+        report.notes.append(note)
+    if len(values) != len(tensors):
+        return [OutputComparison("output", False, kind="structure",
+                                 message=f"the fused ONNX model has {len(values)} output tensor(s), the "
+                                         f"original's forward returns {len(tensors)}")]
+    return compare_trees(Flat(tensors), Flat(dict(zip(tensors, values))), options.atol, options.rtol)
 
 
 def _eval(ws):
@@ -120,11 +142,27 @@ def _float_dtype(module) -> torch.dtype:
     return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
 
-def outputs_of(value) -> dict[str, np.ndarray]:
+def outputs_of(value, path: Path | None = None) -> Flat:
+    """Every tensor (as numpy) and every other leaf of a forward's output, by path."""
+    return flatten(value, _tensor_array, _pytree_children, where=path)
+
+
+def _tensor_array(value) -> np.ndarray | None:
     if isinstance(value, torch.Tensor):
-        return {"output": value.detach().cpu().numpy()}
-    if isinstance(value, (tuple, list)):
-        return {f"output{i}": v.detach().cpu().numpy() for i, v in enumerate(value) if isinstance(v, torch.Tensor)}
-    if isinstance(value, dict):
-        return {str(k): v.detach().cpu().numpy() for k, v in value.items() if isinstance(v, torch.Tensor)}
-    raise BadInput(f"model returned {type(value).__name__}; bnfold compares tensors")
+        return value.detach().cpu().numpy()
+    return value if isinstance(value, np.ndarray) else None
+
+
+def _pytree_children(value) -> list[tuple[str, object]] | None:
+    """A container torch's pytree knows beyond lists, tuples, dicts, namedtuples and dataclasses
+    (a deque, a library's registered output class): its children under pytree's keys, or by
+    position where the class was registered without keys."""
+    if type(value) not in pytree.SUPPORTED_NODES:
+        return None
+    # One level only (every child a leaf): the walk in check.compare goes deeper itself.
+    try:
+        children, _ = pytree.tree_flatten_with_path(value, is_leaf=lambda x: x is not value)
+    except ValueError:  # registered without a flatten_with_keys_fn
+        flat, _ = pytree.tree_flatten(value, is_leaf=lambda x: x is not value)
+        return [(f"[{i}]", child) for i, child in enumerate(flat)]
+    return [(pytree.keystr(key), child) for key, child in children]

@@ -111,3 +111,76 @@ def test_report_json_has_no_nan_or_infinity():
     plain = to_plain(c)
     assert plain["min_rtol_to_pass"] is None
     json.dumps(plain, allow_nan=False)
+
+
+# -- nested outputs ---------------------------------------------------------------------------
+
+
+def test_nested_leaves_are_named_by_path_and_keys_are_escaped():
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    from bnfold.check.compare import flatten, path_name
+
+    Pair = namedtuple("Pair", ["a", "b"])
+
+    @dataclass
+    class Out:
+        logits: np.ndarray
+        extra: object
+
+    x = np.zeros(2, np.float32)
+    value = [{"boxes": x, "bad\x1b[31mkey": (x, None)}, Out(x, Pair(x, 3))]
+    names = [path_name(p) for p, _ in flatten(value).leaves()]
+    assert names == ["[0]['boxes']", "[0]['bad\\x1b[31mkey'][0]", "[0]['bad\\x1b[31mkey'][1]", "[1].logits",
+                     "[1].extra.a", "[1].extra.b"]
+    assert all("\x1b" not in n for n in names)
+    assert [path_name(p) for p, _ in flatten(x).leaves()] == ["output"]
+
+
+def test_values_must_be_equal_and_of_one_type():
+    from bnfold.check.compare import compare_values
+
+    assert compare_values("n", 3, 3).passed and compare_values("s", "cat", "cat").passed
+    assert compare_values("none", None, None).passed and compare_values("nan", float("nan"), float("nan")).passed
+    for a, b in [(3, 4), (3, 3.0), (1, True), ("cat", "dog"), (None, 0), (float("nan"), 1.0)]:
+        result = compare_values("v", a, b)
+        assert not result.passed and result.kind == "value" and "value differs" in result.message
+
+
+def test_an_output_that_contains_itself_is_bad_input():
+    from bnfold.check.compare import flatten
+    from bnfold.errors import BadInput
+
+    loop: list = [np.zeros(1)]
+    loop.append(loop)
+    with pytest.raises(BadInput, match="nested deeper than"):
+        flatten(loop)
+
+
+def test_onnx_style_outputs_flatten_sequences_under_their_name():
+    x = np.ones(3, np.float32)
+    results = compare_outputs({"seq": [x, x], "opt": None}, {"seq": [x, x + np.float32(1)], "opt": None})
+    assert [(r.name, r.passed, r.kind) for r in results] == [("seq[0]", True, "tensor"), ("seq[1]", False, "tensor"),
+                                                             ("opt", True, "value")]
+    short = compare_outputs({"seq": [x, x]}, {"seq": [x]})
+    assert [(r.name, r.kind) for r in short if not r.passed] == [("seq[1]", "structure")]
+
+
+def test_nothing_compared_says_why_and_is_never_a_pass():
+    from bnfold.check.compare import conclude, nothing_compared
+    from bnfold.report import VerifyReport
+
+    def verdict(original, fused):
+        report = VerifyReport("a", "b", True, "onnxruntime", "cpu", None, None, 0, 1)
+        conclude(report, [compare_outputs(original, fused)])
+        return report.passed, nothing_compared(report)
+
+    empty = np.zeros((0, 4), np.float32)
+    assert verdict({}, {}) == (False, "no tensor outputs to compare: the model's outputs hold nothing")
+    passed, why = verdict({"n": None, "s": []}, {"n": None, "s": []})
+    assert not passed and why.startswith("no tensor outputs to compare") and why.endswith("(n)")
+    passed, why = verdict({"y": empty}, {"y": empty})
+    assert not passed and why.startswith("no tensor elements to compare") and "y float32[0, 4]" in why
+    assert verdict({"y": empty}, {"y": np.zeros((1, 4), np.float32)}) == (False, None)  # a mismatch: exit 1
+    assert verdict({"y": np.ones(2)}, {"y": np.ones(2)}) == (True, None)
