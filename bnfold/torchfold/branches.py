@@ -2,11 +2,10 @@
 `x + dwconv(x)`): an add whose every term is a Conv of one input x, a Conv followed by its BN, a BN
 of x or x itself becomes one Conv of x.
 
-Each Conv term is W ⋆ x + b (a BN after it scales W and b, as in the fold); an identity term is
-x = I ⋆ x with I the centred per-channel kernel (per group), a BN of x is s·I ⋆ x + t. Convs with
-the same stride, dilation and groups whose paddings put their kernels' centres on the same input
-position sum exactly once the smaller kernels are padded into the centre of the largest. All in
-float64, cast once to the weight dtype.
+Each Conv term is W ⋆ x + b (a BN after it scales W and b, as in the fold); a BN of x is s·x + t
+and x itself s = 1, t = 0. Whether the terms are one Conv, and its float64 kernel, is
+bnfold.reparam's (the math and the rule are in its docstring); the result is cast once to the
+weight dtype.
 
 The rewrite is on an fx graph: for an eager module the smallest submodule whose forward holds the
 add is traced and replaced by its GraphModule (the rest of the model keeps its classes); for a
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..errors import Skip
 from ..fold_math import BrokenStatistics, FoldOverflow, cast_exact
+from ..reparam import AffineBranch, ConvBranch, Window, merge
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .fx_graph import FxGraph, reads_shape_only
 from .params import attr_at
@@ -93,73 +93,36 @@ def merge_terms(terms: list[Term]) -> Merged:
             raise Skip(t.problem)
     if len({id(t.source) for t in terms}) != 1:
         raise Skip("the terms read different inputs")
-    convs = [t for t in terms if t.weight is not None]
-    first = convs[0]
-    for t in convs:
-        _check_alike(first, t)
-    ndim = first.weight.ndim - 2
-    pads = [_padding(t, ndim) for t in convs]
-    # twice the offset of the kernel centre from the output position, per spatial dim
-    centres = [tuple(2 * p - d * (k - 1) for p, d, k in zip(pad, t.dilation, t.weight.shape[2:]))
-               for t, pad in zip(convs, pads)]
-    for t, pad, centre in zip(convs, pads, centres):
-        if centre != centres[0]:
-            raise Skip(f"paddings centre the kernels differently: {first.label} pad {list(pads[0])}, "
-                       f"{t.label} pad {list(pad)}")
-    kernel = [max(t.weight.shape[2 + i] for t in convs) for i in range(ndim)]
-    if any((kmax - k) % 2 for t in convs for kmax, k in zip(kernel, t.weight.shape[2:])):
-        raise Skip("kernel sizes differ by an odd number: no common centre")
-    out_ch, per_group = first.weight.shape[:2]
-    in_ch = per_group * first.groups
-    weight = np.zeros((out_ch, per_group, *kernel))
-    bias = np.zeros(out_ch)
-    for t in convs:
-        at = tuple(slice((kmax - k) // 2, (kmax - k) // 2 + k) for kmax, k in zip(kernel, t.weight.shape[2:]))
-        weight[(slice(None), slice(None), *at)] += t.weight
-        bias += t.bias
-    for t in (t for t in terms if t.weight is None):
-        _check_identity(t, first, centres[0], in_ch, out_ch)
-        channels = np.arange(out_ch)
-        weight[(channels, channels % per_group, *[k // 2 for k in kernel])] += \
-            t.scale if t.scale is not None else 1.0
-        bias += t.shift if t.shift is not None else 0.0
-    padding = tuple((c + d * (k - 1)) // 2 for c, d, k in zip(centres[0], first.dilation, kernel))
-    return Merged(weight, bias, padding, kernel)
+    merged = merge([_branch(t) for t in terms])
+    window = merged.window
+    for a, (begin, end) in enumerate(zip(window.pads_begin, window.pads_end)):
+        if begin != end:
+            raise Skip(f"the merged kernel needs uneven padding on spatial axis {a} ({begin} before, {end} after), "
+                       "which a torch Conv does not take")
+    for t in terms:
+        if t.weight is not None:  # a 1-tap axis reads the same under any dilation; the rewrite reads the first's
+            t.dilation = window.dilations
+    return Merged(merged.weight, merged.bias, window.pads_begin, list(window.kernel))
 
 
-def _check_alike(first: Term, t: Term) -> None:
-    if t.weight.ndim != first.weight.ndim:
-        raise Skip(f"{first.label} and {t.label} have different ranks")
-    for what in ("stride", "dilation", "groups"):
-        if getattr(t, what) != getattr(first, what):
-            raise Skip(f"different {what}s: {first.label} {what} {getattr(first, what)}, "
-                       f"{t.label} {what} {getattr(t, what)}")
-    if t.weight.shape[:2] != first.weight.shape[:2]:
-        raise Skip(f"{first.label} and {t.label} have different channel counts")
+def _branch(t: Term) -> ConvBranch | AffineBranch:
+    if t.weight is None:
+        return AffineBranch(t.label, t.scale, t.shift)
     if t.padding_mode != "zeros":
         raise Skip(f"{t.label} has padding_mode={t.padding_mode!r}, not 'zeros'")
-    if t.like.dtype != first.like.dtype or t.like.device != first.like.device:
-        raise Skip(f"{first.label} and {t.label} differ in dtype or device")
+    begin, end = _padding(t)
+    window = Window(t.weight.shape[2:], t.stride, t.dilation, begin, end)
+    return ConvBranch(t.label, t.weight, t.bias, window, t.groups, storage=f"{t.like.dtype} on {t.like.device}")
 
 
-def _padding(t: Term, ndim: int) -> tuple:
+def _padding(t: Term) -> tuple[tuple, tuple]:
+    """(before, after) per spatial axis. padding="same" puts the odd zero after, as torch does."""
+    extents = [d * (k - 1) for d, k in zip(t.dilation, t.weight.shape[2:])]
     if t.padding == "valid":
-        return (0,) * ndim
+        return (0,) * len(extents), (0,) * len(extents)
     if t.padding == "same":
-        if any(d * (k - 1) % 2 for d, k in zip(t.dilation, t.weight.shape[2:])):
-            raise Skip(f"{t.label} has padding='same' with an even extent: torch pads it unevenly")
-        return tuple(d * (k - 1) // 2 for d, k in zip(t.dilation, t.weight.shape[2:]))
-    return tuple(t.padding)
-
-
-def _check_identity(t: Term, conv: Term, centre: tuple, in_ch: int, out_ch: int) -> None:
-    if any(s != 1 for s in conv.stride) or any(centre):
-        raise Skip(f"{t.label} adds the input itself, but {conv.label} does not keep its size and position "
-                   f"(stride {list(conv.stride)})")
-    if in_ch != out_ch:
-        raise Skip(f"{t.label} adds the input itself, but {conv.label} maps {in_ch} channels to {out_ch}")
-    if t.scale is not None and t.scale.shape[0] != out_ch:
-        raise Skip(f"{t.label} has {t.scale.shape[0]} channels, the convs {out_ch}")
+        return tuple(e // 2 for e in extents), tuple(e - e // 2 for e in extents)
+    return tuple(t.padding), tuple(t.padding)
 
 
 def merged_tensors(merged: Merged, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

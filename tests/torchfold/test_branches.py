@@ -15,6 +15,7 @@ from bnfold.cli import run as cli
 from bnfold.torchfold.fuse import fuse_module
 
 aten = torch.ops.aten
+EVEN_SAME = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 
 def random_bn(bn: nn.modules.batchnorm._BatchNorm, g: torch.Generator) -> nn.modules.batchnorm._BatchNorm:
@@ -220,11 +221,15 @@ class TwoConvs(nn.Module):
 
 
 @pytest.mark.parametrize("a,b,share,reason", [
-    (nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 5, 1, 0), False, "different strides"),
-    (nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 2, 2, 0), False, "paddings centre the kernels differently"),
+    (nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 5, 1, 0), False, "strides differ on spatial axis 0"),
+    (nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 2, 2, 0), False,
+     "paddings give different output lengths on spatial axis 0"),
     (nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 1, 1, 0), True, "also used by 1 other node"),
     (nn.Conv2d(4, 4, 3, 1, 1, padding_mode="reflect"), nn.Conv2d(4, 4, 1, 1, 0), False, "padding_mode='reflect'"),
-], ids=["stride", "pad", "used-elsewhere", "padding-mode"])
+    pytest.param(nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 1), False,
+                 "needs uneven padding on spatial axis 0 (0 before, 1 after), which a torch Conv does not take",
+                 marks=EVEN_SAME),
+], ids=["stride", "pad", "used-elsewhere", "padding-mode", "uneven"])
 def test_kept(a, b, share, reason):
     model = TwoConvs(a, b, share).eval()
     fused, report = fuse_module(model)
@@ -232,6 +237,32 @@ def test_kept(a, b, share, reason):
     assert len(report.unmerged) == 1 and reason in report.unmerged[0].reason, report.unmerged
     assert len(report.folded) == 2  # each BN still folds into its own conv
     assert_same(fused, model, torch.randn(2, 4, 8, 8))
+
+
+@pytest.mark.parametrize("a,b,kernel,dilation", [
+    # a 1-tap kernel reads the same under any dilation: the merged Conv takes the 3×3's, not the first's
+    (nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, 1, 2, dilation=2), (3, 3), (2, 2)),
+    # torch pads a 2×2 "same" (0, 1): it sits at the 3×3's lower right taps
+    pytest.param(nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 2, padding="same"), (3, 3), (1, 1), marks=EVEN_SAME),
+], ids=["1x1-beside-dilated-3x3", "same-2x2-in-3x3"])
+def test_merged_beyond_centred_kernels(a, b, kernel, dilation):
+    model = TwoConvs(a, b).eval()
+    fused, report = fuse_module(model)
+    assert len(report.merged) == 1 and not report.unmerged and len(report.folded) == 2
+    (conv,) = merged_convs(fused)
+    assert (conv.kernel_size, conv.dilation) == (kernel, dilation)
+    assert_same(fused, model, torch.randn(2, 4, 7, 8))
+
+
+def test_pt2_1x1_beside_dilated_3x3(tmp_path, capsys):
+    model = TwoConvs(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, 1, 2, dilation=2)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    assert cli(["fuse", str(tmp_path / "m.pt2"), "-o", str(tmp_path / "out.pt2"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["merged"]) == 1
+    fused = torch.export.load(tmp_path / "out.pt2").module()
+    assert [list(n.args[5]) if len(n.args) > 5 else [1, 1] for n in aten_convs(fused)] == [[2, 2]]
+    assert_same(fused, model, x)
 
 
 def test_state_dict_keeps_layout():
