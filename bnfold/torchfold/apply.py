@@ -25,8 +25,7 @@ from ..report import FoldedBN, FoldReport, SkippedBN
 from .find import find_sites
 from .fx_graph import FxGraph
 from .params import attr_at, fold_tensors
-from .site_rule import AffineStats, BnStats
-from .sites import FoldSite
+from .site_rule import AffineStats, BnStats, FoldSite
 from .tracer import Untraceable, trace
 from .vocabulary import op_name
 

@@ -15,7 +15,7 @@ from ..fold_math import Affine, BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .fx_graph import FxGraph, sites_and_kept
 from .params import attr_at, fold_tensors
-from .sites import FoldSite
+from .site_rule import FoldSite
 from .vocabulary import BN_OPS, TUPLE_BN_OPS, op_name
 
 

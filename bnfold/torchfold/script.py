@@ -28,7 +28,7 @@ from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
 from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, reload
 from .site_rule import fold_site
-from .sites import FoldSite
+from .site_rule import FoldSite
 from .vocabulary import LAYER_OPS
 
 BN_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")

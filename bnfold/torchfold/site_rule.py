@@ -10,7 +10,7 @@ module called twice, or a tensor shared, would change every use). Each graph kin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -89,6 +89,33 @@ class LayerCall:
     spatial: int = 0  # spatial dims of its output (0 for Linear)
 
 
+@dataclass
+class FoldSite:
+    """BN(layer(x)) that folds exactly: the layer's weight scaled along `axis` (per group)."""
+
+    bn: str  # the BN's name in the report: its module's path, or the op's node
+    producer: str  # the layer's module path
+    kind: str  # the layer's type: Conv2d, ConvTranspose1d, Linear, …
+    axis: int  # output-channel axis of the layer's weight
+    groups: int  # ConvTranspose groups (the axis-1 fold is per group); 1 otherwise
+    stats: BnStats | AffineStats  # what the BN computes
+    scope: str | None = None  # the module whose forward computes the BN
+    plain_bn: bool = False  # that module is a BN with torch's own forward
+    nodes: dict = field(default_factory=dict)  # graph nodes, for passes that rewrite the graph itself
+    weight: str | None = None  # the tensor paths the layer op reads
+    bias: str | None = None
+    plain_layer: bool = True  # the layer is a module with torch's own forward (a new bias is used)
+
+    def affine(self, root) -> Affine:
+        return self.stats.affine(root)
+
+    def prefixed(self, prefix: str) -> "FoldSite":
+        join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
+        return replace(self, bn=join(self.bn), producer=join(self.producer), stats=self.stats.prefixed(join),
+                       scope=None if self.scope is None else join(self.scope), nodes={},
+                       weight=self.weight and join(self.weight), bias=self.bias and join(self.bias))
+
+
 class Dialect(Protocol):
     """What the rule asks of a graph."""
 
@@ -101,10 +128,8 @@ class Dialect(Protocol):
     def describe(self, value) -> str: ...
 
 
-def fold_site(d: Dialect, bn: BnCall) -> "FoldSite":
+def fold_site(d: Dialect, bn: BnCall) -> FoldSite:
     """The fold site of `bn`, or Skip with the reason it is kept."""
-    from .sites import FoldSite
-
     if bn.reason:
         raise Skip(bn.reason)
     _read_once(d, bn.stats.paths(), "its BN")

@@ -9,41 +9,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import BadInput
-from ..fold_math import Affine
 from ..report import SkippedBN
-from .site_rule import AffineStats, BnStats
-
-
-@dataclass
-class FoldSite:
-    """BN(layer(x)) that folds exactly: the layer's weight scaled along `axis` (per group)."""
-
-    bn: str  # the BN's name in the report: its module's path, or the op's node
-    producer: str  # the layer's module path
-    kind: str  # the layer's type: Conv2d, ConvTranspose1d, Linear, …
-    axis: int  # output-channel axis of the layer's weight
-    groups: int  # ConvTranspose groups (the axis-1 fold is per group); 1 otherwise
-    stats: BnStats | AffineStats  # what the BN computes
-    scope: str | None = None  # the module whose forward computes the BN
-    plain_bn: bool = False  # that module is a BN with torch's own forward
-    nodes: dict = field(default_factory=dict)  # graph nodes, for passes that rewrite the graph itself
-    weight: str | None = None  # the tensor paths the layer op reads
-    bias: str | None = None
-    plain_layer: bool = True  # the layer is a module with torch's own forward (a new bias is used)
-
-    def affine(self, root) -> Affine:
-        return self.stats.affine(root)
-
-    def prefixed(self, prefix: str) -> "FoldSite":
-        join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
-        return replace(self, bn=join(self.bn), producer=join(self.producer), stats=self.stats.prefixed(join),
-                       scope=None if self.scope is None else join(self.scope), nodes={},
-                       weight=self.weight and join(self.weight), bias=self.bias and join(self.bias))
+from .site_rule import FoldSite
 
 
 def owner(path: str | None) -> str:
