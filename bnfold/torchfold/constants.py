@@ -39,6 +39,10 @@ def affine_of_constants(gm: torch.fx.GraphModule, x, scale, shift):
     return (found, paths) if found is not None else None
 
 
+def is_constant(node) -> bool:
+    return _constant(node, set())
+
+
 def _constant(value, seen: set) -> bool:
     """Whether `value` depends on no graph input (collects the nodes it is computed from)."""
     if not isinstance(value, torch.fx.Node):

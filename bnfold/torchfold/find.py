@@ -63,7 +63,7 @@ def _untraceable(module: nn.Module, example: tuple | None, why: str) -> Found:
         example = example or metadata_example(module) or guess_example(module)
         exported = _export(module, example) if example is not None else None
         if exported is not None:
-            sites, kept = sites_and_kept(FxGraph(exported))
+            sites, kept = sites_and_kept(FxGraph(exported, types=module))
             return Found(sites, kept, [f"{why}; its BNs were found in its torch.export graph"])
         found = Found(notes=[f"{why}; torch.export could not export it either; folding its submodules one by one"],
                       untraced=[type(module).__name__])
@@ -77,9 +77,14 @@ def _untraceable(module: nn.Module, example: tuple | None, why: str) -> Found:
 
 
 def _applies_bn(module: nn.Module) -> bool:
-    """Whether the module's own forward may apply a BN: a BN child, or buffers of its own that a
-    functional batch_norm could read. Otherwise every BN is inside a child, read on its own."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.children()) \
+    """Whether the module's own forward may join a layer to a BN: it, or a direct child, holds
+    tensors of its own (a layer's weight, a BN's statistics). Otherwise its children are
+    containers whose layers and BNs meet inside them, each read on its own."""
+    return any(_holds_tensors(m) for m in (module, *module.children()))
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None \
         or next(module.buffers(recurse=False), None) is not None
 
 

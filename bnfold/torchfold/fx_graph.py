@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import Skip
-from .constants import affine_of_constants
+from .constants import affine_of_constants, is_constant
 from .params import attr_at
 from ..report import SkippedBN
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall, fold_site
@@ -25,6 +25,7 @@ from .sites import owner
 from .vocabulary import (ADDS, BN_OPS, LAYER_OPS, MULS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, TUPLE_BN_OPS,
                          layer_kind, op_name, plain_bn, plain_layer, qat_module)
 
+CHECKS = ("_assert", "_assert_async", "_assert_tensor_metadata")  # ops that check their input and compute nothing
 QAT_REASON = ("inside {module}, a torch.ao QAT module (weights behind fake-quant): torch.ao.quantization.convert "
               "folds its BN when it converts the model; bnfold leaves QAT modules as they are")
 
@@ -33,8 +34,10 @@ class FxGraph:
     """An fx GraphModule read through the fold rule's questions (site_rule.Dialect)."""
 
     def __init__(self, gm: torch.fx.GraphModule, calls: Counter | None = None,
-                 shapes: Callable[[], dict] | None = None, opaque: dict[str, LayerCall | None] | None = None):
+                 shapes: Callable[[], dict] | None = None, opaque: dict[str, LayerCall | None] | None = None,
+                 types: nn.Module | None = None):
         self.gm = gm
+        self.types = types if types is not None else gm  # the modules as the user's classes (an export has none)
         self._calls = calls
         self.opaque = opaque or {}  # submodules fx could not trace → the layer each computes, if one
         self._shape_source, self._shapes = shapes, None
@@ -94,8 +97,28 @@ class FxGraph:
                                         for u in node.users):
             reason = "BN's saved statistics are used"
         label = owner(tensors["running_mean"]) or node.name
-        return BnCall(label, node, bound["input"], BnStats(tensors, float(bound.get("eps", 1e-5))),
-                      self.scope(node, tensors["running_mean"]), reason=reason)
+        scope = self.scope(node, tensors["running_mean"])
+        return BnCall(label, node, bound["input"], BnStats(tensors, float(bound.get("eps", 1e-5))), scope,
+                      plain=self._bn_module(scope, tensors) or self._only_op_of(scope, {node}), reason=reason)
+
+    def _bn_module(self, scope: str | None, tensors: dict) -> bool:
+        """Whether a batch_norm op is a BN module's own forward (torch.export's graph of one)."""
+        try:
+            module = self.types.get_submodule(scope) if scope else None
+        except AttributeError:
+            return False
+        return module is not None and plain_bn(module) and tensors["running_mean"] == f"{scope}.running_mean"
+
+    def _only_op_of(self, scope: str | None, bn: set) -> bool:
+        """Whether the BN is all its module computes in this graph (detectron2's
+        FrozenBatchNorm2d, exported): folded, the module is the identity. Constants it computes
+        its statistics from and checks of its input's metadata do not count."""
+        if not scope:
+            return False
+        own = [n for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+               and _within(self.scope(n), scope)]
+        return bool(own) and all(n in bn or (op_name(n.target) == "getitem" and n.args[0] in bn)
+                                 or op_name(n.target) in CHECKS or is_constant(n) for n in own)
 
     def _affine(self, add) -> BnCall | None:
         """add(mul(x, S), T) with S and T constants that vary along one axis."""
@@ -113,7 +136,8 @@ class FxGraph:
                 scopes = {self.scope(n) for n in (mul, add)}
                 scope = scopes.pop() if len(scopes) == 1 else None
                 stats = AffineStats(value, tuple(paths))
-                return BnCall(scope or add.name, add, x, stats, scope, nodes=[mul, add], axis_from_end=axis_from_end,
+                return BnCall(scope or add.name, add, x, stats, scope, plain=self._only_op_of(scope, {mul, add}),
+                              nodes=[mul, add], axis_from_end=axis_from_end,
                               reason=None if scope is not None else "its Mul and Add are in different modules")
         return None
 
@@ -154,8 +178,17 @@ class FxGraph:
         tensor = attr_at(self.gm, weight.target)
         kind = layer_kind(name, transposed, tensor)
         return LayerCall(node, kind, 1 if transposed else 0, groups if transposed else 1, weight.target,
-                         bias.target if bias is not None else None, owner(weight.target), False,
-                         0 if spec.linear else tensor.dim() - 2)
+                         bias.target if bias is not None else None, owner(weight.target),
+                         self._plain_owner(weight.target), 0 if spec.linear else tensor.dim() - 2)
+
+    def _plain_owner(self, weight: str) -> bool:
+        """Whether the op's weight is the `weight` of a module with torch's own forward (a bias
+        given to that module is used): torch.export's graph of an nn.Conv2d."""
+        try:
+            module = self.types.get_submodule(owner(weight))
+        except AttributeError:
+            return False
+        return weight.rpartition(".")[2] == "weight" and plain_layer(module) is not None
 
     def reshaped(self, node):
         if not isinstance(node, torch.fx.Node):
@@ -173,21 +206,26 @@ class FxGraph:
 
     def _count_reads(self) -> Counter:
         reads: Counter = Counter()
+        self._read_here: set[str] = set()  # read by this graph's own ops, not by an opaque module's call
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
                 reads[node.target] += self.value_uses(node)
+                self._read_here.add(node.target)
             elif node.op == "call_module":
                 module = self.gm.get_submodule(node.target)
                 inside = node.target not in self.opaque  # an opaque module's insides are read on their own
                 for name, _ in (*module.named_parameters(recurse=inside), *module.named_buffers(recurse=inside)):
                     reads[f"{node.target}.{name}"] += 1
+                    if inside:
+                        self._read_here.add(f"{node.target}.{name}")
         return reads
 
     def reads(self, path: str) -> int:
         return self._reads.get(path, 0)
 
     def read_paths(self) -> set[str]:
-        return set(self._reads)
+        """Tensors this graph reads itself (an opaque module's own call does not count)."""
+        return self._read_here
 
     def calls(self, scope: str) -> int:
         # torch.export records no call counts: there the tensors' reads say it
@@ -208,6 +246,10 @@ class FxGraph:
         if node.op == "call_module":
             return f"module {node.target} ({type(self.gm.get_submodule(node.target)).__name__})"
         return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+
+
+def _within(path: str | None, scope: str) -> bool:
+    return path is not None and (path == scope or path.startswith(scope + "."))
 
 
 def _is_attr(node) -> bool:
