@@ -13,7 +13,8 @@ from torch import nn
 from ..errors import Skip
 from ..fold_math import Affine, BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
-from .fx_graph import FxGraph, sites_and_kept
+from .constants import is_constant
+from .fx_graph import CHECKS, FxGraph, sites_and_kept
 from .params import attr_at, fold_tensors
 from .site_rule import FoldSite
 from .vocabulary import BN_OPS, TUPLE_BN_OPS, op_name
@@ -31,6 +32,9 @@ def fold_exported(gm: torch.fx.GraphModule, report: FoldReport) -> torch.fx.Grap
             continue
         _remove_bn(gm, site)
         report.folded.append(FoldedBN(site.bn, site.producer, site.kind))
+    for node in list(gm.graph.nodes):  # checks of a removed affine's constants keep them alive
+        if op_name(node.target) in CHECKS and is_constant(node.args[0] if node.args else None):
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

@@ -22,12 +22,10 @@ from .params import attr_at
 from ..report import SkippedBN
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall, fold_site
 from .sites import owner
-from .vocabulary import (ADDS, BN_OPS, LAYER_OPS, MULS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, TUPLE_BN_OPS,
-                         layer_kind, op_name, plain_bn, plain_layer, qat_module)
+from .vocabulary import (QAT_REASON, ADDS, BN_OPS, LAYER_OPS, MULS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, TUPLE_BN_OPS,
+                         layer_kind, op_name, plain_bn, plain_layer, qat_module, qat_scope)
 
 CHECKS = ("_assert", "_assert_async", "_assert_tensor_metadata")  # ops that check their input and compute nothing
-QAT_REASON = ("inside {module}, a torch.ao QAT module (weights behind fake-quant): torch.ao.quantization.convert "
-              "folds its BN when it converts the model; bnfold leaves QAT modules as they are")
 
 
 class FxGraph:
@@ -98,6 +96,8 @@ class FxGraph:
             reason = "BN's saved statistics are used"
         label = owner(tensors["running_mean"]) or node.name
         scope = self.scope(node, tensors["running_mean"])
+        qat = qat_scope(self.types, tensors["running_mean"])
+        reason = QAT_REASON.format(module=qat) if qat is not None else reason
         return BnCall(label, node, bound["input"], BnStats(tensors, float(bound.get("eps", 1e-5))), scope,
                       plain=self._bn_module(scope, tensors) or self._only_op_of(scope, {node}), reason=reason)
 

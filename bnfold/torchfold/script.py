@@ -142,12 +142,13 @@ BIAS_ATTRIBUTE = "bnfold_bias"
 
 def _bias_input(layer):
     """The one conv/linear op of the layer's own graph, if its bias input is None."""
-    nodes = [n for n in layer.graph.nodes() if n.kind() in LAYER_KINDS]
+    graph = forward_graph(layer)
+    nodes = [n for n in graph.nodes() if n.kind() in LAYER_KINDS] if graph is not None else []
     if len(nodes) != 1:
         return None
     bias = nodes[0].inputsAt(2)
     none = bias.node().kind() == "prim::Constant" and bias.toIValue() is None
-    unset = bias.node().kind() == "prim::GetAttr" and Values(layer, layer.graph).path(bias) == "bias" \
+    unset = bias.node().kind() == "prim::GetAttr" and Values(layer, graph).path(bias) == "bias" \
         and layer._c.getattr("bias") is None
     return nodes[0] if none or unset else None
 
@@ -208,6 +209,15 @@ def _cuts(root, plans: list[Plan]) -> dict[str, Cut]:
     return cuts
 
 
+def forward_graph(module):
+    """The graph of a ScriptModule's forward; None for one without (a traced ModuleList, a module
+    the trace never called)."""
+    try:
+        return module.graph
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def _class(module) -> str:
     return module._c._type().qualified_name()
 
@@ -218,15 +228,19 @@ def _call_site(modules: dict, bn: str):
     parent_path, _, child = bn.rpartition(".")
     if getattr(module, "original_name", "") in BN_NAMES and parent_path in modules:
         parent = modules[parent_path]
-        graph = parent.graph
+        graph = forward_graph(parent)
+        if graph is None:
+            return None
         this = next(graph.inputs()).unique()
         calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
                  and n.inputsAt(0).node().kind() == "prim::GetAttr" and n.inputsAt(0).node().s("name") == child
                  and n.inputsAt(0).node().input().unique() == this]
         return (parent, child, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
-    if module is None or not hasattr(module, "graph"):
+    if module is None:
         return None
-    graph = module.graph
+    graph = forward_graph(module)
+    if graph is None:
+        return None
     values = Values(module, graph)
     calls = [(n, i) for n in all_nodes(graph) for i in _batch_norm_input(n)
              if values.path(n.inputsAt(i[1])) == "running_mean"]

@@ -18,7 +18,7 @@ from ..errors import Skip
 from .params import attr_at
 from .site_rule import BnCall, BnStats, LayerCall
 from .sites import owner
-from .vocabulary import BN_OPS, LAYER_OPS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, layer_kind, op_name
+from .vocabulary import QAT_REASON, BN_OPS, LAYER_OPS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, layer_kind, op_name, qat_scope
 
 # TorchScript ops that read whether a value is None, its type or an attribute: never its values
 NOT_VALUE_READS = ("aten::__is__", "aten::__isnot__", "prim::isinstance", "prim::GetAttr", "prim::unchecked_cast")
@@ -51,6 +51,8 @@ class ScriptGraph:
             reason = reason or str(why)
         if reason is None and (tensors["running_mean"] is None or tensors["running_var"] is None):
             reason = "no running statistics: BN uses batch statistics"
+        qat = qat_scope(self.values.module, tensors["running_mean"])
+        reason = QAT_REASON.format(module=qat) if qat is not None else reason
         return BnCall(label, node, bound["input"], BnStats(tensors, eps), owner(tensors["running_mean"]) or None,
                       reason=reason)
 

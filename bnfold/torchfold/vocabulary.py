@@ -51,6 +51,8 @@ LAYER_OPS: dict[str, LayerOp] = {
     **{f"conv_transpose{d}d": LayerOp(Signature(_CONV_T, _LAYER_DEFAULTS), True) for d in (1, 2, 3)},
     "convolution": LayerOp(Signature(_CONVOLUTION, _LAYER_DEFAULTS), None),
     "_convolution": LayerOp(Signature(_CONVOLUTION, _LAYER_DEFAULTS), None),
+    # TorchScript's conv with a padding string ("same", "valid")
+    "_convolution_mode": LayerOp(Signature(_CONV, _LAYER_DEFAULTS), False),
     "linear": LayerOp(Signature(("input", "weight", "bias"), _LAYER_DEFAULTS), False, linear=True),
 }
 
@@ -85,6 +87,9 @@ FLOAT_CASTS = ("to", "type", "float", "_to_copy", "type_as")
 BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 LAYER_FORWARDS = {c.forward: c.__name__ for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                                    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)}
+
+QAT_REASON = ("inside {module}, a torch.ao QAT module (weights behind fake-quant): torch.ao.quantization.convert "
+              "folds its BN when it converts the model; bnfold leaves QAT modules as they are")
 
 _FUNCTIONAL_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
                        "torch.functional", "_operator", "operator")
@@ -130,3 +135,20 @@ def qat_module(module: nn.Module) -> bool:
     """A torch.ao QAT module (weights behind fake-quant): its BN belongs to torch.ao's convert."""
     return hasattr(module, "weight_fake_quant") or type(module).__module__.startswith(
         ("torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat", "torch.nn.qat", "torch.nn.intrinsic.qat"))
+
+
+def qat_scope(root, path: str | None) -> str | None:
+    """The QAT module holding the tensor at `path`, if one does (in any module kind: eager,
+    TorchScript, an exported program's module tree)."""
+    parts = (path or "").split(".")[:-1]
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        module = root
+        try:
+            for name in prefix.split("."):
+                module = getattr(module, name)
+        except (AttributeError, RuntimeError):
+            continue
+        if hasattr(module, "weight_fake_quant") or (isinstance(module, nn.Module) and qat_module(module)):
+            return prefix
+    return None
