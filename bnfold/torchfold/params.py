@@ -41,10 +41,6 @@ def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine
             cast_exact(fold_bias(_f64(bias) if bias is not None else None, affine), np_dtype, "bias"))
 
 
-def folded_params(layer: nn.Module, affine: Affine, axis: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    return fold_tensors(layer.weight, layer.bias, affine, axis, groups, type(layer).__name__)
-
-
 def write_params(layer: nn.Module, new_w: np.ndarray, new_b: np.ndarray | None) -> None:
     weight = layer.weight
     with torch.no_grad():
