@@ -20,9 +20,13 @@ from .script_graph import ScriptGraph, Shapes, Values, live_nodes, reads_of
 from .site_rule import LayerCall
 
 
-def module_layer(module: nn.Module, inputs: tuple | None, path: str) -> LayerCall | None:
-    """The layer `module` computes, as the enclosing graph sees it (paths under `path`), or None."""
-    if inputs is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+def module_layer(module: nn.Module, received, path: str) -> LayerCall | None:
+    """The layer `module` computes, as the enclosing graph sees it (paths under `path`), or None.
+    `received.example()` is the input it received (asked for only when it may be a layer)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    inputs = received.example()
+    if inputs is None:
         return None
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):

@@ -27,7 +27,7 @@ from ..report import FoldedBN, FoldReport, SkippedBN
 from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
 from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, reload
-from .site_rule import fold_site
+from .site_rule import AffineStats, fold_site
 from .site_rule import FoldSite
 from .vocabulary import LAYER_OPS
 
@@ -56,6 +56,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
     _bias_slots(root, plans)
     cut = _cuts(root, plans)
+    for plan in [p for p in plans if isinstance(p.site.stats, AffineStats) and (p.site.bn not in cut or p.bias_slot is None)]:
+        plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
+        report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph (shared "
+                                        "with instances that do not fold, or its layer takes no bias)", plan.site.producer))
     for plan in plans:
         note = plan.apply(root, cut.get(plan.site.bn))
         if note:
@@ -63,10 +67,6 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
             report.identity_bns += 1
         report.folded.append(FoldedBN(plan.site.bn, plan.site.producer, plan.site.kind))
     return reload(root)
-
-
-def count_batch_norms(module: torch.jit.ScriptModule) -> int:
-    return len(module.inlined_graph.findAllNodes("aten::batch_norm", True))
 
 
 # -- reading the graph -------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def _call_site(modules: dict, bn: str):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
     parent_path, _, child = bn.rpartition(".")
-    if getattr(module, "original_name", "") in BN_NAMES and parent_path in modules:
+    if (getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module)) and parent_path in modules:
         parent = modules[parent_path]
         graph = forward_graph(parent)
         if graph is None:
@@ -248,6 +248,18 @@ def _call_site(modules: dict, bn: str):
         return None
     node, (source, _) = calls[0]
     return module, "", Cut(graph, node, source)
+
+
+def _whole_affine(module) -> bool:
+    """Whether the module's forward returns x·S + T of its input x (FrozenBatchNorm2d, traced)."""
+    graph = forward_graph(module)
+    if graph is None or len(list(graph.inputs())) != 2:
+        return False
+    out = next(graph.outputs()).node()
+    if out.kind() != "aten::add":
+        return False
+    x = list(graph.inputs())[1]
+    return any(v.node().kind() == "aten::mul" and x in list(v.node().inputs()) for v in list(out.inputs())[:2])
 
 
 def _batch_norm_input(node) -> list[tuple[int, int]]:
