@@ -22,7 +22,7 @@ from ..report import SkippedBN
 from .fx_graph import FxGraph, sites_and_kept
 from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
-from .opaque import module_layer
+from .opaque import forward_reads_bias, module_layer
 from .sites import Found, analysis_copy
 from .tracer import Untraceable, trace
 
@@ -98,6 +98,9 @@ def _untraceable(module: nn.Module, inputs: Inputs, why: str) -> Found:
         exported = _export(module, example) if example is not None else None
         if exported is not None:
             sites, kept = sites_and_kept(FxGraph(exported, types=module))
+            for site in sites:  # the exported module's own layer: does its forward take a bias?
+                if site.bias is None and not site.plain_layer and site.producer == "":
+                    site.plain_layer = forward_reads_bias(module, example, site)
             return Found(sites, kept, [f"{why}; its BNs were found in its torch.export graph"])
         found = Found(notes=[f"{why}; torch.export could not export it either; folding its submodules one by one"],
                       untraced=[type(module).__name__])

@@ -18,6 +18,7 @@ from torch import nn
 
 from .script_graph import ScriptGraph, Shapes, Values, live_nodes, reads_of
 from .site_rule import LayerCall
+from .vocabulary import LAYER_OPS, op_name
 
 
 def module_layer(module: nn.Module, received, path: str) -> LayerCall | None:
@@ -63,3 +64,25 @@ def _reads_new_bias(module: nn.Module, inputs: tuple, layer: LayerCall) -> bool:
         return False
     return torch.allclose((after - before).double(), torch.full(before.shape, 0.5, dtype=torch.float64),
                           atol=1e-2, rtol=0)
+
+
+def forward_reads_bias(module: nn.Module, inputs: tuple, site) -> bool:
+    """Whether the module's own forward passes `self.bias` to its conv/linear op once it has one
+    (detectron2's Conv2d, a Conv subclass with a forward of its own): a trace of a copy given a
+    bias shows it read by that op."""
+    if "bias" not in getattr(module, "_parameters", {}) or module.bias is not None:
+        return False
+    weight = module.weight
+    channels = weight.shape[site.axis] * (site.groups if site.axis == 1 else 1)
+    twin = copy.deepcopy(module)
+    twin.bias = nn.Parameter(torch.zeros(channels, dtype=weight.dtype, device=weight.device))
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(twin, inputs, check_trace=False)
+            graph = traced.inlined_graph
+    except Exception:  # noqa: BLE001 — not traceable: not known to read a bias
+        return False
+    values = Values(traced, graph)
+    return any(op_name(n.kind()) in LAYER_OPS and n.kind().startswith("aten::") and
+               values.path(n.inputsAt(1)) == "weight" and values.path(n.inputsAt(2)) == "bias" for n in graph.nodes())

@@ -225,17 +225,8 @@ def _class(module) -> str:
 def _call_site(modules: dict, bn: str):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
-    parent_path, _, child = bn.rpartition(".")
-    if (getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module)) and parent_path in modules:
-        parent = modules[parent_path]
-        graph = forward_graph(parent)
-        if graph is None:
-            return None
-        this = next(graph.inputs()).unique()
-        calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
-                 and n.inputsAt(0).node().kind() == "prim::GetAttr" and n.inputsAt(0).node().s("name") == child
-                 and n.inputsAt(0).node().input().unique() == this]
-        return (parent, child, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
+    if getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module):
+        return _module_call(modules, bn)
     if module is None:
         return None
     graph = forward_graph(module)
@@ -248,6 +239,25 @@ def _call_site(modules: dict, bn: str):
         return None
     node, (source, _) = calls[0]
     return module, "", Cut(graph, node, source)
+
+
+def _module_call(modules: dict, path: str):
+    """The one call of the module at `path`, in the nearest enclosing graph that has it: its
+    parent's, or further up where a forward is called directly (`self.down[i].forward(y)` inlines
+    a Sequential into its caller's graph)."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        host_path, local = ".".join(parts[:end]), ".".join(parts[end:])
+        host = modules.get(host_path)
+        graph = forward_graph(host) if host is not None else None
+        if graph is None:
+            continue
+        values = Values(host, graph)
+        calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
+                 and values.path(n.inputsAt(0)) == local]
+        if calls:
+            return (host, local, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
+    return None
 
 
 def _whole_affine(module) -> bool:
