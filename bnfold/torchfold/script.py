@@ -16,9 +16,6 @@ graph as the identity (γ=1, β=0, μ=0 or the shift, σ²=1−ε).
 """
 from __future__ import annotations
 
-import io
-import itertools
-
 import torch
 
 from ..errors import BadInput, Skip
