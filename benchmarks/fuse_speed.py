@@ -203,9 +203,10 @@ sys.exit(code)
 PHASE_ANCHORS = {
     "load": [("bnfold.torchfold.io", "load_torch")],
     "find sites": [("bnfold.torchfold.fuse", "fold_source")],
-    "apply": [("bnfold.torchfold.sites", "apply_site"), ("bnfold.torchfold.export", "_rewrite"),
-              ("bnfold.torchfold.export", "_remove_bn"), ("bnfold.torchfold.script", "Plan.apply"),
-              ("bnfold.torchfold.script", "reload")],
+    "find sites (eager)": [("bnfold.torchfold.find", "find_sites")],
+    "apply": [("bnfold.torchfold.apply", "_write"), ("bnfold.torchfold.apply", "_remains"),
+              ("bnfold.torchfold.export", "_rewrite"), ("bnfold.torchfold.export", "_remove_bn"),
+              ("bnfold.torchfold.script", "Plan.apply"), ("bnfold.torchfold.script_graph", "reload")],
     "merge": [("bnfold.torchfold.branches", "merge_module"), ("bnfold.torchfold.branches", "merge_exported")],
     "save": [("bnfold.torchfold.fuse", "write_module")],
 }

@@ -75,7 +75,7 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
     graph = FxGraph(traced.gm, traced.calls, lambda: _shapes(traced.gm, inputs.example()), layers)
     sites, kept = sites_and_kept(graph)
     found = Found(sites, kept)
-    for path in traced.opaque:
+    for path in (p for p in traced.opaque if layers[p] is None):  # a layer is all its module computes
         inner = find_sites(module.get_submodule(path), inputs=below[path])
         _drop_read_outside(inner, graph.read_paths(), path)
         found.add(inner, path)

@@ -26,16 +26,15 @@ def module_layer(module: nn.Module, received, path: str) -> LayerCall | None:
     `received.example()` is the input it received (asked for only when it may be a layer)."""
     if not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
-    inputs = received.example()
-    if inputs is None:
+    traced, inputs = None, None
+    for make in (lambda: _made_input(module), received.example):  # running the whole model is the dear way
+        inputs = make()
+        traced = _traced(module, inputs) if inputs is not None else None
+        if traced is not None:
+            break
+    if traced is None:
         return None
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(copy.deepcopy(module), inputs, check_trace=False)
-            graph = traced.inlined_graph
-    except Exception:  # noqa: BLE001 — not traceable alone either: not a layer bnfold can see
-        return None
+    graph = traced.inlined_graph
     values = Values(traced, graph)
     outputs = list(graph.outputs())
     script = ScriptGraph(values, reads_of(list(live_nodes(graph, values)), values), Shapes(traced, graph, None))
@@ -46,6 +45,29 @@ def module_layer(module: nn.Module, received, path: str) -> LayerCall | None:
     uses_bias = layer.bias is not None or _reads_new_bias(module, inputs, layer)
     return LayerCall(None, layer.kind, layer.axis, layer.groups, f"{path}.weight",
                      f"{path}.bias" if layer.bias is not None else None, path, uses_bias, layer.spatial)
+
+
+def _traced(module: nn.Module, inputs: tuple):
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(copy.deepcopy(module), inputs, check_trace=False)
+    except Exception:  # noqa: BLE001 — not traceable alone on this input
+        return None
+
+
+def _made_input(module: nn.Module) -> tuple | None:
+    """An input a conv or linear of this weight takes (16 positions a side): the layer's graph
+    does not depend on the values, only on the rank and channels."""
+    weight = module.weight
+    groups = int(getattr(module, "groups", 1))
+    if weight.dim() == 2:
+        return (torch.randn(2, weight.shape[1], dtype=weight.dtype),)
+    if weight.dim() < 3:
+        return None
+    transposed = bool(getattr(module, "transposed", False))
+    channels = weight.shape[0] if transposed else weight.shape[1] * groups
+    return (torch.randn(1, channels, *([16] * (weight.dim() - 2)), dtype=weight.dtype),)
 
 
 def _reads_new_bias(module: nn.Module, inputs: tuple, layer: LayerCall) -> bool:
