@@ -52,7 +52,10 @@ class Scope:
 
 
 class ModelIndex:
-    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None,
+                 evaluator=None):
+        """`evaluator(index)` makes what evaluates a value computed from constants (the fold pass
+        passes const_eval.ConstantEvaluator); without it such values are NotConstant."""
         self.model = model
         self.base_dir = Path(base_dir)
         self.spill = spill
@@ -61,9 +64,9 @@ class ModelIndex:
         self.uses: Counter[str] = Counter()
         self._collect(model.graph, None, "")
         self._types: dict[str, onnx.TypeProto] | None = None
-        # Set by the fold pass: evaluates a value computed from constants (const_eval), or raises NotConstant.
-        self.evaluate_constant = None
         self._names = {n for s in self.scopes for n in (*s.producers, *s.initializers, *s.inputs)}
+        # (scope, producer, name) → array, or NotConstant
+        self.evaluate_constant = evaluator(self) if evaluator is not None else None
 
     def _collect(self, graph: onnx.GraphProto, parent: Scope | None, path: str) -> None:
         scope = Scope(graph, parent, path)
