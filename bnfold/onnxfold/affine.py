@@ -15,6 +15,7 @@ from ..errors import Skip
 from ..fold_math import Affine, BrokenStatistics, bn_affine
 from .index import ModelIndex, NotConstant, Scope
 from .nodes import is_standard, node_attr, node_name
+from .qdq import constant_or_dequantized
 
 BN = "BatchNormalization"
 ELEMENTWISE = ("Mul", "Add")
@@ -71,8 +72,8 @@ def bn_op(index: ModelIndex, scope: Scope, bn: onnx.NodeProto) -> AffineOp:
         raise Skip("BN has fewer than 5 inputs")
     params = []
     for name, what in zip(bn.input[1:5], ("scale", "B", "mean", "var")):
-        try:
-            params.append(index.constant(scope, name))
+        try:  # a parameter behind DequantizeLinear: the value the quantized model computes with
+            params.append(constant_or_dequantized(index, scope, name))
         except NotConstant as exc:
             raise Skip(f"BN {what} is not constant: {exc}") from None
     if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:

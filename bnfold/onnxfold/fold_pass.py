@@ -15,7 +15,7 @@ from ..fold_math import cast_exact
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .affine import BN, ELEMENTWISE, AffineOp, ChannelAxis, bn_op, elementwise_affine, split_constant_operand
 from .const_eval import ConstantEvaluator
-from .index import ModelIndex, NotConstant, Scope, TensorSpill
+from .index import ModelIndex, NotConstant, Scope, TensorSpill, find_producer
 from .io import iter_graphs
 from .nodes import LAYERS, is_standard, node_name, set_attr
 from .readers import move_meta_readers, require_sole_use
@@ -188,6 +188,8 @@ def find_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> FoldSite:
         where = "a graph input" if value in scope.inputs or value in scope.initializers else "from an outer graph"
         raise Skip(f"input {value!r} is {where}, not the output of a layer")
     require_sole_use(index, scope, node, value)
+    if is_standard(node, "DequantizeLinear"):
+        _require_no_rounding_between(scope, node)
     add = None
     if is_standard(node, "Add"):
         add, node = node, producer_behind_add(index, scope, node)
@@ -216,6 +218,21 @@ def _chain_before(index: ModelIndex, scope: Scope, op: AffineOp):
         chain.insert(0, node)
         value, node = node.input[0], scope.producers.get(node.input[0])
     return chain, value, node
+
+
+def _require_no_rounding_between(scope: Scope, dq: onnx.NodeProto) -> None:
+    """layer → QuantizeLinear → DequantizeLinear → BN (onnxruntime's quantize_static with BN in its
+    op types): BN(DQ(Q(y))) = s·scale·(q − zp) + t lies on the grid scale·ℤ moved by t and
+    stretched by s. A folded layer needs a Q/DQ pair after it that rounds s·y + t to that grid,
+    which needs t/(s·scale) to be a whole number in every channel: trained statistics never give
+    one, and onnxruntime's quantized kernels take one output scale, not one per channel."""
+    q = scope.producers.get(dq.input[0]) if dq.input else None
+    layer = scope.producers.get(q.input[0]) if q is not None and is_standard(q, "QuantizeLinear") and q.input else None
+    if layer is not None and is_standard(layer, *LAYERS):
+        raise Skip(f"a QuantizeLinear→DequantizeLinear pair rounds the output of {layer.op_type} {node_name(layer)!r} "
+                   "before the BN, and the BN's shift moves that grid by a fraction of a step, so no pair after a "
+                   "folded layer computes the same values: fold before quantizing (or quantize without BN in the "
+                   "op types)")
 
 
 def _affine_on(site: FoldSite, at: ChannelAxis, behind: str):
@@ -270,7 +287,7 @@ def quantized_parameters(index: ModelIndex, scope: Scope, layer: onnx.NodeProto)
     A DequantizeLinear of activations reads a value computed at run time and does not count."""
     names = layer.input if is_standard(layer, "MatMul") else layer.input[1:]
     for name in names:
-        dq = _producer(scope, name)
+        dq = find_producer(scope, name)
         if dq is not None and is_standard(dq[1], "DequantizeLinear") and dq[1].input:
             try:
                 index.constant(dq[0], dq[1].input[0])
@@ -278,17 +295,6 @@ def quantized_parameters(index: ModelIndex, scope: Scope, layer: onnx.NodeProto)
                 continue
             return True
     return False
-
-
-def _producer(scope: Scope, name: str) -> tuple[Scope, onnx.NodeProto] | None:
-    s: Scope | None = scope
-    while s is not None:
-        if name in s.producers:
-            return s, s.producers[name]
-        if name in s.initializers or name in s.inputs:
-            return None
-        s = s.parent
-    return None
 
 
 def elementwise_candidate(index: ModelIndex, scope: Scope, node: onnx.NodeProto) -> AffineOp | None:
@@ -350,7 +356,7 @@ def fold(site: FoldSite) -> None:
     """Plan with the site's row, store every new value (Skip if one does not fit), write."""
     rw = site.rule.plan(site)
     arrays = [_stored(site, v) for v in rw.values]
-    bias = _stored(site, rw.bias_add) if rw.bias_add is not None else None
+    bias = None if rw.bias_add is None else cast_exact(rw.bias_add.value, rw.bias_add.dtype, rw.bias_add.what)
     apply_rewrite(site, rw, arrays, bias)
 
 
@@ -359,7 +365,7 @@ def _stored(site: FoldSite, v: NewValue) -> np.ndarray:
     would silently dequantize the layer (only a row that takes DEQUANTIZED writes those)."""
     node = v.node or site.layer
     name = node.input[v.input] if v.input < len(node.input) else ""
-    producer = _producer(site.scope, name) if name else None
+    producer = find_producer(site.scope, name) if name else None
     if producer is not None and is_standard(producer[1], "DequantizeLinear"):
         raise Skip(f"the {v.what} of {node.op_type} {node_name(node)!r} is quantized (DequantizeLinear)")
     return cast_exact(v.value, v.dtype, v.what)

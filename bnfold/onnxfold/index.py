@@ -51,6 +51,19 @@ class Scope:
                     self.producers[out] = node
 
 
+def find_producer(scope: Scope, name: str) -> tuple[Scope, onnx.NodeProto] | None:
+    """The node that computes `name`, looked up from `scope` outwards, and its scope; None for
+    an initializer, a graph input or an unknown name."""
+    s: Scope | None = scope
+    while s is not None:
+        if name in s.producers:
+            return s, s.producers[name]
+        if name in s.initializers or name in s.inputs:
+            return None
+        s = s.parent
+    return None
+
+
 class ModelIndex:
     def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None,
                  evaluator=None):

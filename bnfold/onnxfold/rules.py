@@ -11,6 +11,7 @@ from __future__ import annotations
 from .rules_after import plan_next_conv, plan_next_gemm, plan_next_matmul
 from .rules_before import (conv_channel_axis, gemm_channel_axis, matmul_channel_axis, plan_conv, plan_conv_transpose,
                            plan_gemm, plan_matmul)
+from .rules_quantized import plan_dequantized
 from .site import FoldRule, Shape
 
 DIRECT, VIA_ADD, NEXT = Shape.DIRECT, Shape.VIA_ADD, Shape.NEXT
@@ -26,6 +27,9 @@ RULES: tuple[FoldRule, ...] = (
     FoldRule("next Gemm", ("Gemm",), NEXT, plan_next_gemm),
     FoldRule("next MatMul", ("MatMul",), NEXT, plan_next_matmul),
     FoldRule("next Conv", ("Conv",), NEXT, plan_next_conv),
+    # Any row above but next-layer, with a weight (and maybe bias) behind DequantizeLinear; its pattern names the row.
+    FoldRule("DequantizeLinear→{layer}", ("Conv", "ConvTranspose", "Gemm", "MatMul"),
+             DEQUANTIZED | DIRECT | VIA_ADD | THROUGH | MUL_ADD, plan_dequantized),
 )
 
 

@@ -21,6 +21,7 @@ from ..fold_math import Affine
 from .affine import AffineOp, ChannelAxis
 from .index import ModelIndex, NotConstant, Scope
 from .nodes import node_attr, node_name
+from .qdq import constant_or_dequantized
 
 
 class Shape(enum.Flag):
@@ -53,7 +54,10 @@ class FoldSite:
         return self.affine.scale.shape[0]
 
     def lookup(self, name: str) -> np.ndarray:
-        """The value of a constant parameter; NotConstant(reason) if it has none before run time."""
+        """The value of a constant parameter; NotConstant(reason) if it has none before run time.
+        At a DEQUANTIZED site a parameter behind DequantizeLinear reads as its dequantized value."""
+        if Shape.DEQUANTIZED in self.shape:
+            return constant_or_dequantized(self.index, self.scope, name)
         return self.index.constant(self.scope, name)
 
     def const(self, name: str, what: str) -> np.ndarray:
