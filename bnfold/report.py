@@ -40,6 +40,7 @@ class SkippedBN:
     reason: str
     producer: str | None = None
     graph: str = ""
+    op: str = "BatchNormalization"  # or "Mul"/"Add" right after a layer, that did not fold
 
 
 @dataclass

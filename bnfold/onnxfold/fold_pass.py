@@ -115,14 +115,16 @@ def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, 
 
 def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
                                     report: FoldReport) -> None:
-    """A per-channel Mul/Add right after a layer folds like a BN; any other Mul/Add is just an
-    ordinary node and nothing is reported."""
+    """A Mul/Add by a constant right after a layer folds like a BN, or is reported kept with the
+    reason; any other Mul/Add is just an ordinary node and nothing is reported."""
     op = elementwise_candidate(index, scope, node)
     if op is None:
         return
     try:
         site = fold_into_previous(index, scope, op)
-    except Skip:
+    except Skip as why:
+        report.skipped.append(SkippedBN(op.name, str(why), _producer_name(scope, node, op.data), scope.path,
+                                        op=node.op_type))
         return
     report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path, op=node.op_type))
 
@@ -162,8 +164,8 @@ def _note_evaluated(dropped, report: FoldReport) -> None:
                             f"were evaluated once and removed ({ops})")
 
 
-def _producer_name(scope: Scope, bn: onnx.NodeProto) -> str | None:
-    node = scope.producers.get(bn.input[0])
+def _producer_name(scope: Scope, op: onnx.NodeProto, data: str | None = None) -> str | None:
+    node = scope.producers.get(data or op.input[0])
     return node_name(node) if node is not None else None
 
 

@@ -21,9 +21,10 @@ RULES: tuple[FoldRule, ...] = (
     FoldRule("Conv", ("Conv",), DIRECT | THROUGH | MUL_ADD, plan_conv, conv_channel_axis),
     FoldRule("ConvTranspose", ("ConvTranspose",), DIRECT | THROUGH | MUL_ADD, plan_conv_transpose, conv_channel_axis),
     FoldRule("Gemm", ("Gemm",), DIRECT | THROUGH | MUL_ADD, plan_gemm, gemm_channel_axis),
-    # A Mul/Add after a bare MatMul would only move to a new Add: it folds where the layer has a bias of its own.
-    FoldRule("MatMul", ("MatMul",), DIRECT | THROUGH, plan_matmul, matmul_channel_axis),
-    FoldRule("MatMul+Add", ("MatMul",), VIA_ADD | THROUGH, plan_matmul, matmul_channel_axis),
+    # [..., C] = x @ W, then per-feature Mul/Add (tf2onnx's Keras Dense+BN: MatMul → Add → Mul → Add). A bare
+    # MatMul's own Add is its bias (the pass never offers it); a Mul needs no Add (plan_matmul).
+    FoldRule("MatMul", ("MatMul",), DIRECT | THROUGH | MUL_ADD, plan_matmul, matmul_channel_axis),
+    FoldRule("MatMul+Add", ("MatMul",), VIA_ADD | THROUGH | MUL_ADD, plan_matmul, matmul_channel_axis),
     FoldRule("next Gemm", ("Gemm",), NEXT, plan_next_gemm),
     FoldRule("next MatMul", ("MatMul",), NEXT, plan_next_matmul),
     FoldRule("next Conv", ("Conv",), NEXT, plan_next_conv),
