@@ -57,13 +57,14 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     report.nodes_before, report.bn_before = count_nodes(model)
     index = ModelIndex(model, base_dir, spill, evaluator=ConstantEvaluator)
     kept: list[tuple[Scope, AffineOp, str]] = []
+    folded_muls: dict[tuple[int, str], FoldedBN] = {}
     for scope, node in list(candidate_nodes(index)):
         if id(node) in scope.removed:
             continue
         if is_standard(node, BN):
             _fold_bn_into_previous(index, scope, node, report, kept)
         else:
-            _fold_elementwise_into_previous(index, scope, node, report)
+            _fold_elementwise_into_previous(index, scope, node, report, folded_muls)
     merged_bns = merge_branches(index, report)
     if report.merged:
         kept = _fold_again_into_previous(index, [k for k in kept if id(k[1].node) not in merged_bns], report)
@@ -113,10 +114,11 @@ def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, 
     report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path))
 
 
-def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
-                                    report: FoldReport) -> None:
+def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto, report: FoldReport,
+                                    folded_muls: dict[tuple[int, str], FoldedBN]) -> None:
     """A Mul/Add by a constant right after a layer folds like a BN, or is reported kept with the
-    reason; any other Mul/Add is just an ordinary node and nothing is reported."""
+    reason; any other Mul/Add is just an ordinary node and nothing is reported. A Mul and the Add
+    that reads it, both folded, are one BN-like site (`folded_muls`: the Muls folded so far, by output)."""
     op = elementwise_candidate(index, scope, node)
     if op is None:
         return
@@ -126,7 +128,13 @@ def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.
         report.skipped.append(SkippedBN(op.name, str(why), _producer_name(scope, node, op.data), scope.path,
                                         op=node.op_type))
         return
-    report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path, op=node.op_type))
+    entry = FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path, op=node.op_type)
+    report.folded.append(entry)
+    if node.op_type == "Mul":
+        folded_muls[(id(scope), node.output[0])] = entry
+    elif (id(scope), op.data) in folded_muls:
+        mul = folded_muls.pop((id(scope), op.data))
+        mul.site = entry.site = f"{mul.bn}+{entry.bn}"
 
 
 def _fold_again_into_previous(index: ModelIndex, kept, report: FoldReport):

@@ -239,3 +239,31 @@ def test_mul_of_a_value_read_elsewhere_is_an_ordinary_node():
     before = model.SerializeToString()
     fused, report = fuse_onnx(copy.deepcopy(model))
     assert report.folded == [] and report.skipped == [] and fused.SerializeToString() == before
+
+
+def test_report_counts_bn_like_sites_as_the_user_does(capsys):
+    """A BN, a Mul with its Add, and a Mul that cannot fold: 2 sites folded (one of each kind), 1 kept
+    (a Mul), in the text and in --json; "folded" and "skipped" keep one entry per node."""
+    from bnfold.render import Output
+    from bnfold.render.fold import render_fold
+
+    model, _, _ = split_bn_conv_mul_add()
+    g = model.graph
+    g.initializer.extend([init("W2", RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)),
+                          init("W3", RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)),
+                          init("m3", RNG.uniform(0.5, 2, (1, 1, 3, 1)).astype(np.float32)), *bn_inits("bn", 4, RNG)])
+    g.node.extend([helper.make_node("Conv", ["x", "W2"], ["z2"], name="conv2"), bn_node("z2", "y2"),
+                   helper.make_node("Conv", ["x", "W3"], ["z3"], name="conv3"),
+                   helper.make_node("Mul", ["z3", "m3"], ["y3"], name="mul3")])
+    model = make_model(g.node, g.input, [vi("y", None), vi("y2", None), vi("y3", None)], g.initializer)
+    _, report = fuse_onnx(copy.deepcopy(model))
+    data = report.to_dict()
+    assert data["sites"] == {"folded": 2, "kept": 1, "folded_kinds": {"Mul+Add": 1, "BatchNormalization": 1},
+                             "kept_kinds": {"Mul": 1}}
+    assert [(f["op"], f["site"]) for f in data["folded"]] == [("Mul", "mul+add"), ("Add", "mul+add"),
+                                                              ("BatchNormalization", "")]
+    assert [(s["bn"], s["op"]) for s in data["skipped"]] == [("mul3", "Mul")]
+    render_fold(report, Output())
+    text = " ".join(capsys.readouterr().out.split())  # as rich wraps it, joined
+    assert "folded 2 BN-like sites (1 Mul+Add, 1 BatchNormalization)" in text
+    assert "kept 1 BN-like site (1 Mul)" in text and "mul + add (Mul+Add)" in text
