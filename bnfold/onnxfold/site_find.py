@@ -144,8 +144,8 @@ def _matched_output(node: onnx.NodeProto, a: GraphView, b: GraphView) -> str:
         if out in b.producer:
             return out
         users = a.consumers.get(out, [])
-        if out in a.outputs or len(users) != 1 or not users[0].output:
-            break
+        if out in a.outputs or len(users) != 1 or not users[0].output or not _std(users[0], *LAYERS, *CHAIN):
+            break  # only a linear op can have taken the fold in: past a Relu the fused model differs
         out = users[0].output[0]
     raise Skip(f"the fused model does not compute {node.output[0]!r} nor a tensor right after it (renamed?)")
 
