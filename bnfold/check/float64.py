@@ -31,9 +31,10 @@ class ConvGeometry:
 
 @dataclass
 class Patches:
-    """im2col of one input: [P, group, C_in/group · prod(kernel)] and the output's spatial shape."""
+    """im2col of one input: [P, group, C_in/group · prod(kernel)] and the output's spatial shape;
+    `cols` None for an input of zeros (the per-site check's zero input), whose every product is 0."""
 
-    cols: np.ndarray
+    cols: np.ndarray | None
     batch: int
     out: tuple[int, ...]
 
@@ -41,6 +42,12 @@ class Patches:
 def patches(x: np.ndarray, geo: ConvGeometry) -> Patches:
     dims = x.ndim - 2
     n, c = x.shape[:2]
+    if not x.any():
+        sizes = [x.shape[2 + a] + b + e - (d * (kk - 1) + 1) for a, (b, e, d, kk)
+                 in enumerate(zip(geo.pads_begin, geo.pads_end, geo.dilations, geo.kernel))]
+        if min(sizes, default=0) < 0:
+            raise ValueError(f"kernel {list(geo.kernel)} does not fit the padded input")
+        return Patches(None, n, tuple(size // s + 1 for size, s in zip(sizes, geo.strides)))
     padded = np.pad(x, [(0, 0), (0, 0)] + [(max(b, 0), max(e, 0)) for b, e in zip(geo.pads_begin, geo.pads_end)])
     # a negative pad (ConvTranspose's equivalent Conv) crops instead
     crop = tuple(slice(max(-b, 0), padded.shape[2 + a] - max(-e, 0))
@@ -64,6 +71,8 @@ def conv(x: np.ndarray | Patches, w: np.ndarray, geo: ConvGeometry) -> np.ndarra
     p = x if isinstance(x, Patches) else patches(x, geo)
     g = geo.group
     c_out = w.shape[0]
+    if p.cols is None:
+        return np.zeros((p.batch, c_out, *p.out))
     wg = np.asarray(w, np.float64).reshape(g, c_out // g, -1)  # [g, C_out/g, K]
     if g == 1:
         y = (p.cols[:, 0, :] @ wg[0].T)[:, None, :]
@@ -78,6 +87,8 @@ def conv_weight_grad(x: np.ndarray | Patches, a: np.ndarray, w_shape: tuple[int,
     p = x if isinstance(x, Patches) else patches(x, geo)
     g = geo.group
     c_out = a.shape[1]
+    if p.cols is None:
+        return np.zeros(w_shape)
     ag = np.moveaxis(np.asarray(a, np.float64), 1, -1).reshape(-1, g, c_out // g)  # [P, g, C_out/g]
     if g == 1:
         grad = (ag[:, 0, :].T @ p.cols[:, 0, :])[None]
@@ -133,6 +144,16 @@ def untransposed_kernel(k_grad: np.ndarray, w_shape: tuple[int, ...], group: int
 
 def conv_transpose_patches(x: np.ndarray, geo: TransposeGeometry) -> Patches:
     return patches(stuff(np.asarray(x, np.float64), geo.strides), geo.as_conv())
+
+
+def patch_sums(p: Patches, geo: ConvGeometry, c_out: int) -> np.ndarray:
+    """Σ over each output's patch of its input: the Conv of the input with a kernel of ones, the
+    same for every output channel of a group ([N, 1, *out] without groups: it broadcasts)."""
+    g = geo.group
+    if p.cols is None:
+        return np.zeros((p.batch, 1, *p.out))
+    sums = np.moveaxis(p.cols.sum(axis=-1).reshape(p.batch, *p.out, g), -1, 1)  # [N, g, *out]
+    return sums if g == 1 or c_out == g else np.repeat(sums, c_out // g, axis=1)
 
 
 def conv_transpose(x: np.ndarray | Patches, w: np.ndarray, geo: TransposeGeometry) -> np.ndarray:

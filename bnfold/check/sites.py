@@ -12,12 +12,14 @@ and that error reaches the output through the layer's magnitudes, e_f = e_W ⋆ 
 Conv (Gemm, MatMul alike): the bound |ΔW'| ≤ u·|W'|, |Δb'| ≤ u·|b'| propagated through |x|. Two
 small terms widen it: the fold's own arithmetic, in float32 or wider, may add KAPPA roundings
 (of float32, or of the model's dtype where it is wider) of the magnitudes the original computes
-with, |y_o| (the original's layers evaluated on magnitudes); and float64 itself rounds each sum
-of n terms by at most n·2⁻⁵³ of its magnitudes.
+with, |y_o|; and float64 itself rounds each sum of n terms by at most n·2⁻⁵³ of its magnitudes.
+|y_o| is the folded weights' magnitudes on |x| (the original's weights, scaled: at most
+(1 + 2r)·|W'|⋆|x|) plus the original evaluated on magnitudes at x = 0 (|s|·(|b| + |μ|) + |β| for
+a BN: what a fold's bias is computed from, cancellations included).
 
 Three tests, each a bound that an honest fold meets on any data:
 
-    elementwise  |y_f(x) − y_o(x)| ≤ e_f(x) + KAPPA·u_a·|y_o|(x) + float64's, at every element;
+    elementwise  |y_f(x) − y_o(x)| ≤ e_f(x) + KAPPA·u_a·|y_o| + float64's, at every element;
     bias         the same at x = 0, where only the bias's rounding is left;
     channel      for a single fused layer, per output channel, with a_p the layer's output centred
                  over the positions p:  |Σ_p a_p·(y_f − y_o)_p| ≤ Σ_i (e_W,i + KAPPA·u_a·|W'_i|)·|G_i|
@@ -49,13 +51,19 @@ def unit_roundoff(dtype) -> float | None:
     return UNIT_ROUNDOFF.get(np.dtype(dtype).name)
 
 
-def stored_error(array: np.ndarray) -> np.ndarray | None:
-    """How far one rounding to the array's own dtype can have moved each stored value; None
-    for integers and bools, which are exact."""
-    u = unit_roundoff(array.dtype)
+def stored_rounding(dtype) -> tuple[float, float] | None:
+    """(r, η): one rounding to `dtype` moved each stored value T by at most r·|T| + η, with
+    r = u/(1 − u) relative to the stored value; None for integers and bools, which are exact."""
+    u = unit_roundoff(dtype)
     if u is None:
         return None
-    return np.abs(array.astype(np.float64)) * (u / (1 - u)) + HALF_SUBNORMAL[np.dtype(array.dtype).name]
+    return u / (1 - u), HALF_SUBNORMAL[np.dtype(dtype).name]
+
+
+def stored_error(array: np.ndarray) -> np.ndarray | None:
+    """How far one rounding to the array's own dtype can have moved each stored value."""
+    rounding = stored_rounding(array.dtype)
+    return None if rounding is None else np.abs(array.astype(np.float64)) * rounding[0] + rounding[1]
 
 
 def rounding_error(values: np.ndarray, magnitude: np.ndarray, dtype) -> np.ndarray | None:
@@ -101,19 +109,23 @@ def elementwise(original: Evaluated, fused: Evaluated, u_arith: float, terms: in
     a, b = original.value, fused.value
     if a.shape != b.shape:
         raise ValueError(f"the original computes {list(a.shape)}, the fused layer {list(b.shape)}")
-    bound = u_arith * original.magnitude + float64_error(terms) * (original.magnitude + fused.magnitude)
-    if fused.error is not None:
-        bound = bound + fused.error
-    finite = np.isfinite(a) & np.isfinite(b)
-    same = (np.isnan(a) & np.isnan(b)) | (~np.isfinite(a) & (a == b))
-    with np.errstate(invalid="ignore"):
-        diff = np.where(finite, np.abs(b - a), np.where(same, 0.0, np.inf))
-        ratio = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), np.where(diff > 0, np.inf, 0.0))
-        ratio = np.where(np.isfinite(bound) | ~np.isfinite(diff), ratio, 0.0)
-    if not ratio.size:
+    if not a.size:
         return TestResult(0.0, None)
+    c = float64_error(terms)
+    bound = original.magnitude * (u_arith + c)
+    bound += fused.magnitude * c
+    if fused.error is not None:
+        bound += fused.error
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(b - a)
+    finite = bool(np.isfinite(diff).all())
+    if not finite:
+        same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+        diff = np.where(same, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+    ratio = np.divide(diff, bound, out=np.zeros_like(diff), where=bound > 0)
+    ratio[(bound <= 0) & (diff > 0)] = np.inf
     worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-    shown = diff[finite]
+    shown = diff if finite else diff[np.isfinite(diff)]
     return TestResult(float(ratio[worst]), tuple(int(i) for i in worst),
                       float(shown.max()) if shown.size else 0.0, int(a.size))
 
@@ -126,18 +138,18 @@ def channel(delta: np.ndarray, centred: np.ndarray, axis: int, weight_bound: np.
     fused output less the original's; `weight_bound[o]` = Σ_i (e_W + KAPPA·u_a·|W'|)_i·|G_i|,
     `bias_bound[o]` what the bias may be off by (it meets Σ_p a_p, 0 up to float64's rounding),
     `magnitudes` = |y_o| + |y_f| per element, for float64's own error."""
-    a = np.moveaxis(centred, axis, -1).reshape(-1, centred.shape[axis])
-    d = np.moveaxis(delta, axis, -1).reshape(a.shape)
-    m = np.moveaxis(magnitudes, axis, -1).reshape(a.shape)
-    if not np.isfinite(d).all():
+    if not np.isfinite(delta).all():
         return TestResult(0.0, None)  # the elementwise test already fails it, with a place
-    statistic = np.abs((a * d).sum(axis=0))
-    positions = a.shape[0]
-    c = float64_error(terms + positions)
-    bound = weight_bound + bias_bound * np.abs(a.sum(axis=0)) + c * (np.abs(a) * m).sum(axis=0) \
-        + c * np.abs(a * d).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(bound > 0, statistic / np.where(bound > 0, bound, 1.0), np.where(statistic > 0, np.inf, 0.0))
+    positions = tuple(i for i in range(delta.ndim) if i != axis % delta.ndim)
+    product = centred * delta
+    statistic = np.abs(product.sum(axis=positions))
+    count = delta.size // max(delta.shape[axis], 1)
+    c = float64_error(terms + count)
+    abs_a = np.abs(centred)
+    bound = weight_bound + bias_bound * np.abs(centred.sum(axis=positions)) \
+        + c * (abs_a * magnitudes).sum(axis=positions) + c * np.abs(product).sum(axis=positions)
+    ratio = np.divide(statistic, bound, out=np.zeros_like(statistic), where=bound > 0)
+    ratio[(bound <= 0) & (statistic > 0)] = np.inf
     if not ratio.size:
         return TestResult(0.0, None)
     worst = int(np.argmax(ratio))

@@ -18,7 +18,7 @@ from ..check import sites as bounds
 from ..errors import Skip
 from ..report import SiteComparison, SkippedSite
 from .io import PROTOBUF_LIMIT, tensor_to_array
-from .site_eval import Bound, Context, as64, bound, conv_geometry, evaluate, transpose_geometry
+from .site_eval import Bound, Context, as64, bound, conv_geometry, evaluate, stored_bound, transpose_geometry
 from .site_find import Site, find_sites, node_name
 
 
@@ -31,6 +31,19 @@ class SiteCheck:
     fused: dict[str, np.ndarray]
     result: SiteComparison
     cannot: str | None = None  # why the float64 evaluation could not follow it: skipped, not judged
+    original64: dict[str, np.ndarray] | None = None  # the constants in float64, and as bounds
+    fused64: dict[str, np.ndarray] | None = None
+    original_start: dict[str, Bound] | None = None
+    fused_start: dict[str, Bound] | None = None
+
+    def cache(self) -> None:
+        if self.original64 is not None:
+            return
+        self.original64 = {n: as64(v) for n, v in self.original.items()}
+        self.fused64 = {n: as64(v) for n, v in self.fused.items()}
+        self.original_start = {n: Bound(np.abs(v)) for n, v in self.original64.items()}
+        self.fused_start = {n: stored_bound(v, bounds.stored_rounding)
+                            for n, v in self.fused.items()}
 
 
 def prepare(original: onnx.ModelProto, original_dir: Path, fused: onnx.ModelProto, fused_dir: Path
@@ -122,12 +135,10 @@ def _run(c: SiteCheck, x: np.ndarray) -> tuple[dict[str, bounds.TestResult], int
     c.result.dtype = str(x.dtype)
     u_arith = bounds.arithmetic_roundoff(x.dtype)
     ctx = Context()
+    at_zero = _evaluate(c, np.zeros(x.shape, np.float64), ctx, original_bound=True)
     at_x = _evaluate(c, as64(x), ctx)
-    zero = np.zeros((1, *x.shape[1:]) if x.ndim else x.shape, np.float64)
-    try:
-        at_zero = _evaluate(c, zero, ctx)
-    except (ValueError, IndexError):  # a Reshape with a fixed batch: zeros of the whole batch
-        at_zero = _evaluate(c, np.zeros(x.shape, np.float64), ctx)
+    at_x.original_magnitude = _original_magnitude(at_x, at_zero, site.output, x.dtype)
+    at_zero.original_magnitude = at_zero.original_bound[site.output].magnitude
     results = {"elementwise": bounds.elementwise(*at_x.sides(site.output), u_arith, ctx.terms),
                "bias": bounds.elementwise(*at_zero.sides(site.output), u_arith, ctx.terms)}
     axis = _channel_axis(site)
@@ -137,32 +148,42 @@ def _run(c: SiteCheck, x: np.ndarray) -> tuple[dict[str, bounds.TestResult], int
     return results, axis
 
 
+def _original_magnitude(at_x: "Evaluation", at_zero: "Evaluation", y: str, dtype) -> np.ndarray:
+    """The magnitudes the original computes with at x, for the arithmetic and float64 terms: the
+    folded weights' on |x| (they are the original's, scaled: |W'| ≤ |W'_stored|·(1 + 2r)) plus the
+    original's own at x = 0 (its bias, mean and shift), without a second pass over x."""
+    r = (bounds.stored_rounding(dtype) or (0.0, 0.0))[0]
+    return at_x.fused_bound[y].magnitude * (1 + 2 * r) + at_zero.original_bound[y].magnitude
+
+
 @dataclass
 class Evaluation:
-    """Both sides at one input: values, and bounds (magnitudes; errors on the fused side)."""
+    """Both sides at one input: values, bounds of the fused side (magnitudes and errors), and of
+    the original's magnitudes where they were computed."""
 
     original: dict[str, np.ndarray]
     fused: dict[str, np.ndarray]
-    original_bound: dict[str, Bound]
     fused_bound: dict[str, Bound]
+    original_bound: dict[str, Bound] | None = None
+    original_magnitude: np.ndarray | None = None
 
     def sides(self, y: str) -> tuple[bounds.Evaluated, bounds.Evaluated]:
         fb = self.fused_bound[y]
-        return (bounds.Evaluated(self.original[y], self.original_bound[y].magnitude),
-                bounds.Evaluated(self.fused[y], fb.magnitude, fb.error))
+        return (bounds.Evaluated(self.original[y], self.original_magnitude),
+                bounds.Evaluated(self.fused[y], fb.magnitude, fb.err))
 
 
-def _evaluate(c: SiteCheck, x: np.ndarray, ctx: Context) -> Evaluation:
+def _evaluate(c: SiteCheck, x: np.ndarray, ctx: Context, original_bound: bool = False) -> Evaluation:
     site = c.site
-    mine = evaluate(site.original, {**{n: as64(v) for n, v in c.original.items()}, site.input: x}, ctx)
-    theirs = evaluate(site.fused, {**{n: as64(v) for n, v in c.fused.items()}, site.input: x}, ctx)
+    c.cache()
+    mine = evaluate(site.original, {**c.original64, site.input: x}, ctx)
+    theirs = evaluate(site.fused, {**c.fused64, site.input: x}, ctx)
     start = Bound(np.abs(x))
-    mine_b = bound(site.original, mine, {**{n: Bound(np.abs(as64(v))) for n, v in c.original.items()},
-                                        site.input: start}, ctx, lambda raw: None)
-    theirs_b = bound(site.fused, theirs, {**{n: Bound(np.abs(as64(v)), bounds.stored_error(v))
-                                            for n, v in c.fused.items()}, site.input: start}, ctx,
-                     bounds.stored_error)
-    return Evaluation(mine, theirs, mine_b, theirs_b)
+    theirs_b = bound(site.fused, theirs, {**c.fused_start, site.input: start}, ctx, bounds.stored_rounding)
+    mine_b = None
+    if original_bound:
+        mine_b = bound(site.original, mine, {**c.original_start, site.input: start}, ctx, lambda dtype: None)
+    return Evaluation(mine, theirs, theirs_b, mine_b)
 
 
 def _channel_axis(site: Site) -> int:
@@ -196,7 +217,7 @@ def _channel_test(c: SiteCheck, layer: onnx.NodeProto, at_x: Evaluation, at_zero
     w_name = layer.input[1]
     w = at_x.fused[w_name]
     wb = at_x.fused_bound[w_name]
-    per_weight = u_arith * wb.magnitude if wb.error is None else wb.error + u_arith * wb.magnitude
+    per_weight = u_arith * wb.magnitude if wb.err is None else wb.err + u_arith * wb.magnitude
     grad = _weight_grad(layer, x, centred, w, ctx)
     weight_bound = _per_channel(layer, per_weight * np.abs(grad), w.shape)
     original0, fused0 = at_zero.sides(site.output)
@@ -204,7 +225,7 @@ def _channel_test(c: SiteCheck, layer: onnx.NodeProto, at_x: Evaluation, at_zero
     bias_bound = np.moveaxis(np.broadcast_to(zero_bound, original0.value.shape), axis, -1)
     bias_bound = bias_bound.reshape(-1, bias_bound.shape[-1]).max(axis=0)
     delta = y - at_x.original[site.output]
-    magnitudes = at_x.original_bound[site.output].magnitude + at_x.fused_bound[site.output].magnitude
+    magnitudes = at_x.original_magnitude + at_x.fused_bound[site.output].magnitude
     return bounds.channel(delta, centred, axis, weight_bound, bias_bound, magnitudes, ctx.terms)
 
 

@@ -3,7 +3,7 @@
 `evaluate` runs a site's few nodes (a layer, a BN, a bias Add, shape-only ops) on float64 inputs,
 with the kernels of check.float64. `bound` runs them again on magnitudes: each value is replaced
 by an upper bound of its magnitude and carries an upper bound of its error, where every stored
-float constant of the fused side is off by one rounding to its dtype (check.sites.stored_error)
+float constant of the fused side is off by one rounding to its dtype (check.sites.stored_rounding)
 and the site's input is exact. For a product the error is e_a·|b| + |a|·e_b + e_a·e_b, for a sum
 e_a + e_b; a shape-only op moves errors as it moves values. A node this module cannot evaluate
 declines the site with Skip, naming the op.
@@ -18,11 +18,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..check import float64 as k
-from ..check.sites import rounding_error
+from ..check.sites import rounding_error, stored_rounding, unit_roundoff
 from ..errors import Skip
 
 Array = np.ndarray
-Stored = Callable[[Array], "Array | None"]  # a stored constant's rounding error, or None (exact)
+Stored = Callable[[np.dtype], "tuple[float, float] | None"]  # a stored dtype's (relative, floor) rounding, or None
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _conv(node, ins, ctx: Context) -> Array:
     x, w = ins[0], ins[1]
     geo = conv_geometry(node, x.shape, w.shape)
     p = ctx.patches_of(x, geo, k.patches)
-    ctx.terms = max(ctx.terms, p.cols.shape[-1])
+    ctx.terms = max(ctx.terms, w.size // max(w.shape[0], 1))
     y = k.conv(p, w, geo)
     return y + _channel(ins[2], y.ndim) if len(ins) > 2 and ins[2] is not None else y
 
@@ -139,7 +139,7 @@ def _conv_transpose(node, ins, ctx: Context) -> Array:
     x, w = ins[0], ins[1]
     geo = transpose_geometry(node, x.shape, w.shape)
     p = ctx.patches_of(x, geo, k.conv_transpose_patches)
-    ctx.terms = max(ctx.terms, p.cols.shape[-1])
+    ctx.terms = max(ctx.terms, w.size // max(w.shape[1], 1))
     y = k.conv_transpose(p, w, geo)
     return y + _channel(ins[2], y.ndim) if len(ins) > 2 and ins[2] is not None else y
 
@@ -270,10 +270,31 @@ def evaluate(nodes: list[onnx.NodeProto], env: dict[str, Array], ctx: Context) -
 
 @dataclass
 class Bound:
-    """An upper bound of a value's magnitude and one of its error (None: exact)."""
+    """An upper bound of a value's magnitude and one of its error: `error` (None: exact), or for a
+    stored constant and what only moves it, relative·magnitude + floor exactly."""
 
     magnitude: Array
     error: Array | None = None
+    relative: float | None = None
+    floor: float = 0.0
+
+    @property
+    def err(self) -> Array | None:
+        if self.relative is not None:
+            return self.magnitude * self.relative + self.floor
+        return self.error
+
+    def moved(self, op: Callable[[Array], Array]) -> "Bound":
+        """The bound of a value a shape-only op moved."""
+        if self.relative is not None:
+            return Bound(op(self.magnitude), None, self.relative, self.floor)
+        return Bound(op(self.magnitude), None if self.error is None else op(self.error))
+
+
+def stored_bound(raw: Array, stored: Stored) -> Bound:
+    rounding = stored(raw.dtype)
+    magnitude = np.abs(as64(raw))
+    return Bound(magnitude) if rounding is None else Bound(magnitude, None, *rounding)
 
 
 def _add(a, b):
@@ -282,29 +303,41 @@ def _add(a, b):
     return a if b is None else a + b
 
 
-def _bilinear(f: Callable[[Array, Array], Array], a: Bound, b: Bound) -> Bound:
-    """f linear in each argument, with non-negative results on non-negative arguments."""
+def _bilinear(f: Callable[[Array, Array], Array], a: Bound, b: Bound,
+              ones: Callable[[Array], Array] | None = None) -> Bound:
+    """f linear in each argument, with non-negative results on non-negative arguments. With b a
+    stored weight and a exact (the usual layer), the error is relative·f(|a|, |b|) + floor·f(|a|, 1),
+    and `ones` computes f(|a|, 1) without a second product."""
+    magnitude = f(a.magnitude, b.magnitude)
+    if a.err is None and b.relative is not None:
+        err = magnitude * b.relative
+        if b.floor:
+            err = err + b.floor * (ones(a.magnitude) if ones is not None else f(a.magnitude, np.ones_like(b.magnitude)))
+        return Bound(magnitude, err)
+    ea, eb = a.err, b.err
     err = None
-    if a.error is not None:
-        err = _add(err, f(a.error, b.magnitude))
-    if b.error is not None:
-        err = _add(err, f(a.magnitude, b.error))
-    if a.error is not None and b.error is not None:
-        err = _add(err, f(a.error, b.error))
-    return Bound(f(a.magnitude, b.magnitude), err)
+    if ea is not None:
+        err = _add(err, f(ea, b.magnitude))
+    if eb is not None:
+        err = _add(err, f(a.magnitude, eb))
+    if ea is not None and eb is not None:
+        err = _add(err, f(ea, eb))
+    return Bound(magnitude, err)
 
 
 def _bias(out: Bound, bias: Bound | None, shape: Callable[[Array], Array], factor: float = 1.0) -> Bound:
     if bias is None:
         return out
-    e = None if bias.error is None else shape(bias.error) * factor
+    e = None if bias.err is None else shape(bias.err) * factor
     return Bound(out.magnitude + shape(bias.magnitude) * factor, _add(out.error, e))
 
 
 def _b_conv(node, ins: list, values: list, ctx: Context) -> Bound:
     x, w = values[0], values[1]
     geo = conv_geometry(node, x.shape, w.shape)
-    out = _bilinear(lambda a, b: k.conv(ctx.patches_of(a, geo, k.patches), b, geo), ins[0], ins[1])
+    of = lambda a: ctx.patches_of(a, geo, k.patches)  # noqa: E731
+    out = _bilinear(lambda a, b: k.conv(of(a), b, geo), ins[0], ins[1],
+                    lambda a: k.patch_sums(of(a), geo, w.shape[0]))
     rank = out.magnitude.ndim
     return _bias(out, ins[2] if len(ins) > 2 else None, lambda v: _channel(v, rank))
 
@@ -312,8 +345,9 @@ def _b_conv(node, ins: list, values: list, ctx: Context) -> Bound:
 def _b_conv_transpose(node, ins: list, values: list, ctx: Context) -> Bound:
     x, w = values[0], values[1]
     geo = transpose_geometry(node, x.shape, w.shape)
-    f = lambda a, b: k.conv_transpose(ctx.patches_of(a, geo, k.conv_transpose_patches), b, geo)  # noqa: E731
-    out = _bilinear(f, ins[0], ins[1])
+    of = lambda a: ctx.patches_of(a, geo, k.conv_transpose_patches)  # noqa: E731
+    out = _bilinear(lambda a, b: k.conv_transpose(of(a), b, geo), ins[0], ins[1],
+                    lambda a: k.patch_sums(of(a), geo.as_conv(), w.shape[1] * geo.group))
     rank = out.magnitude.ndim
     return _bias(out, ins[2] if len(ins) > 2 else None, lambda v: _channel(v, rank))
 
@@ -322,25 +356,32 @@ def _b_gemm(node, ins: list, values: list, ctx: Context) -> Bound:
     at = attrs(node)
     ta, tb = bool(at.get("transA", 0)), bool(at.get("transB", 0))
     alpha, beta = abs(float(at.get("alpha", 1.0))), abs(float(at.get("beta", 1.0)))
-    out = _bilinear(lambda a, b: alpha * ((a.T if ta else a) @ (b.T if tb else b)), ins[0], ins[1])
+    n = values[1].shape[0 if tb else 1]
+    out = _bilinear(lambda a, b: alpha * ((a.T if ta else a) @ (b.T if tb else b)), ins[0], ins[1],
+                    lambda a: np.repeat(alpha * (a.T if ta else a).sum(axis=1, keepdims=True), n, axis=1))
     return _bias(out, ins[2] if len(ins) > 2 else None, lambda v: v, beta)
+
+
+def _b_matmul(node, ins: list, values: list, ctx: Context) -> Bound:
+    n = values[1].shape[-1]
+    return _bilinear(np.matmul, ins[0], ins[1], lambda a: np.repeat(a.sum(axis=-1, keepdims=True), n, axis=-1))
 
 
 def _b_sum(node, ins: list, values: list, ctx: Context) -> Bound:
     a, b = ins[0], ins[1]
-    return Bound(a.magnitude + b.magnitude, _add(a.error, b.error))
+    return Bound(a.magnitude + b.magnitude, _add(a.err, b.err))
 
 
 def _b_div(node, ins: list, values: list, ctx: Context) -> Bound:
     a, b = ins[0], ins[1]
-    if b.error is not None:
+    if b.err is not None:
         raise Skip(f"Div {node.name or node.output[0]!r} divides by a rounded value")
     with np.errstate(divide="ignore", invalid="ignore"):
-        return Bound(a.magnitude / b.magnitude, None if a.error is None else a.error / b.magnitude)
+        return Bound(a.magnitude / b.magnitude, None if a.err is None else a.err / b.magnitude)
 
 
 def _b_bn(node, ins: list, values: list, ctx: Context) -> Bound:
-    if any(b.error is not None for b in ins[:5]):
+    if any(b.err is not None for b in ins[:5]):
         raise Skip(f"BatchNormalization {node.name or node.output[0]!r} is in the fused layer")
     x, scale, bias, mean = (b.magnitude for b in ins[:4])
     var = values[4]
@@ -353,20 +394,26 @@ def _b_cast(node, ins: list, values: list, ctx: Context) -> Bound:
     to = helper.tensor_dtype_to_np_dtype(int(attrs(node)["to"]))
     a = ins[0]
     if not np.issubdtype(np.dtype(to), np.floating):
-        if a.error is not None:
+        if a.err is not None:
             raise Skip(f"Cast {node.name or node.output[0]!r} turns a rounded value into integers")
         return a
-    return Bound(a.magnitude, _add(a.error, rounding_error(values[0], a.magnitude, to)))
+    rounding = stored_rounding(to)
+    if rounding is None or unit_roundoff(to) <= unit_roundoff(np.float64):
+        return a
+    if a.relative is not None:  # a stored constant rounded once more
+        return Bound(a.magnitude, None, a.relative + rounding[0], a.floor + rounding[1])
+    return Bound(a.magnitude, _add(a.err, rounding_error(values[0], a.magnitude, to)))
 
 
 def _b_dequantize(node, ins: list, values: list, ctx: Context) -> Bound:
-    if ins[0].error is not None:
+    if ins[0].err is not None:
         raise Skip(f"DequantizeLinear {node.name or node.output[0]!r} reads a rounded value")
     q, scale = values[0], ins[1]
     zero = values[2] if len(values) > 2 and values[2] is not None else np.zeros((), q.dtype)
     steps = np.abs(_dequantize(node, [q, np.ones_like(values[1], np.float64), zero], ctx))
-    mag = np.abs(_dequantize(node, [q, scale.magnitude, zero], ctx))
-    return Bound(mag, None if scale.error is None else steps * _per_axis(node, scale.error, q.ndim))
+    magnitude = np.abs(_dequantize(node, [q, scale.magnitude, zero], ctx))
+    err = scale.err
+    return Bound(magnitude, None if err is None else steps * _per_axis(node, err, q.ndim))
 
 
 def _per_axis(node, v: Array, rank: int) -> Array:
@@ -378,17 +425,14 @@ def _per_axis(node, v: Array, rank: int) -> Array:
 
 
 def _b_shape(op: Callable):
-    def bound(node, ins: list, values: list, ctx: Context) -> Bound:
+    def bound_of(node, ins: list, values: list, ctx: Context) -> Bound:
         rest = values[1:]
-        a = ins[0]
-        return Bound(op(node, [a.magnitude, *rest], ctx),
-                     None if a.error is None else op(node, [a.error, *rest], ctx))
-    return bound
+        return ins[0].moved(lambda a: op(node, [a, *rest], ctx))
+    return bound_of
 
 
 BOUND_OPS: dict[str, Callable] = {
-    "Conv": _b_conv, "ConvTranspose": _b_conv_transpose, "Gemm": _b_gemm,
-    "MatMul": lambda node, ins, values, ctx: _bilinear(np.matmul, ins[0], ins[1]),
+    "Conv": _b_conv, "ConvTranspose": _b_conv_transpose, "Gemm": _b_gemm, "MatMul": _b_matmul,
     "Mul": lambda node, ins, values, ctx: _bilinear(np.multiply, ins[0], ins[1]),
     "Add": _b_sum, "Sub": _b_sum, "Div": _b_div, "Neg": lambda node, ins, values, ctx: ins[0],
     "BatchNormalization": _b_bn, "Cast": _b_cast, "DequantizeLinear": _b_dequantize,
@@ -403,8 +447,7 @@ def bound(nodes: list[onnx.NodeProto], values: dict[str, Array], start: dict[str
     env = dict(start)
     for node in nodes:
         if node.op_type == "Constant":
-            raw = constant_value(node)
-            env[node.output[0]] = Bound(np.abs(as64(raw)), stored(raw))
+            env[node.output[0]] = stored_bound(constant_value(node), stored)
             continue
         ins = [env.get(i) if i else None for i in node.input]
         ins = [b if b is not None or not name else Bound(np.abs(values[name])) for b, name in zip(ins, node.input)]

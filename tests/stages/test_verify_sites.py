@@ -225,8 +225,9 @@ def conv_bn(seed: int = 3) -> tuple[onnx.ModelProto, dict]:
 
 
 def test_reported_ratio_is_the_documented_bound(tmp_path, capsys):
-    """bound = u/(1−u)·(|W'|⋆|x| + |b'|) + η·(1⋆|x| + 1) + 8·u₃₂·|y_o| (|y_o|: the original on
-    magnitudes, |s|·(|W|⋆|x| + |b| + |μ|) + |β|), element by element, computed here in numpy; a
+    """bound = r·(|W'|⋆|x| + |b'|) + η·(1⋆|x| + 1) + 8·u₃₂·|y_o|, r = u/(1−u), with |y_o| the
+    magnitudes the original computes with, (1 + 2r)·(|W'|⋆|x| + |b'|) + |s|·(|b| + |μ|) + |β|,
+    element by element, computed here in numpy; a
     channel whose weights are each two steps larger than rounded, fed positive inputs, must fail by
     the ratio numpy finds."""
     model, p = conv_bn()
@@ -251,11 +252,10 @@ def test_reported_ratio_is_the_documented_bound(tmp_path, capsys):
     y_o = (ref_conv(xs, p["w"], p["b"]) - p["mean"][None, :, None, None]) * s[None, :, None, None] \
         + p["beta"][None, :, None, None]
     y_f = ref_conv(xs, w16.astype(np.float64), b16.astype(np.float64))
-    magnitude_o = np.abs(s)[None, :, None, None] * (ref_conv(xs, np.abs(p["w"]), np.abs(p["b"]))
-                                                    + np.abs(p["mean"])[None, :, None, None]) \
-        + np.abs(p["beta"])[None, :, None, None]
-    bound = (u * ref_conv(xs, np.abs(w16.astype(np.float64)), np.abs(b16.astype(np.float64)))
-             + ETA16 * (ref_conv(xs, np.ones(w16.shape)) + 1) + 8 * U32 * magnitude_o)
+    magnitude_f = ref_conv(xs, np.abs(w16.astype(np.float64)), np.abs(b16.astype(np.float64)))
+    magnitude_o = magnitude_f * (1 + 2 * u) + (np.abs(s) * (np.abs(p["b"]) + np.abs(p["mean"]))
+                                               + np.abs(p["beta"]))[None, :, None, None]
+    bound = u * magnitude_f + ETA16 * (ref_conv(xs, np.ones(w16.shape)) + 1) + 8 * U32 * magnitude_o
     expected = float(np.max(np.abs(y_f - y_o) / bound))
     assert expected > 1  # two roundings, lined up with the inputs' signs
     assert code == 1
