@@ -134,11 +134,14 @@ def _run(c: SiteCheck, x: np.ndarray) -> tuple[dict[str, bounds.TestResult], int
     site = c.site
     c.result.dtype = str(x.dtype)
     u_arith = bounds.arithmetic_roundoff(x.dtype)
-    ctx = Context()
+    ctx = Context(dtypes={site.input: x.dtype})
     at_zero = _evaluate(c, np.zeros(x.shape, np.float64), ctx, original_bound=True)
     at_x = _evaluate(c, as64(x), ctx)
     at_x.original_magnitude = _original_magnitude(at_x, at_zero, site.output, x.dtype)
     at_zero.original_magnitude = at_zero.original_bound[site.output].magnitude
+    if site.branches:
+        for at in (at_x, at_zero):
+            at.allowance = _branch_allowance(c, at, ctx, x.dtype)
     results = {"elementwise": bounds.elementwise(*at_x.sides(site.output), u_arith, ctx.terms),
                "bias": bounds.elementwise(*at_zero.sides(site.output), u_arith, ctx.terms)}
     axis = _channel_axis(site)
@@ -146,6 +149,18 @@ def _run(c: SiteCheck, x: np.ndarray) -> tuple[dict[str, bounds.TestResult], int
     if layer is not None:
         results["channel"] = _channel_test(c, layer, at_x, at_zero, axis, u_arith, ctx)
     return results, axis
+
+
+def _branch_allowance(c: SiteCheck, at: "Evaluation", ctx: Context, dtype) -> np.ndarray:
+    """A sum of branches may be merged from branches each folded and rounded first (a fold, then
+    a merge): one more rounding of every branch's folded magnitude, r·Σ_i (|W'_i|⋆|x| + |b'_i|)."""
+    site = c.site
+    x = at.original[site.input]
+    folded = ctx.sibling(folded=True, magnitudes_only=True)
+    magnitudes = bound(site.original, at.original, {**c.original_start, site.input: Bound(np.abs(x))}, folded,
+                       lambda d: None)
+    r = (bounds.stored_rounding(dtype) or (0.0, 0.0))[0]
+    return magnitudes[site.output].magnitude * r
 
 
 def _original_magnitude(at_x: "Evaluation", at_zero: "Evaluation", y: str, dtype) -> np.ndarray:
@@ -166,23 +181,29 @@ class Evaluation:
     fused_bound: dict[str, Bound]
     original_bound: dict[str, Bound] | None = None
     original_magnitude: np.ndarray | None = None
+    allowance: np.ndarray | None = None  # a merge's per-branch rounding, added to the fused error
 
     def sides(self, y: str) -> tuple[bounds.Evaluated, bounds.Evaluated]:
         fb = self.fused_bound[y]
+        err = fb.err
+        if self.allowance is not None:
+            err = self.allowance if err is None else err + self.allowance
         return (bounds.Evaluated(self.original[y], self.original_magnitude),
-                bounds.Evaluated(self.fused[y], fb.magnitude, fb.err))
+                bounds.Evaluated(self.fused[y], fb.magnitude, err))
 
 
 def _evaluate(c: SiteCheck, x: np.ndarray, ctx: Context, original_bound: bool = False) -> Evaluation:
     site = c.site
     c.cache()
+    ctx.dtypes.update({n: v.dtype for n, v in (*c.original.items(), *c.fused.items())})
     mine = evaluate(site.original, {**c.original64, site.input: x}, ctx)
     theirs = evaluate(site.fused, {**c.fused64, site.input: x}, ctx)
     start = Bound(np.abs(x))
     theirs_b = bound(site.fused, theirs, {**c.fused_start, site.input: start}, ctx, bounds.stored_rounding)
     mine_b = None
     if original_bound:
-        mine_b = bound(site.original, mine, {**c.original_start, site.input: start}, ctx, lambda dtype: None)
+        mine_b = bound(site.original, mine, {**c.original_start, site.input: start}, ctx.sibling(magnitudes_only=True),
+                       lambda dtype: None)
     return Evaluation(mine, theirs, theirs_b, mine_b)
 
 
@@ -226,6 +247,8 @@ def _channel_test(c: SiteCheck, layer: onnx.NodeProto, at_x: Evaluation, at_zero
     bias_bound = bias_bound.reshape(-1, bias_bound.shape[-1]).max(axis=0)
     delta = y - at_x.original[site.output]
     magnitudes = at_x.original_magnitude + at_x.fused_bound[site.output].magnitude
+    if at_x.allowance is not None:  # per-branch roundings, bounded element by element
+        weight_bound = weight_bound + (np.abs(centred) * at_x.allowance).sum(axis=positions)
     return bounds.channel(delta, centred, axis, weight_bound, bias_bound, magnitudes, ctx.terms)
 
 

@@ -32,6 +32,13 @@ class Context:
 
     patches: dict = field(default_factory=dict)
     terms: int = 0
+    dtypes: dict = field(default_factory=dict)  # each tensor's dtype in the model (the values here are float64)
+    folded: bool = False  # a BN's magnitude as folded, |s|·|x| + |β − s·μ|, not as computed
+    magnitudes_only: bool = False  # the original's side: its own roundings are what it computes
+
+    def sibling(self, **flags) -> "Context":
+        """The same patches and dtypes, other flags."""
+        return Context(self.patches, self.terms, self.dtypes, **flags)
 
     def patches_of(self, x: Array, geo, make) -> k.Patches:
         key = (id(x), geo)
@@ -211,8 +218,15 @@ def _unsqueeze(node, ins, ctx) -> Array:
     return out
 
 
+def cast_target(node: onnx.NodeProto, ctx: Context) -> np.dtype:
+    """What a Cast or CastLike converts to, in the model's dtypes."""
+    if node.op_type == "CastLike":
+        return np.dtype(ctx.dtypes.get(node.input[1], np.float64))
+    return np.dtype(helper.tensor_dtype_to_np_dtype(int(attrs(node)["to"])))
+
+
 def _cast(node, ins, ctx) -> Array:
-    to = helper.tensor_dtype_to_np_dtype(int(attrs(node)["to"]))
+    to = cast_target(node, ctx)
     x = ins[0]
     if np.issubdtype(np.dtype(to), np.floating):
         return x.astype(to).astype(np.float64)  # the original rounds here; so do we
@@ -234,15 +248,47 @@ def _binary(op):
     return lambda node, ins, ctx: op(ins[0], ins[1])
 
 
+def _shape(node, ins, ctx) -> Array:
+    a = attrs(node)
+    dims = ins[0].shape
+    return np.asarray(dims[a.get("start", 0):a.get("end", len(dims))], np.int64)
+
+
+def _expand(node, ins, ctx) -> Array:
+    shape = tuple(int(d) for d in np.asarray(ins[1]).reshape(-1))
+    return np.broadcast_to(ins[0], np.broadcast_shapes(ins[0].shape, shape))
+
+
+def _concat(node, ins, ctx) -> Array:
+    return np.concatenate([np.atleast_1d(i) for i in ins], axis=int(attrs(node)["axis"]))
+
+
+def _gather(node, ins, ctx) -> Array:
+    return np.take(ins[0], np.asarray(ins[1], np.int64), axis=int(attrs(node).get("axis", 0)))
+
+
+def _slice(node, ins, ctx) -> Array:
+    x = ins[0]
+    starts, ends = (np.asarray(v, np.int64).reshape(-1) for v in ins[1:3])
+    axes = np.asarray(ins[3], np.int64).reshape(-1) if len(ins) > 3 and ins[3] is not None else range(len(starts))
+    steps = np.asarray(ins[4], np.int64).reshape(-1) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return x[tuple(index)]
+
+
 SHAPE_OPS: dict[str, Callable] = {
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
-    "Unsqueeze": _unsqueeze, "Identity": lambda node, ins, ctx: ins[0],
+    "Unsqueeze": _unsqueeze, "Identity": lambda node, ins, ctx: ins[0], "Expand": _expand,
+    "Gather": _gather, "Slice": _slice,
 }
 VALUE_OPS: dict[str, Callable] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
     "BatchNormalization": _bn, "Add": _binary(np.add), "Sub": _binary(np.subtract),
     "Mul": _binary(np.multiply), "Div": _binary(np.divide), "Neg": lambda node, ins, ctx: -ins[0],
-    "Cast": _cast, "DequantizeLinear": _dequantize, **SHAPE_OPS,
+    "Cast": _cast, "CastLike": _cast, "DequantizeLinear": _dequantize, "Shape": _shape, "Concat": _concat,
+    **SHAPE_OPS,
 }
 
 
@@ -257,12 +303,23 @@ def evaluate(nodes: list[onnx.NodeProto], env: dict[str, Array], ctx: Context) -
     for node in nodes:
         _check_op(node)
         if node.op_type == "Constant":
-            env[node.output[0]] = as64(constant_value(node))
+            raw = constant_value(node)
+            env[node.output[0]], ctx.dtypes[node.output[0]] = as64(raw), raw.dtype
             continue
         ins = [env[i] if i else None for i in node.input]
         with np.errstate(all="ignore"):  # an overflow is a difference the comparison reports
-            env[node.output[0]] = VALUE_OPS[node.op_type](node, ins, ctx)
+            out = env[node.output[0]] = VALUE_OPS[node.op_type](node, ins, ctx)
+        ctx.dtypes[node.output[0]] = _output_dtype(node, ctx, out)
     return env
+
+
+def _output_dtype(node: onnx.NodeProto, ctx: Context, value: Array) -> np.dtype:
+    if node.op_type in ("Cast", "CastLike"):
+        return cast_target(node, ctx)
+    if not np.issubdtype(value.dtype, np.floating):
+        return value.dtype
+    return next((ctx.dtypes[i] for i in node.input if i in ctx.dtypes
+                 and np.issubdtype(np.dtype(ctx.dtypes[i]), np.floating)), value.dtype)
 
 
 # -- bounds -----------------------------------------------------------------------------------
@@ -387,12 +444,17 @@ def _b_bn(node, ins: list, values: list, ctx: Context) -> Bound:
     var = values[4]
     eps = float(np.float32(attrs(node).get("epsilon", 1e-5)))
     s = scale / np.sqrt(var + eps)
+    if ctx.folded:
+        shift = np.abs(values[2] - values[1] / np.sqrt(var + eps) * values[3])
+        return Bound(_channel(s, x.ndim) * x + _channel(shift, x.ndim))
     return Bound(_channel(s, x.ndim) * (x + _channel(mean, x.ndim)) + _channel(bias, x.ndim))
 
 
 def _b_cast(node, ins: list, values: list, ctx: Context) -> Bound:
-    to = helper.tensor_dtype_to_np_dtype(int(attrs(node)["to"]))
+    to = cast_target(node, ctx)
     a = ins[0]
+    if ctx.magnitudes_only:
+        return Bound(a.magnitude)
     if not np.issubdtype(np.dtype(to), np.floating):
         if a.err is not None:
             raise Skip(f"Cast {node.name or node.output[0]!r} turns a rounded value into integers")
@@ -431,11 +493,21 @@ def _b_shape(op: Callable):
     return bound_of
 
 
+def _b_concat(node, ins: list, values: list, ctx: Context) -> Bound:
+    axis = int(attrs(node)["axis"])
+    magnitude = np.concatenate([np.atleast_1d(b.magnitude) for b in ins], axis=axis)
+    if all(b.err is None for b in ins):
+        return Bound(magnitude)
+    errors = [np.atleast_1d(b.err) if b.err is not None else np.zeros(np.atleast_1d(b.magnitude).shape) for b in ins]
+    return Bound(magnitude, np.concatenate(errors, axis=axis))
+
+
 BOUND_OPS: dict[str, Callable] = {
     "Conv": _b_conv, "ConvTranspose": _b_conv_transpose, "Gemm": _b_gemm, "MatMul": _b_matmul,
     "Mul": lambda node, ins, values, ctx: _bilinear(np.multiply, ins[0], ins[1]),
     "Add": _b_sum, "Sub": _b_sum, "Div": _b_div, "Neg": lambda node, ins, values, ctx: ins[0],
-    "BatchNormalization": _b_bn, "Cast": _b_cast, "DequantizeLinear": _b_dequantize,
+    "BatchNormalization": _b_bn, "Cast": _b_cast, "CastLike": _b_cast, "DequantizeLinear": _b_dequantize,
+    "Shape": lambda node, ins, values, ctx: Bound(np.abs(_shape(node, values, ctx))), "Concat": _b_concat,
     **{name: _b_shape(op) for name, op in SHAPE_OPS.items()},
 }
 

@@ -82,6 +82,7 @@ class Site:
     fused: list[onnx.NodeProto]
     layer: onnx.NodeProto  # the fused side's linear layer
     folded: list[str]  # the original's BN / affine nodes in the site
+    branches: bool = False  # the original sums branches of x (a merge, RepVGG-style)
 
     @property
     def name(self) -> str:
@@ -134,7 +135,8 @@ def _site(node: onnx.NodeProto, a: GraphView, b: GraphView) -> Site:
         raise Skip(f"the original computes {out!r} from {x!r} without it")
     if any(_std(n, "BatchNormalization") for n in theirs):
         raise Skip(f"the fused model still has a BatchNormalization between {x!r} and {out!r}")
-    return Site(x, out, mine, theirs, layer, [])
+    branches = any(_std(n, "Add", "Sub", "Sum") and sum(i not in a.constants for i in n.input) > 1 for n in mine)
+    return Site(x, out, mine, theirs, layer, [], branches)
 
 
 def _matched_output(node: onnx.NodeProto, a: GraphView, b: GraphView) -> str:
