@@ -97,3 +97,20 @@ def test_conv_transpose_weight_grad_is_the_adjoint(name):
 def test_kernel_larger_than_the_input_is_a_clear_error():
     with pytest.raises(ValueError, match="does not fit"):
         k.conv(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3)), k.ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0), (0, 0)))
+
+
+@pytest.mark.parametrize("name", CONV_CASES)
+def test_patch_sums_are_the_conv_with_a_kernel_of_ones(name):
+    x, w, geo = _geo(CONV_CASES[name])
+    expected = ref_conv(np.abs(x), np.ones(w.shape), strides=geo.strides, pads=[*geo.pads_begin, *geo.pads_end],
+                        dilations=geo.dilations, group=geo.group)
+    got = k.patch_sums(k.patches(np.abs(x), geo), geo, w.shape[0])
+    np.testing.assert_allclose(np.broadcast_to(got, expected.shape), expected, rtol=1e-12)
+
+
+def test_zero_input_gives_zeros_of_the_output_shape():
+    x, w, geo = _geo(CONV_CASES["stride2_asym_pads"])
+    expected = k.conv(x, w, geo)
+    zero = k.patches(np.zeros_like(x), geo)
+    assert zero.cols is None
+    assert k.conv(zero, w, geo).shape == expected.shape and not k.conv(zero, w, geo).any()

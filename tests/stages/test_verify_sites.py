@@ -289,3 +289,71 @@ def test_a_bias_two_roundings_off_fails_by_the_zero_input_bound(tmp_path, capsys
     site = report["sites"][0]
     assert site["ratios"]["bias"] == pytest.approx(float(expected.max()), rel=1e-6)
     assert site["test"] == "bias" and site["channel"] == 2
+
+
+# -- other site shapes ------------------------------------------------------------------------------
+
+
+def repvgg_block(dtype: str) -> onnx.ModelProto:
+    """Conv3×3 → BN + Conv1×1 → BN + BN(x), summed: bnfold merges it into one Conv (one site of 3 BNs)."""
+    np_type, elem = DTYPES[dtype]
+    rng = np.random.default_rng(5)
+    inits = [init("w3", rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np_type)),
+             init("w1", rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np_type))]
+    for name in ("bn3", "bn1", "bnid"):
+        inits += bn_inits(name, 4, rng, np_type)
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["c3"], name="c3", pads=[1, 1, 1, 1]), bn_node("c3", "b3", "bn3"),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1"), bn_node("c1", "b1", "bn1"),
+             bn_node("x", "bid", "bnid"), helper.make_node("Add", ["b3", "b1"], ["s1"]),
+             helper.make_node("Add", ["s1", "bid"], ["s2"]), helper.make_node("Relu", ["s2"], ["y"])]
+    return make_model(nodes, [vi("x", [2, 4, 6, 6], elem)], [vi("y", [2, 4, 6, 6], elem)], inits)
+
+
+def bn_then_linear(dtype: str) -> onnx.ModelProto:
+    """BN → Gemm: folded into the layer after it (the site runs from the BN's input)."""
+    np_type, elem = DTYPES[dtype]
+    rng = np.random.default_rng(6)
+    inits = bn_inits("bn", 6, rng, np_type) + [init("w", rng.normal(0, 0.3, (4, 6)).astype(np_type)),
+                                               init("b", rng.normal(0, 0.3, 4).astype(np_type))]
+    nodes = [bn_node("x", "n", "bn"), helper.make_node("Gemm", ["n", "w", "b"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, [vi("x", [16, 6], elem)], [vi("y", [16, 4], elem)], inits)
+
+
+def matmul_add_bn(dtype: str) -> onnx.ModelProto:
+    """MatMul → Add(bias) → BN over features."""
+    np_type, elem = DTYPES[dtype]
+    rng = np.random.default_rng(8)
+    inits = [init("w", rng.normal(0, 0.3, (5, 4)).astype(np_type)), init("b", rng.normal(0, 0.3, 4).astype(np_type))]
+    inits += bn_inits("bn", 4, rng, np_type)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["a"]),
+             bn_node("a", "y", "bn")]
+    return make_model(nodes, [vi("x", [16, 5], elem)], [vi("y", [16, 4], elem)], inits)
+
+
+SHAPES = {"merged branches": (repvgg_block, 1), "next layer": (bn_then_linear, 1), "MatMul+Add": (matmul_add_bn, 1)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_other_site_shapes_pass_when_honest_and_fail_on_a_bias_shift(tmp_path, capsys, shape, dtype):
+    build, sites = SHAPES[shape]
+    original = build(dtype)
+    fused, report = bnfold.fuse_onnx(onnx.ModelProto.FromString(original.SerializeToString()))
+    assert report.folded and not report.skipped
+    onnx.save(original, str(tmp_path / "o.onnx"))
+    onnx.save(fused, str(tmp_path / "f.onnx"))
+    code, result = verify_json(capsys, tmp_path / "o.onnx", tmp_path / "f.onnx")
+    assert code == 0 and result["sites_passed"] is True and len(result["sites"]) == sites
+    assert not result["skipped_sites"]
+    assert sorted(result["sites"][0]["folded"]) == sorted(f"BatchNormalization {b.bn!r}" for b in report.folded)
+    layer_node = layer(fused, result["sites"][0]["layer"])
+    bias = next(i for i in layer_node.input[2:] if i) if len(layer_node.input) > 2 else \
+        next(n for n in fused.graph.node if n.op_type == "Add" and layer_node.output[0] in n.input).input[1]
+    bad = onnx.ModelProto()
+    bad.CopyFrom(fused)
+    b = arrays(bad)[bias].copy()
+    b[b.size // 2] += b.dtype.type(0.01)
+    set_array(bad, bias, b)
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    code, result = verify_json(capsys, tmp_path / "o.onnx", tmp_path / "bad.onnx")
+    assert code == 1 and [s["layer"] for s in result["sites"] if not s["passed"]] == [layer_node.name]
