@@ -7,7 +7,7 @@ site's input added as a graph output, on the inputs the output comparison uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,55 +24,60 @@ from .site_find import Site, find_sites, node_name
 
 @dataclass
 class SiteCheck:
-    """A site ready to run: its constants (in their stored dtypes) and its running result."""
+    """A site ready to run: where its constants are (read for each batch, then let go: a large
+    model's weights are never all in memory twice) and its running result."""
 
     site: Site
-    original: dict[str, np.ndarray]
-    fused: dict[str, np.ndarray]
+    original: dict[str, onnx.TensorProto]
+    fused: dict[str, onnx.TensorProto]
+    folders: tuple[Path, Path]  # where each model's payloads are read from
     result: SiteComparison
     cannot: str | None = None  # why the float64 evaluation could not follow it: skipped, not judged
-    original64: dict[str, np.ndarray] | None = None  # the constants in float64, and as bounds
-    fused64: dict[str, np.ndarray] | None = None
-    original_start: dict[str, Bound] | None = None
-    fused_start: dict[str, Bound] | None = None
+    # while it runs: the constants as stored, in float64, and as bounds
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
+    original64: dict[str, np.ndarray] = field(default_factory=dict)
+    fused64: dict[str, np.ndarray] = field(default_factory=dict)
+    original_start: dict[str, Bound] = field(default_factory=dict)
+    fused_start: dict[str, Bound] = field(default_factory=dict)
 
-    def cache(self) -> None:
-        if self.original64 is not None:
-            return
-        self.original64 = {n: as64(v) for n, v in self.original.items()}
-        self.fused64 = {n: as64(v) for n, v in self.fused.items()}
+    def load(self) -> None:
+        mine = {n: tensor_to_array(t, self.folders[0]) for n, t in self.original.items()}
+        theirs = {n: tensor_to_array(t, self.folders[1]) for n, t in self.fused.items()}
+        self.raw = {**mine, **theirs}
+        self.original64 = {n: as64(v) for n, v in mine.items()}
+        self.fused64 = {n: as64(v) for n, v in theirs.items()}
         self.original_start = {n: Bound(np.abs(v)) for n, v in self.original64.items()}
-        self.fused_start = {n: stored_bound(v, bounds.stored_rounding)
-                            for n, v in self.fused.items()}
+        self.fused_start = {n: stored_bound(v, bounds.stored_rounding) for n, v in theirs.items()}
+
+    def release(self) -> None:
+        self.raw, self.original64, self.fused64, self.original_start, self.fused_start = {}, {}, {}, {}, {}
 
 
 def prepare(original: onnx.ModelProto, original_dir: Path, fused: onnx.ModelProto, fused_dir: Path
             ) -> tuple[list[SiteCheck], list[SkippedSite]]:
-    """The sites both models name alike, with the constants each side's nodes read (payloads
-    from each model's folder)."""
+    """The sites both models name alike, with the constants each side's nodes read."""
     sites, skipped = find_sites(original.graph, fused.graph)
     checks = []
     for site in sites:
         try:
-            mine = _constants(original.graph, site.original, site.input, original_dir)
-            theirs = _constants(fused.graph, site.fused, site.input, fused_dir)
+            mine = _constants(original.graph, site.original, site.input)
+            theirs = _constants(fused.graph, site.fused, site.input)
         except Skip as why:
             skipped.append(SkippedSite(site.name, str(why)))
             continue
         result = SiteComparison(site.name, node_name(site.layer), site.layer.op_type, [], site.input, site.output,
                                 "", True)
-        checks.append(SiteCheck(site, mine, theirs, result))
+        checks.append(SiteCheck(site, mine, theirs, (original_dir, fused_dir), result))
     return checks, skipped
 
 
-def _constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], x: str, base_dir: Path
-               ) -> dict[str, np.ndarray]:
+def _constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], x: str) -> dict[str, onnx.TensorProto]:
     produced = {o for n in nodes for o in n.output}
     wanted = {i for n in nodes for i in n.input if i and i != x and i not in produced}
-    out = {}
+    out: dict[str, onnx.TensorProto] = {}
     for t in graph.initializer:
         if t.name in wanted and t.name not in out:
-            out[t.name] = tensor_to_array(t, base_dir)
+            out[t.name] = t
     missing = wanted - set(out)
     if missing:
         raise Skip(f"no value for {sorted(missing)[0]!r}")
@@ -110,11 +115,14 @@ def check(checks: list[SiteCheck], activations: dict[str, np.ndarray]) -> None:
         if x is None or c.cannot is not None:
             continue
         try:
+            c.load()
             results, axis = _run(c, np.asarray(x))
-        except (Skip, ValueError, IndexError, KeyError) as why:
+        except (Skip, ValueError, IndexError) as why:
             # a site the float64 evaluation cannot follow proves nothing either way
             c.cannot = f"cannot compute it in float64: {why}"
             continue
+        finally:
+            c.release()
         bounds.judge(c.result, results, axis)
 
 
@@ -146,9 +154,17 @@ def _run(c: SiteCheck, x: np.ndarray) -> tuple[dict[str, bounds.TestResult], int
                "bias": bounds.elementwise(*at_zero.sides(site.output), u_arith, ctx.terms)}
     axis = _channel_axis(site)
     layer = _single_layer(site)
-    if layer is not None:
+    if layer is not None and _bias_per_channel(c, layer, at_x.fused[site.output].shape[axis]):
         results["channel"] = _channel_test(c, layer, at_x, at_zero, axis, u_arith, ctx)
     return results, axis
+
+
+def _bias_per_channel(c: SiteCheck, layer: onnx.NodeProto, channels: int) -> bool:
+    """The channel test lets the bias cancel against the centred output: it must be one number
+    per output channel (a Gemm's C may be a whole matrix)."""
+    nodes = [n for n in c.site.fused if n.op_type != "Constant"]
+    names = list(layer.input[2:]) if len(nodes) == 1 else [i for i in nodes[1].input if i != layer.output[0]]
+    return all(np.asarray(c.fused64[n]).size in (1, channels) for n in names if n in c.fused64)
 
 
 def _branch_allowance(c: SiteCheck, at: "Evaluation", ctx: Context, dtype) -> np.ndarray:
@@ -194,8 +210,7 @@ class Evaluation:
 
 def _evaluate(c: SiteCheck, x: np.ndarray, ctx: Context, original_bound: bool = False) -> Evaluation:
     site = c.site
-    c.cache()
-    ctx.dtypes.update({n: v.dtype for n, v in (*c.original.items(), *c.fused.items())})
+    ctx.dtypes.update({n: v.dtype for n, v in c.raw.items()})
     mine = evaluate(site.original, {**c.original64, site.input: x}, ctx)
     theirs = evaluate(site.fused, {**c.fused64, site.input: x}, ctx)
     start = Bound(np.abs(x))
@@ -238,7 +253,9 @@ def _channel_test(c: SiteCheck, layer: onnx.NodeProto, at_x: Evaluation, at_zero
     w_name = layer.input[1]
     w = at_x.fused[w_name]
     wb = at_x.fused_bound[w_name]
-    per_weight = u_arith * wb.magnitude if wb.err is None else wb.err + u_arith * wb.magnitude
+    r = (bounds.stored_rounding(c.result.dtype) or (0.0, 0.0))[0]
+    arithmetic = u_arith * (1 + 2 * r) * wb.magnitude  # of the exact folded weights, at most (1 + 2r)·|W'|
+    per_weight = arithmetic if wb.err is None else wb.err + arithmetic
     grad = _weight_grad(layer, x, centred, w, ctx)
     weight_bound = _per_channel(layer, per_weight * np.abs(grad), w.shape)
     original0, fused0 = at_zero.sides(site.output)
