@@ -207,6 +207,37 @@ class OutputComparison:
 
 
 @dataclass
+class SiteComparison:
+    """One fold site: the original's layer(s) and BN against the fused layer, both computed in
+    float64 on the original's activation at the layer's input, each difference against the bound
+    that rounding the fused layer's stored weights to the model's dtype once allows."""
+
+    name: str  # "Conv 'conv1' ← BatchNormalization 'bn1'"
+    layer: str  # the fused layer's node name
+    op: str  # its op type: Conv, ConvTranspose, Gemm, MatMul
+    folded: list[str]  # the original's BN (or per-channel Mul/Add) nodes this site covers
+    input: str  # the activation both sides are fed: the layer's input in both graphs
+    output: str  # the tensor both sides compute from it
+    dtype: str  # of the fused layer's weight: its unit roundoff sets the bound
+    passed: bool
+    ratio: float = 0.0  # the worst |fused − original| / bound over the tests; ≤ 1 is within one rounding
+    test: str = ""  # which test gave `ratio`: "elementwise", "bias" (zero input), "channel"
+    ratios: dict[str, float] = field(default_factory=dict)  # the worst ratio of each test
+    max_abs_error: float = 0.0  # on the activations, in the output's units
+    elements: int = 0  # output elements compared, over all batches
+    channel: int | None = None  # the output channel where `ratio` was found
+    message: str = ""
+
+
+@dataclass
+class SkippedSite:
+    """A folded BN the per-site check could not isolate or compute, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
 class VerifyReport:
     original: str
     fused: str
@@ -221,10 +252,20 @@ class VerifyReport:
     outputs: list[OutputComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     compared_elements: int = 0  # tensor elements compared, over all outputs and batches; 0 is never a pass
+    # ONNX: every fold site checked on its own against one rounding of the fused weights
+    sites: list[SiteComparison] = field(default_factory=list)
+    skipped_sites: list[SkippedSite] = field(default_factory=list)
+    outputs_passed: bool = False
+    sites_passed: bool | None = None  # None: no fold site was checked (the outputs alone decide)
+    decided_by: str = ""  # the checks that failed ("outputs", "fold sites", "outputs and fold sites"), or that passed
 
     @property
     def failures(self) -> list[OutputComparison]:
         return [o for o in self.outputs if not o.passed]
+
+    @property
+    def failed_sites(self) -> list[SiteComparison]:
+        return [s for s in self.sites if not s.passed]
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

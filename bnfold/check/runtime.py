@@ -78,14 +78,18 @@ def provider_name(name: str) -> str:
 
 
 def session(model: str | Path | bytes, provider: str = "cpu", level: str = "disabled",
-            threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+            threads: int | None = None, spinning: bool = True, data_dir: Path | None = None) -> ort.InferenceSession:
     """A session with the given optimization level; a model ORT cannot load is bad input.
 
     `spinning=False` stops idle worker threads from busy-waiting after a run: when two
     sessions take turns (bench), one session's spinning threads would otherwise steal the
-    cores the other one is timed on.
+    cores the other one is timed on. `data_dir`: where a model given as bytes keeps the
+    payloads its tensors reference (its file's folder).
     """
-    return _create(model, _options(level, threads, spinning), provider)
+    options = _options(level, threads, spinning)
+    if data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
+    return _create(model, options, provider)
 
 
 def _options(level: str, threads: int | None, spinning: bool) -> ort.SessionOptions:

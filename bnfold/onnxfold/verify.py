@@ -1,7 +1,11 @@
 """verify for ONNX: both models in onnxruntime with graph optimizations disabled (ORT's own
 optimizer would fold the original's BNs too and could hide a wrong fold), on the same
 seeded random (or given) inputs, every output compared by name (a sequence's tensors, an
-optional's value, a map's entries, each by its path under that name)."""
+optional's value, a map's entries, each by its path under that name).
+
+Each fold site is checked on its own as well (site_check): the original run also returns the
+activation at every folded layer's input, and the site passes only within the bound one rounding
+of its fused weights allows. The verdict needs both; the report says which decided."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,22 +13,27 @@ from pathlib import Path
 import onnx
 
 from ..check.compare import compare_outputs, conclude
+from ..check.sites import conclude_sites
 from ..check.inputs import describe_inputs, graph_inputs, load_inputs, make_inputs
 from ..check.runtime import run_session, session
 from ..errors import BadInput
 from ..options import VerifyOptions
 from ..report import VerifyReport
+from . import site_check
 from .io import read_signature
 
 
 def verify_onnx(original: Path, fused: Path, options: VerifyOptions) -> VerifyReport:
-    signature = read_signature(original)
-    check_same_inputs(signature, read_signature(fused), fused)
-    sess_a, sess_b = session(original, options.provider), session(fused, options.provider)
+    signature, fused_signature = read_signature(original), read_signature(fused)
+    check_same_inputs(signature, fused_signature, fused)
+    checks, skipped = site_check.prepare(signature, _folder(original), fused_signature, _folder(fused))
+    sess_a = _original_session(original, signature, checks, options)
+    sess_b = session(fused, options.provider)
     seed = None if options.data is not None else options.seed
     batches = 1 if options.data is not None else options.batches  # the user's data is one fixed set
     report = VerifyReport(str(original), str(fused), False, "onnxruntime", options.provider, options.atol,
                           options.rtol, seed, batches)
+    outputs = [o.name for o in signature.graph.output]
     runs = []
     for k in range(batches):
         if options.data is not None:
@@ -34,10 +43,32 @@ def verify_onnx(original: Path, fused: Path, options: VerifyOptions) -> VerifyRe
                                 seed=options.seed + k)
         if k == 0:
             report.inputs = describe_inputs(feeds)
-        runs.append(compare_outputs(outputs_of(sess_a, feeds, original), outputs_of(sess_b, feeds, fused),
+        values = outputs_of(sess_a, feeds, original)
+        runs.append(compare_outputs({n: values[n] for n in outputs if n in values}, outputs_of(sess_b, feeds, fused),
                                     options.atol, options.rtol))
+        site_check.check(checks, {**feeds, **values})
     conclude(report, runs)
+    report.sites, cannot = site_check.split_skipped(checks)
+    report.skipped_sites = skipped + cannot
+    conclude_sites(report)
     return report
+
+
+def _folder(path: Path) -> Path:
+    """Where a model's payloads are read from: beside the file a symlink points to."""
+    return Path(path).resolve().parent
+
+
+def _original_session(original: Path, signature: onnx.ModelProto, checks: list, options: VerifyOptions):
+    """The original's session; with fold sites, one that also returns each site's input (if
+    onnxruntime will not load that, the sites are skipped saying why, and the outputs decide)."""
+    augmented = site_check.with_site_inputs(signature, checks) if checks else None
+    if augmented is not None:
+        try:
+            return session(augmented, options.provider, data_dir=_folder(original))
+        except BadInput as why:
+            site_check.cannot_capture(checks, why.problem)
+    return session(original, options.provider)
 
 
 def outputs_of(sess, feeds: dict, path: Path) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..report import OutputComparison, VerifyReport
+from ..report import OutputComparison, SiteComparison, VerifyReport
 from . import Output, plain
 
 
@@ -53,6 +53,44 @@ def _table(outputs: list[OutputComparison]) -> Table:
     return t
 
 
+SKIPPED_SHOWN = 3
+
+
+def _ratio(s: SiteComparison) -> str:
+    return "∞" if s.ratio == float("inf") else f"{s.ratio:.3g}"
+
+
+def _sites_table(failing: list[SiteComparison], checked: int) -> Table:
+    t = Table(title=f"fold sites off by more than one rounding of their weights ({len(failing)} of {checked})",
+              title_justify="left")
+    t.add_column("layer", overflow="fold", ratio=3)
+    for label in ("op", "error / bound", "test", "channel", "max abs error"):
+        t.add_column(label, justify="right", ratio=1)
+    for s in sorted(failing, key=lambda s: -s.ratio):
+        t.add_row(plain(s.layer), s.op, f"[red]{_ratio(s)}[/]", s.test, "-" if s.channel is None else str(s.channel),
+                  _g(s.max_abs_error))
+    return t
+
+
+def _render_sites(report: VerifyReport, out: Output) -> None:
+    """Failing sites in a table, each with its message; passing ones in one line (--json has them all)."""
+    con = out.out
+    failing = report.failed_sites
+    if failing:
+        con.print(_sites_table(failing, len(report.sites)))
+        for s in failing:
+            con.print(f"[red]{plain(s.name)}[/]: {plain(s.message)}")
+    elif report.sites:
+        closest = max(report.sites, key=lambda s: s.ratio)
+        con.print(f"fold sites: {len(report.sites)} checked, each within one rounding of its weights "
+                  f"(closest: {_ratio(closest)} of its bound, {closest.op} {plain(closest.layer)!r}, {closest.test} test)")
+    if report.skipped_sites:
+        shown = "; ".join(f"{plain(s.name)}: {plain(s.reason)}" for s in report.skipped_sites[:SKIPPED_SHOWN])
+        more = f" (and {len(report.skipped_sites) - SKIPPED_SHOWN} more; --json lists them)" \
+            if len(report.skipped_sites) > SKIPPED_SHOWN else ""
+        con.print(f"[dim]note:[/] {len(report.skipped_sites)} folded BN(s) not checked on their own: {shown}{more}")
+
+
 def render_verify(report: VerifyReport, out: Output) -> None:
     if out.handled_as_json(report):
         return
@@ -65,8 +103,10 @@ def render_verify(report: VerifyReport, out: Output) -> None:
     for o in report.failures:
         where = f" (worst at index {o.worst_index})" if o.worst_index else ""
         con.print(f"[red]{plain(o.name)}[/]: {plain(o.message)}{where}")
+    _render_sites(report, out)
     for note in report.notes:
         con.print(f"[dim]note:[/] {plain(note)}")
+    sites = f"; {len(report.sites)} fold site(s) within one rounding" if report.sites else ""
     con.print(f"[green]PASS[/]: the fused model computes what the original did "
-              f"({report.compared_elements} tensor elements compared)" if report.passed
-              else "[red]FAIL[/]: the fused model differs from the original")
+              f"({report.compared_elements} tensor elements compared{sites})" if report.passed
+              else f"[red]FAIL[/]: the fused model differs from the original (found by the {report.decided_by})")
