@@ -40,13 +40,21 @@ REPARAM_ATTRIBUTE = "bnfold_reparam"  # prefix of the tensors a block gets when 
 def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport) -> torch.jit.ScriptModule:
     """Merge the parallel branches of `root` (folded, bnfold's own copy); returns it reloaded when
     a graph changed."""
-    graph = root.inlined_graph
-    values = Values(root, graph)
-    reads = reads_of(list(live_nodes(graph, values)), values)
+    reads: dict[str, int] = {}  # counted when a class first needs them
     merged_any = False
     for instances in _classes(root):
-        merged_any |= _merge_class(instances, reads, report)
+        merged_any |= _merge_class(root, instances, reads, report)
     return reload(root) if merged_any else root
+
+
+def _model_reads(root) -> dict[str, int]:
+    """How many ops read each tensor, on the whole model's inlined graph: a twin's, for inlining
+    caches each callee's graph, and a cache made before a child is rewritten would show the child
+    to its parent as it was."""
+    twin = reload(root)
+    graph = twin.inlined_graph
+    values = Values(twin, graph)
+    return reads_of(list(live_nodes(graph, values)), values)
 
 
 def _classes(root) -> list[list[tuple[str, torch.jit.ScriptModule]]]:
@@ -85,7 +93,7 @@ class Kept:
     reason: str
 
 
-def _merge_class(instances: list, reads: dict[str, int], report: FoldReport) -> bool:
+def _merge_class(root, instances: list, reads: dict[str, int], report: FoldReport) -> bool:
     graph = forward_graph(instances[0][1])
     if not any(_own_add(n) for n in all_nodes(graph)):
         return False
@@ -93,6 +101,8 @@ def _merge_class(instances: list, reads: dict[str, int], report: FoldReport) -> 
     torch._C._jit_pass_inline(view)
     if not any(view.findAllNodes(f"aten::{op}", True) for op in CONVS):
         return False  # a residual add of a block without convolutions (attention, MLP)
+    if not reads:
+        reads.update(_model_reads(root))
     keys = _agreed([_analyse(view, path, module, reads) for path, module in instances], instances, report)
     if not keys:
         return False

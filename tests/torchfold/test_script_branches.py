@@ -25,7 +25,7 @@ CONV_OPS = ("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"
 
 
 def to_script(kind: str, model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
-    return torch.jit.trace(model, (x,)) if kind == "traced" else torch.jit.script(model)
+    return torch.jit.trace(model, (x,), check_trace=False) if kind == "traced" else torch.jit.script(model)
 
 
 def conv_nodes(module: torch.jit.ScriptModule) -> int:
@@ -156,6 +156,44 @@ class PairReused(Pair):
     def forward(self, x):
         branch = self.bn_b(self.b(x))
         return (self.bn_a(self.a(x)) + branch) * branch.mean()
+
+
+class CPE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+
+    def forward(self, x):
+        return x + self.proj(x)
+
+
+class Nested(nn.Module):
+    """A RepVGG block (no activation) summed with a 1×1 of the same input, then a CPE."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = RepVggBlock(8, 8, seed=3)
+        self.inner.act = nn.Identity()
+        self.c = nn.Conv2d(8, 8, 1)
+        self.cpe = CPE()
+
+    def forward(self, x):
+        return self.cpe(self.inner(x) + self.c(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_block_is_a_branch_of_its_parent(kind):
+    """Children merge first: the block's one conv is then a Conv term of the sum in its parent."""
+    model = Nested().eval()
+    x = torch.randn(2, 8, 6, 6)
+    source = to_script(kind, model, x)
+    fused, report = fuse_module(source)
+    assert (conv_nodes(source), conv_nodes(fused)) == (4, 2)
+    assert [(m.conv, len(m.branches)) for m in report.merged] == [("inner.conv3", 3), ("cpe.proj", 2),
+                                                                 ("inner.conv3", 2)]
+    w, b = model.inner.deploy()
+    assert_holds(fused, "inner.conv3", w + F.pad(model.c.weight.double(), [1, 1, 1, 1]), b + model.c.bias.double())
+    assert_same(fused, model, x)
 
 
 @pytest.mark.parametrize("kind", KINDS)
