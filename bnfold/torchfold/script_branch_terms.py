@@ -20,10 +20,9 @@ from ..errors import Skip
 from ..fold_math import BrokenStatistics
 from .branch_terms import GraphDialect, Term, conv_term, join_path, kernel_label
 from .params import attr_at
-from .script_graph import ScriptGraph, Shapes, Values, live_nodes, value_readers
+from .script_graph import ScriptGraph, Shapes, Values, live_nodes, reads_of, value_readers
 from .sites import owner
 from .vocabulary import LAYER_OPS, op_name
-
 
 ADDS = ("aten::add", "aten::add_")
 DROPOUTS = ("aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout")
@@ -70,7 +69,8 @@ def script_op(*args):
 
 class ScriptDialect(GraphDialect):
     """branch_terms' questions, answered on the TorchScript node behind each mirrored node.
-    Paths are relative to the block; `reads` counts reads on the whole model by full path."""
+    Paths are relative to the block; `reads` counts reads on the whole model by full path, the
+    block's own inlined graph counts those within it."""
 
     def __init__(self, graph, block, prefix: str, reads: dict[str, int]):
         self.values = Values(block, graph)
@@ -79,6 +79,8 @@ class ScriptDialect(GraphDialect):
         super().__init__(SimpleNamespace(graph=self.mirror.fx), block, prefix)
         start = len(prefix) + 1 if prefix else 0
         self.reads = {p[start:]: n for p, n in reads.items() if not prefix or p.startswith(prefix + ".")}
+        for path, count in reads_of(live, self.values).items():  # exact within the block
+            self.reads[path] = max(count, self.reads.get(path, 0))
         script = ScriptGraph(self.values, self.reads, Shapes(block, graph, None))
         self.bn_calls = {call.node.output().unique(): call for call in script.bn_calls(live)}
         self.params: dict[torch.fx.Node, str] = {}  # a Conv term's node → its weight's path

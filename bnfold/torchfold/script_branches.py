@@ -48,13 +48,28 @@ def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport) -> tor
 
 
 def _model_reads(root) -> dict[str, int]:
-    """How many ops read each tensor, on the whole model's inlined graph: a twin's, for inlining
-    caches each callee's graph, and a cache made before a child is rewritten would show the child
-    to its parent as it was."""
-    twin = reload(root)
-    graph = twin.inlined_graph
-    values = Values(twin, graph)
-    return reads_of(list(live_nodes(graph, values)), values)
+    """How many ops read each tensor, walking each module's graph into the methods it calls. Not
+    inlined: inlining caches each callee's graph, and a cache made before a child is rewritten
+    would show the child to its parent as it was. A method's tensor arguments count one read each;
+    what a block's own inlined graph reads twice, ScriptDialect counts itself."""
+    reads: dict[str, int] = {}
+    _count_reads(root, "", "forward", reads)
+    return reads
+
+
+def _count_reads(module, prefix: str, method: str, reads: dict[str, int]) -> None:
+    graph = module._c._get_method(method).graph
+    values = Values(module, graph)
+    live = list(live_nodes(graph, values))
+    for path, count in reads_of(live, values).items():
+        reads[join_path(prefix, path)] = reads.get(join_path(prefix, path), 0) + count
+    for node in live:
+        if node.kind() != "prim::CallMethod":
+            continue
+        callee = node.inputsAt(0)
+        path = "" if callee.unique() == values.self_id else values.path(callee)
+        if path is not None:
+            _count_reads(attr_at(module, path), join_path(prefix, path), node.s("name"), reads)
 
 
 def _classes(root) -> list[list[tuple[str, torch.jit.ScriptModule]]]:
@@ -89,6 +104,8 @@ class Plan:
 
 @dataclass
 class Kept:
+    """An add that sums branches in one instance but is not merged there, and why."""
+
     name: str
     reason: str
 

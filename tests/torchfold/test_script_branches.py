@@ -233,6 +233,27 @@ def test_kept(kind, a, b, pair, reason):
     assert_same(fused, model, x)
 
 
+class ReadsBranchWeight(nn.Module):
+    """A parent that also reads a branch's weight of its block: merging would change what it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Pair(nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 1))
+
+    def forward(self, x):
+        return self.block(x) * self.block.b.weight.sum()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_weight_read_outside_the_block(kind):
+    model = ReadsBranchWeight().eval()
+    x = torch.randn(2, 4, 8, 8)
+    fused, report = fuse_module(to_script(kind, model, x))
+    assert not report.merged and conv_nodes(fused) == 2
+    assert [(u.add.partition(":")[0], u.reason) for u in report.unmerged] == [("block", "block.b.weight is read by 2 ops")]
+    assert_same(fused, model, x)
+
+
 @pytest.mark.parametrize("kind,merged", [("traced", 1), ("scripted", 0)])
 def test_class_with_instances_that_differ(kind, merged):
     """One block's 1×1 BN runs on batch statistics. Traced, each block is a class of its own and the
