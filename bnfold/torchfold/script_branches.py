@@ -15,7 +15,10 @@ nodes go. Classes are rewritten children first, so a merged child is a Conv term
 All instances of a scripted class share one graph: an add merges only when it merges in every
 instance, into the same convolution (stride, padding, dilation, groups and where the kernel is
 kept are constants of the graph); otherwise it is kept in each instance, with the reason. Whether
-every tensor of a term is read by that term alone is counted on the whole model's inlined graph.
+every tensor of a term is read by that term alone is counted on the whole model.
+
+What stays: the branches' own modules and tensors (a TorchScript class cannot drop an attribute),
+no longer read by the graph; the merged kernel is written over one of them.
 """
 from __future__ import annotations
 
