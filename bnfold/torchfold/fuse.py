@@ -52,10 +52,12 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
     report = FoldReport(input=type(module).__name__, output=None, format="torch")
     if isinstance(module, torch.jit.ScriptModule):
         from .script import fold_script_module
+        from .script_branches import merge_script_module
 
         report.format = TORCHSCRIPT
         module = fold_script_module(module, report, example)
         report.bn_before = len(report.folded) + len(report.skipped)
+        module = merge_script_module(module, report)
         report.bn_after = len(report.skipped) + report.identity_bns
         return module, report
     module = fold_module(module, report, "identity" if keep_layout else "remove", example)

@@ -111,7 +111,7 @@ def _bias_slots(root, plans: list[Plan]) -> None:
         if plan.bias_slot is not None:
             continue
         layer = modules[plan.site.producer]
-        if _takes_tensor(layer, "bias"):
+        if takes_tensor(layer, "bias"):
             plan.bias_slot = "bias"
             continue
         siblings = [p for p, m in modules.items() if _class(m) == _class(layer)]
@@ -122,7 +122,7 @@ def _bias_slots(root, plans: list[Plan]) -> None:
             _rewire_bias(modules[path])
 
 
-def _takes_tensor(layer, name: str) -> bool:
+def takes_tensor(layer, name: str) -> bool:
     if not layer._c.hasattr(name):
         return False
     value = layer._c.getattr(name)

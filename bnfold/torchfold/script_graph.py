@@ -251,8 +251,13 @@ def all_nodes(graph):
 
 
 def value_uses(value) -> int:
-    return sum(1 for use in value.uses() if not _shape_read(use.user.kind())
-               and not (op_name(use.user.kind()) in SHAPE_OF_SECOND and use.offset == 1))
+    return len(value_readers(value))
+
+
+def value_readers(value) -> list:
+    """The nodes that read `value`'s values (a node reading it twice is listed twice)."""
+    return [use.user for use in value.uses() if not _shape_read(use.user.kind())
+            and not (op_name(use.user.kind()) in SHAPE_OF_SECOND and use.offset == 1)]
 
 
 def _shape_read(kind: str) -> bool:

@@ -32,8 +32,8 @@ EXPECTED = {
     "levit": (12, {"head.bn", "head_dist.bn"}),
 }
 # layouts whose module may change shape: RepVGG's identity BNs merge into the block's one Conv
-# (branches.py); a state_dict or TorchScript keeps them
-REPARAM_LAYOUTS = ("pickle", "pt2")
+# (branches.py, script_branches.py); a state_dict keeps them
+REPARAM_LAYOUTS = ("pickle", "pt2", "traced", "scripted")
 
 
 class Families(dict):
