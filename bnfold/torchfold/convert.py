@@ -50,7 +50,7 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
     elif source.kind == HF_FOLDER:
         from .hf import write_folder
 
-        write_folder(source, module, dst)
+        write_folder(source.folder, source.sets[0].layout, module, dst)
     elif source.kind == SAFETENSORS:
         from .safetensors_io import safetensors_bytes
 

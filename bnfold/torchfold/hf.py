@@ -20,6 +20,7 @@ model.safetensors) are not copied: they would be the unfolded model.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import re
 import shutil
@@ -36,7 +37,6 @@ from torch import nn
 from ..detect import CONFIG_NAME, is_hf_folder
 from ..errors import BadInput, UsageError
 from .checkpoint import STATE, StateLayout, WeightSet, state_out
-from .io import HF_FOLDER, TorchSource, torch_bytes
 
 EXTRA = "pip install 'bnfold[hf]'"
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -73,14 +73,12 @@ class HfFolder:
     left_out: list[str] = field(default_factory=list)  # notes: what is not copied, and why
 
 
-def load_folder(path: Path):
-    """The folder as a TorchSource: one state_dict weight set, in the module config.json builds."""
+def load_folder(path: Path) -> tuple[HfFolder, WeightSet]:
+    """The folder's files, and its one weight set: a state_dict in the module config.json builds."""
     folder = read_folder(path)
     tensors = _read_weights(folder)
     module = _build(folder)
-    layout = _load_weights(module, tensors, folder)
-    notes = [f"{path}: {note}" for note in folder.left_out]
-    return TorchSource(HF_FOLDER, path, [WeightSet(None, module, STATE, layout)], folder=folder, notes=notes)
+    return folder, WeightSet(None, module, STATE, _load_weights(module, tensors, folder))
 
 
 def read_folder(path: Path) -> HfFolder:
@@ -219,13 +217,16 @@ def _read_shard(path: Path, folder: HfFolder) -> tuple[dict[str, torch.Tensor], 
 
 def _build(folder: HfFolder) -> nn.Module:
     """The model config.json describes, made by transformers' own classes, with no weights yet."""
-    transformers = import_transformers(folder.path)
     config = dict(folder.config)
     model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise BadInput(f"{CONFIG_NAME} names no model_type, so this is not a transformers folder"
+                       f"{_timm_hint(config)}", folder.path)
+    transformers = import_transformers(folder.path)
     remote = "auto_map" in config  # code in the folder: never imported
     config.pop("auto_map", None)
     mapping = transformers.CONFIG_MAPPING
-    if not isinstance(model_type, str) or model_type not in mapping:
+    if model_type not in mapping:
         raise BadInput(_unknown(f"model_type {model_type!r}", transformers, remote), folder.path)
     with _quiet(transformers):
         try:
@@ -242,6 +243,33 @@ def _build(folder: HfFolder) -> nn.Module:
             raise BadInput(f"transformers cannot build the model from {CONFIG_NAME} ({type(exc).__name__}: "
                            f"{(str(exc).splitlines() or [''])[0][:120]})", folder.path) from None
     return model.eval()
+
+
+def _timm_arch(config: dict) -> str | None:
+    """timm's hub folders hold a config.json too, naming the model in `architecture`: the
+    --arch that builds it."""
+    name = config.get("architecture")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name):
+        return None
+    return f"--arch timm:create_model --arch-kwargs '{{\"model_name\": \"{name}\"}}'"
+
+
+def _timm_hint(config: dict) -> str:
+    arch = _timm_arch(config)
+    return f" (timm writes config.json so: fuse its weights file with {arch})" if arch else ""
+
+
+def weights_hint(weights: Path) -> str | None:
+    """What to pass instead of a weights file alone, where a config.json beside it says."""
+    try:
+        config = read_json(inside(weights.parent, CONFIG_NAME), CONFIG_NAME, weights.parent)
+    except BadInput:
+        return None
+    if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+        return (f"is the weights of a Hugging Face folder: pass the folder, {weights.parent}, whose "
+                f"{CONFIG_NAME} says how to build the model")
+    arch = _timm_arch(config) if isinstance(config, dict) else None
+    return f"is a state_dict from a timm folder: pass {arch}" if arch else None
 
 
 def _architecture(config: dict, hf_config, transformers, remote: bool, path: Path):
@@ -335,20 +363,21 @@ def _aliases(state: dict[str, torch.Tensor]) -> dict[str, set[str]]:
     return {k: group - {k} for group in by_storage.values() for k in group}
 
 
-def write_folder(source: TorchSource, module: nn.Module, dst: Path) -> None:
+def write_folder(folder: HfFolder, layout: StateLayout, module: nn.Module, dst: Path) -> None:
     """The folded module as a folder like the input: same files, format, sharding, key order,
     dtypes and metadata; every other file copied."""
-    folder: HfFolder = source.folder
     dst.mkdir()
-    state = state_out(source.sets[0].layout, module)
+    state = state_out(layout, module)
     for shard in folder.shards:
         tensors = OrderedDict((k, state[k]) for k in shard.keys)
         if folder.format == "safetensors":
             from .safetensors_io import safetensors_bytes
 
             (dst / shard.name).write_bytes(safetensors_bytes(tensors, shard.metadata))
-        else:
-            (dst / shard.name).write_bytes(torch_bytes(tensors))
+        else:  # made in memory, written from Python: a full disk is an OSError, not an abort in torch's writer
+            buffer = io.BytesIO()
+            torch.save(tensors, buffer)
+            (dst / shard.name).write_bytes(buffer.getvalue())
     for name in [CONFIG_NAME, *folder.copied]:
         shutil.copyfile(inside(folder.path, name), dst / name)
 

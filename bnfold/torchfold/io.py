@@ -84,7 +84,9 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
         from .hf import check_arch_unused, load_folder  # transformers is imported only for a folder
 
         check_arch_unused(options.arch, Path(path))
-        return load_folder(Path(path))
+        folder, weights = load_folder(Path(path))
+        return TorchSource(HF_FOLDER, Path(path), [weights], folder=folder,
+                           notes=[f"{path}: {note}" for note in folder.left_out])
     path = check_readable(Path(path))
     kind = sniff(path)
     if kind == TORCHSCRIPT:
@@ -161,9 +163,9 @@ def _from_dict(path: Path, obj: dict, options: LoadOptions) -> TorchSource:
     """A state_dict, or a checkpoint dict: its modules, and its state_dicts that fit --arch."""
     if is_tensor_dict(obj):
         if options.arch is None:
-            if (path.parent / CONFIG_NAME).exists():
-                raise UsageError(f"is the weights of a Hugging Face folder: pass the folder, {path.parent}, whose "
-                                 f"{CONFIG_NAME} says how to build the model", path)
+            hint = _folder_hint(path)
+            if hint:
+                raise UsageError(hint, path)
             raise UsageError("is a state_dict: pass --arch package.module:factory to build the module it belongs to",
                              path)
         arch = build_arch(options.arch, options.arch_kwargs or {})
@@ -194,6 +196,15 @@ def _from_dict(path: Path, obj: dict, options: LoadOptions) -> TorchSource:
     sets.sort(key=lambda s: list(obj).index(s.key))
     kind = CHECKPOINT if modules else STATE_DICT
     return TorchSource(kind, path, sets, container=obj, notes=notes)
+
+
+def _folder_hint(path: Path) -> str | None:
+    """A weights file from a Hugging Face or timm folder: what to pass instead."""
+    if not (path.parent / CONFIG_NAME).exists():
+        return None
+    from .hf import weights_hint
+
+    return weights_hint(path)
 
 
 def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: str,

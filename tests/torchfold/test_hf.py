@@ -260,3 +260,17 @@ def test_folder_usage_errors(tmp_path, capsys):
     assert "never rewritten in place" in err[0] and "inside it" in err[1] and "--arch is not used" in err[2]
     assert "pass the folder" in err[3]
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_timm_folder_is_told_apart_and_given_its_arch(tmp_path, capsys):
+    """timm's hub folders hold config.json too ({"architecture": NAME}): no transformers needed,
+    and the message names the --arch that builds it."""
+    src = tmp_path / "timm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architecture": "resnet50", "num_classes": 1000}))
+    save_file({"w": torch.ones(2)}, src / "model.safetensors")
+    assert cli(["fuse", str(src)]) == 2
+    assert cli(["fuse", str(src / "model.safetensors")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    arch = """--arch timm:create_model --arch-kwargs '{"model_name": "resnet50"}'"""
+    assert "not a transformers folder" in err[0] and arch in err[0] and arch in err[1]
