@@ -26,6 +26,8 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
             raise UsageError("--in-place and -o name different files; give one of them", output)
         return Path(src)
     dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
+    if Path(src).is_dir() and Path(src).resolve() in dst.resolve().parents:
+        raise OutputExists("output would be written inside the input folder; write it beside the folder", dst)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
     if dst.exists() and dst.resolve() in protected:

@@ -256,9 +256,10 @@ def test_folder_usage_errors(tmp_path, capsys):
     assert cli(["fuse", str(src), "-o", str(src / "inside")]) == 2
     assert cli(["fuse", str(src), "--arch", "x:y"]) == 2
     assert cli(["fuse", str(src / "model.safetensors")]) == 2  # the weights alone: pass the folder
+    assert cli(["fuse", str(src), "-o", str(src / "model.onnx")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "never rewritten in place" in err[0] and "inside it" in err[1] and "--arch is not used" in err[2]
-    assert "pass the folder" in err[3]
+    assert "pass the folder" in err[3] and "inside the input folder" in err[4]
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
 
 
