@@ -1,31 +1,29 @@
 """bnfold: fold BatchNormalization into the layer before it, provably without changing the network."""
 from __future__ import annotations
 
+import importlib
+
 from .errors import BadInput, BnfoldError, UsageError
-from .onnxfold.calibrate import calibrate
-from .onnxfold.fuse import fuse_onnx
-from .onnxfold.io import load_onnx, save_onnx
-from .options import (BenchOptions, CalibrateOptions, FuseOptions, LoadOptions, VarianceOptions,
-                      VerifyOptions)
-from .report import BenchReport, CalibrationReport, FoldReport, VerifyReport
-from .stages.bench import bench
-from .stages.calibrate import calibrate_file
-from .stages.fuse import fuse_file
-from .stages.verify import verify
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BadInput", "BenchOptions", "BenchReport", "BnfoldError", "CalibrateOptions", "CalibrationReport", "FoldReport",
-    "FuseOptions", "LoadOptions", "UsageError", "VarianceOptions", "VerifyOptions", "VerifyReport", "bench",
-    "calibrate", "calibrate_file", "fuse_file", "fuse_module", "fuse_onnx", "load_onnx", "save_onnx", "verify",
-]
+# Imported on first use, so a command pays only for the path it takes (torch costs seconds to
+# import, onnx and onnxruntime a fraction of one).
+_LAZY = {
+    "calibrate": "onnxfold.calibrate", "fuse_onnx": "onnxfold.fuse", "load_onnx": "onnxfold.io",
+    "save_onnx": "onnxfold.io", "BenchOptions": "options", "CalibrateOptions": "options", "FuseOptions": "options",
+    "LoadOptions": "options", "VarianceOptions": "options", "VerifyOptions": "options", "BenchReport": "report",
+    "CalibrationReport": "report", "FoldReport": "report", "VerifyReport": "report", "bench": "stages.bench",
+    "calibrate_file": "stages.calibrate", "fuse_file": "stages.fuse", "verify": "stages.verify",
+    "fuse_module": "torchfold.fuse",
+}
+
+__all__ = ["BadInput", "BnfoldError", "UsageError", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
-    # torch costs a second and ~200 MB to import: only the torch path pays for it.
-    if name == "fuse_module":
-        from .torchfold.fuse import fuse_module
-
-        return fuse_module
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -14,7 +14,14 @@ EXIT_INTERNAL = 3  # a bug in bnfold
 
 
 class Skip(Exception):
-    """This BN cannot be folded exactly here; str() is the reason shown to the user."""
+    """This BN cannot be folded exactly here; str() is the reason shown to the user.
+
+    `warning`, where given, is also shown as a warning: the BN is not just unfoldable but
+    broken (its statistics give a non-finite map)."""
+
+    def __init__(self, reason: str, warning: str | None = None):
+        super().__init__(reason)
+        self.warning = warning
 
 
 class BnfoldError(Exception):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import Skip
+
 
 @dataclass(frozen=True)
 class Affine:
@@ -25,8 +27,8 @@ class Affine:
     shift: np.ndarray
 
 
-class FoldOverflow(ValueError):
-    """A folded value does not fit in the storage dtype."""
+class FoldOverflow(Skip, ValueError):
+    """A folded value does not fit in the storage dtype: a fold declined, with its reason."""
 
 
 class BrokenStatistics(ValueError):

@@ -32,6 +32,7 @@ class FoldedBN:
     pattern: str  # e.g. "Conv", "ConvTranspose", "Gemm", "MatMul+Add", "next Gemm", "Conv+Mul"
     graph: str = ""  # "" for the main graph, else the path of the subgraph
     op: str = "BatchNormalization"  # or "Mul"/"Add": a BN an exporter had already split
+    site: str = ""  # a Mul and the Add after it share "mul+add": one BN-like site; "" for a site of its own
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SkippedBN:
     reason: str
     producer: str | None = None
     graph: str = ""
+    op: str = "BatchNormalization"  # or "Mul"/"Add" right after a layer, that did not fold
 
 
 @dataclass
@@ -93,6 +95,42 @@ class WeightSetReport:
 
 
 @dataclass
+class SiteCounts:
+    """BN-like sites as a user counts them: a BatchNormalization is one, a Mul and the Add after it
+    (a BN an exporter split in two, e.g. FrozenBatchNorm2d) are one, a lone Mul or Add is one.
+    Kinds: "BatchNormalization", "Mul+Add", "Mul", "Add"."""
+
+    folded: int = 0
+    kept: int = 0
+    folded_kinds: dict[str, int] = field(default_factory=dict)
+    kept_kinds: dict[str, int] = field(default_factory=dict)
+
+
+def folded_sites(folded: list[FoldedBN]) -> list[list[FoldedBN]]:
+    """The folded nodes grouped by BN-like site, in the order the sites were first folded."""
+    groups: dict[tuple, list[FoldedBN]] = {}
+    for k, entry in enumerate(folded):
+        groups.setdefault((entry.graph, entry.site) if entry.site else (entry.graph, k), []).append(entry)
+    return list(groups.values())
+
+
+def site_kind(entries: list) -> str:
+    return "+".join(e.op for e in entries) if entries[0].op != "BatchNormalization" else "BatchNormalization"
+
+
+def count_sites(folded: list[FoldedBN], skipped: list["SkippedBN"]) -> SiteCounts:
+    counts = SiteCounts()
+    for group in folded_sites(folded):
+        kind = site_kind(group)
+        counts.folded_kinds[kind] = counts.folded_kinds.get(kind, 0) + 1
+        counts.folded += 1
+    for entry in skipped:
+        counts.kept_kinds[entry.op] = counts.kept_kinds.get(entry.op, 0) + 1
+        counts.kept += 1
+    return counts
+
+
+@dataclass
 class FoldReport:
     input: str
     output: str | None
@@ -119,8 +157,14 @@ class FoldReport:
     verify: "VerifyReport | None" = None  # with --verify
     calibration: "CalibrationReport | None" = None  # with --calibrate
 
+    @property
+    def sites(self) -> SiteCounts:
+        return count_sites(self.folded, self.skipped)
+
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        data = to_plain(self)
+        data["sites"] = to_plain(self.sites)  # derived from "folded" and "skipped", which stay one entry per node
+        return data
 
 
 # -- verify -----------------------------------------------------------------------------------

@@ -73,3 +73,18 @@ def test_arrows_point_down():
     upward = [(a, b) for a, targets in _graph().items() for b in targets
               if _layer(b) > _layer(a) and not (a.startswith("cli") and b.startswith("cli"))]
     assert not upward, upward
+
+
+def test_torch_modules_stay_small():
+    """One job per module: none of the torch half is over 400 lines."""
+    long = {p.name: n for p in (PACKAGE / "torchfold").glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_no_private_names_imported_across_modules():
+    """A helper another module needs is part of its module's interface, named without '_'."""
+    private = [f"{path.relative_to(PACKAGE)}: {alias.name}" for path in PACKAGE.rglob("*.py")
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom) and node.level for alias in node.names
+               if alias.name.startswith("_") and alias.name != "__version__"]
+    assert not private, private

@@ -1,4 +1,5 @@
-"""ONNX: load and stream (io, wire), index the graph (index, readers), values computed from
-constants (const_eval), what folds and how (affine, rules_before, rules_through, rules_after,
-rules_branches, standalone), apply (fold_pass), and the stages' ONNX halves (fuse, verify,
-bench, variance, calibrate)."""
+"""ONNX: load and stream (io, wire), index the graph (index, readers, nodes), values computed from
+constants (const_eval) or behind DequantizeLinear (qdq), what folds and how (affine; site, the
+rules' vocabulary; rules, the one registry, with rules_before, rules_after, rules_through and
+rules_quantized; rules_branches and standalone), apply
+(fold_pass), and the stages' ONNX halves (fuse, verify, bench, variance, calibrate)."""

@@ -1,25 +1,29 @@
-"""The ONNX folding pass: find BN fold sites, apply rules, prune, check. Returns a FoldReport."""
+"""The ONNX folding pass: find where each affine op meets a layer, let the registry's row plan the
+fold (rules.rule_for), write its Rewrite (apply_rewrite); then merge summed branches, fold what is
+left into the next layer, prune. Every decline is a Skip with its reason. Returns a FoldReport."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import Skip
-from ..fold_math import BrokenStatistics, FoldOverflow
+from ..fold_math import cast_exact
 from ..report import FoldedBN, FoldReport, SkippedBN
-from .affine import BN, ELEMENTWISE, AffineOp, bn_op, elementwise_op, is_standard
+from .affine import BN, ELEMENTWISE, AffineOp, ChannelAxis, bn_op, elementwise_affine, split_constant_operand
 from .const_eval import ConstantEvaluator
-from .index import ModelIndex, Scope, TensorSpill
+from .index import ModelIndex, NotConstant, Scope, TensorSpill, find_producer
 from .io import iter_graphs
+from .nodes import LAYERS, is_standard, node_name, set_attr
 from .readers import move_meta_readers, require_sole_use
-from .rules_after import next_rule_for
-from .rules_before import ELEMENTWISE_RULES, RULES, BiasSlot, FoldRule, FoldSite, Rewrite, producer_behind_add
+from .rules import rule_for
+from .rules_before import producer_behind_add
 from .rules_branches import merge_branches
-from .rules_through import THROUGH_OPS, ThroughSite, find_through_site
+from .rules_through import MAX_CHAIN, THROUGH_OPS, ThroughStep
+from .site import FoldSite, NewValue, Rewrite, Shape
 from .standalone import rewrite_standalone
 
 
@@ -51,15 +55,16 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     start = time.perf_counter()
     report = report or FoldReport(input="<memory>", output=None, format="onnx")
     report.nodes_before, report.bn_before = count_nodes(model)
-    index = ModelIndex(model, base_dir, spill)
-    evaluator = ConstantEvaluator(index)
-    index.evaluate_constant = evaluator
+    index = ModelIndex(model, base_dir, spill, evaluator=ConstantEvaluator)
     kept: list[tuple[Scope, AffineOp, str]] = []
+    folded_muls: dict[tuple[int, str], FoldedBN] = {}
     for scope, node in list(candidate_nodes(index)):
+        if id(node) in scope.removed:
+            continue
         if is_standard(node, BN):
             _fold_bn_into_previous(index, scope, node, report, kept)
         else:
-            _fold_elementwise_into_previous(index, scope, node, report)
+            _fold_elementwise_into_previous(index, scope, node, report, folded_muls)
     merged_bns = merge_branches(index, report)
     if report.merged:
         kept = _fold_again_into_previous(index, [k for k in kept if id(k[1].node) not in merged_bns], report)
@@ -70,7 +75,7 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
             unfolded.append((scope, op, skipped))
     if standalone == "affine":
         rewrite_standalone(index, report, unfolded)
-    _note_evaluated(evaluator.prune(), report)
+    _note_evaluated(index.evaluate_constant.prune(), report)
     dropped_inputs = index.apply()
     if dropped_inputs and model.ir_version >= 4:
         report.notes.append(f"{len(dropped_inputs)} replaced initializer(s) were also graph inputs "
@@ -81,17 +86,83 @@ def fold_model(model: onnx.ModelProto, base_dir: Path | str = ".", report: FoldR
     return report
 
 
+def candidate_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
+    for scope in index.scopes:
+        for node in scope.nodes:
+            if is_standard(node, BN, *ELEMENTWISE):
+                yield scope, node
+
+
+# -- the three passes over the affine ops -----------------------------------------------------------
+
+
+def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, report: FoldReport,
+                           kept: list[tuple[Scope, AffineOp, str]]) -> None:
+    """Fold into the layer before; a BN that is itself foldable but sits wrong goes to `kept`."""
+    try:
+        op = bn_op(index, scope, bn)
+    except Skip as why:  # the BN itself cannot fold anywhere
+        if why.warning:
+            report.warnings.append(why.warning)
+        report.skipped.append(SkippedBN(node_name(bn), str(why), _producer_name(scope, bn), scope.path))
+        return
+    try:
+        site = fold_into_previous(index, scope, op)
+    except Skip as why:
+        kept.append((scope, op, str(why)))
+        return
+    report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path))
+
+
+def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto, report: FoldReport,
+                                    folded_muls: dict[tuple[int, str], FoldedBN]) -> None:
+    """A Mul/Add by a constant right after a layer folds like a BN, or is reported kept with the
+    reason; any other Mul/Add is just an ordinary node and nothing is reported. A Mul and the Add
+    that reads it, both folded, are one BN-like site (`folded_muls`: the Muls folded so far, by output)."""
+    op = elementwise_candidate(index, scope, node)
+    if op is None:
+        return
+    try:
+        site = fold_into_previous(index, scope, op)
+    except Skip as why:
+        report.skipped.append(SkippedBN(op.name, str(why), _producer_name(scope, node, op.data), scope.path,
+                                        op=node.op_type))
+        return
+    entry = FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path, op=node.op_type)
+    report.folded.append(entry)
+    if node.op_type == "Mul":
+        folded_muls[(id(scope), node.output[0])] = entry
+    elif (id(scope), op.data) in folded_muls:
+        mul = folded_muls.pop((id(scope), op.data))
+        mul.site = entry.site = f"{mul.bn}+{entry.bn}"
+
+
 def _fold_again_into_previous(index: ModelIndex, kept, report: FoldReport):
     """A BN that found an Add before it may now find the Conv merged in its place."""
     still_kept = []
     for scope, op, reason in kept:
         try:
-            producer, pattern = fold_into_previous(index, scope, op)
-        except (Skip, FoldOverflow):
+            site = fold_into_previous(index, scope, op)
+        except Skip:
             still_kept.append((scope, op, reason))
             continue
-        report.folded.append(FoldedBN(op.name, producer, pattern, scope.path))
+        report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path))
     return still_kept
+
+
+def _fold_bn_into_next(index: ModelIndex, scope: Scope, op: AffineOp, reason: str,
+                       report: FoldReport) -> SkippedBN | None:
+    """Fold into the layer after; returns the skip entry if that fails too."""
+    try:
+        site = find_next(index, scope, op)
+        fold(site)
+    except Skip as why:
+        # The reason about the layer before comes first: it is the one users expect to read.
+        skipped = SkippedBN(op.name, f"{reason} (next layer: {why})", _producer_name(scope, op.node), scope.path)
+        report.skipped.append(skipped)
+        return skipped
+    report.folded.append(FoldedBN(op.name, site.layer_name, site_pattern(site), scope.path))
+    return None
 
 
 def _note_evaluated(dropped, report: FoldReport) -> None:
@@ -101,106 +172,97 @@ def _note_evaluated(dropped, report: FoldReport) -> None:
                             f"were evaluated once and removed ({ops})")
 
 
-def candidate_nodes(index: ModelIndex) -> Iterator[tuple[Scope, onnx.NodeProto]]:
-    for scope in index.scopes:
-        for node in scope.nodes:
-            if is_standard(node, BN, *ELEMENTWISE):
-                yield scope, node
+def _producer_name(scope: Scope, op: onnx.NodeProto, data: str | None = None) -> str | None:
+    node = scope.producers.get(data or op.input[0])
+    return node_name(node) if node is not None else None
 
 
-def _fold_bn_into_previous(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, report: FoldReport,
-                           kept: list[tuple[Scope, AffineOp, str]]) -> None:
-    """Fold into the layer before; a BN that is itself foldable but sits wrong goes to `kept`."""
-    name = bn.name or bn.output[0]
-    try:
-        op = bn_op(index, scope, bn)
-    except Skip as why:  # the BN itself cannot fold anywhere
-        report.skipped.append(SkippedBN(name, str(why), _producer_name(scope, bn), scope.path))
-        return
-    except BrokenStatistics as why:
-        report.warnings.append(f"BatchNormalization {name!r}: {why}; the model is broken there, BN kept")
-        report.skipped.append(SkippedBN(name, f"broken statistics: {why}", _producer_name(scope, bn), scope.path))
-        return
-    try:
-        producer, pattern = fold_into_previous(index, scope, op)
-    except (Skip, FoldOverflow) as why:
-        kept.append((scope, op, str(why)))
-        return
-    report.folded.append(FoldedBN(name, producer, pattern, scope.path))
+# -- finding a site ---------------------------------------------------------------------------------
 
 
-def fold_into_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> tuple[str, str]:
-    """Fold a BN into the layer before it, directly or through shape-only ops; returns
-    (the layer's name, the pattern). Raises Skip or FoldOverflow and leaves the graph alone."""
-    before = scope.producers.get(op.data)
-    if before is not None and is_standard(before, *THROUGH_OPS):
-        through = find_through_site(index, scope, op.node, op.affine)
-        apply_through_rewrite(through, op, through.rule.plan(through.site))
-        return _node_name(through.site.producer), through.pattern
-    site, rule = find_site(index, scope, op, RULES)
-    apply_rewrite(site, op, rule.plan(site))
-    return _node_name(site.producer), rule.pattern
+def fold_into_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> FoldSite:
+    """Fold an affine op into the layer before it; returns the site folded. Raises Skip and
+    leaves the graph alone."""
+    site = find_previous(index, scope, op)
+    fold(site)
+    return site
 
 
-def _fold_elementwise_into_previous(index: ModelIndex, scope: Scope, node: onnx.NodeProto,
-                                    report: FoldReport) -> None:
-    """A per-channel Mul/Add after a Conv/ConvTranspose/Gemm folds like a BN; otherwise it is
-    just an ordinary node and nothing is reported."""
-    layers = {r.producer for r in ELEMENTWISE_RULES}
-    if not any(getattr(scope.producers.get(i), "op_type", None) in layers for i in node.input):
-        return  # cheap test first: most Mul/Add nodes are nowhere near a layer
-    try:
-        op = elementwise_op(index, scope, node)
-        site, rule = find_site(index, scope, op, ELEMENTWISE_RULES)
-        apply_rewrite(site, op, rule.plan(site))
-    except (Skip, FoldOverflow):
-        return
-    report.folded.append(FoldedBN(op.name, _node_name(site.producer), f"{rule.pattern}+{node.op_type}",
-                                  scope.path, op=node.op_type))
-
-
-def _fold_bn_into_next(index: ModelIndex, scope: Scope, op: AffineOp, reason: str,
-                       report: FoldReport) -> SkippedBN | None:
-    """Fold into the layer after; returns the skip entry if that fails too."""
-    try:
-        site, rule = find_next_site(index, scope, op)
-        apply_next_rewrite(site, op, rule.plan(site))
-    except (Skip, FoldOverflow) as why:
-        # The reason about the layer before comes first: it is the one users expect to read.
-        skipped = SkippedBN(op.name, f"{reason} (next layer: {why})", _producer_name(scope, op.node), scope.path)
-        report.skipped.append(skipped)
-        return skipped
-    report.folded.append(FoldedBN(op.name, _node_name(site.producer), rule.pattern, scope.path))
-    return None
-
-
-def _node_name(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
-
-
-def _producer_name(scope: Scope, bn: onnx.NodeProto) -> str | None:
-    node = scope.producers.get(bn.input[0])
-    return _node_name(node) if node is not None else None
-
-
-def find_site(index: ModelIndex, scope: Scope, op: AffineOp, rules) -> tuple[FoldSite, FoldRule]:
-    x = op.data
-    node = scope.producers.get(x)
+def find_previous(index: ModelIndex, scope: Scope, op: AffineOp) -> FoldSite:
+    """layer [→ Add(bias)] [→ shape-only ops] → op, with the layer's channel axis on the op's."""
+    chain, value, node = _chain_before(index, scope, op)
+    behind = "→".join(n.op_type for n in chain)
     if node is None:
-        where = "a graph input" if x in scope.inputs or x in scope.initializers else "from an outer graph"
-        raise Skip(f"input {x!r} is {where}, not the output of a layer")
-    require_sole_use(index, scope, node, x)
+        if chain:
+            raise Skip(f"{behind} reads {value!r}, which is not the output of a layer")
+        where = "a graph input" if value in scope.inputs or value in scope.initializers else "from an outer graph"
+        raise Skip(f"input {value!r} is {where}, not the output of a layer")
+    require_sole_use(index, scope, node, value)
+    if is_standard(node, "DequantizeLinear"):
+        _require_no_rounding_between(scope, node)
     add = None
-    if is_standard(node, "Add") and is_standard(op.node, BN):
+    if is_standard(node, "Add"):
         add, node = node, producer_behind_add(index, scope, node)
-    rule = next((r for r in rules if r.producer == node.op_type and r.via_add == (add is not None)), None)
-    if rule is None or node.domain not in ("", "ai.onnx"):
-        raise Skip(f"producer {node.op_type} {_node_name(node)!r} is not a foldable layer")
-    _require_operands(node)
-    return FoldSite(index, scope, op.node, node, op.affine, add), rule
+    shape = Shape.VIA_ADD if add is not None else Shape.DIRECT
+    shape |= (Shape.THROUGH if chain else Shape(0)) | (Shape(0) if op.is_bn else Shape.MUL_ADD)
+    where = f" behind {behind}" if chain else ""
+    site = _layer_site(index, scope, op, node, shape, f"producer {node.op_type} {node_name(node)!r}{where}")
+    site.add, site.chain = add, chain
+    site.at = site.layer_rule.channel_axis(site)
+    at = site.at
+    for step in chain:
+        at = THROUGH_OPS[step.op_type](ThroughStep(index, scope, step, len(op.affine.scale)), at)
+    site.affine = _affine_on(site, at, behind)
+    return site
 
 
-def find_next_site(index: ModelIndex, scope: Scope, op: AffineOp):
+def _chain_before(index: ModelIndex, scope: Scope, op: AffineOp):
+    """The shape-only ops between a BN and its layer (layer side first), the value the first
+    one reads and that value's producer. A Mul/Add folds only directly."""
+    chain: list[onnx.NodeProto] = []
+    value, node = op.data, scope.producers.get(op.data)
+    while op.is_bn and node is not None and is_standard(node, *THROUGH_OPS) and len(chain) < MAX_CHAIN:
+        if index.opset < 7:
+            raise Skip("opset < 7 broadcasting")
+        require_sole_use(index, scope, node, value)
+        chain.insert(0, node)
+        value, node = node.input[0], scope.producers.get(node.input[0])
+    return chain, value, node
+
+
+def _require_no_rounding_between(scope: Scope, dq: onnx.NodeProto) -> None:
+    """layer → QuantizeLinear → DequantizeLinear → BN (onnxruntime's quantize_static with BN in its
+    op types): BN(DQ(Q(y))) = s·scale·(q − zp) + t lies on the grid scale·ℤ moved by t and
+    stretched by s. A folded layer needs a Q/DQ pair after it that rounds s·y + t to that grid,
+    which needs t/(s·scale) to be a whole number in every channel: trained statistics never give
+    one, and onnxruntime's quantized kernels take one output scale, not one per channel."""
+    q = scope.producers.get(dq.input[0]) if dq.input else None
+    layer = scope.producers.get(q.input[0]) if q is not None and is_standard(q, "QuantizeLinear") and q.input else None
+    if layer is not None and is_standard(layer, *LAYERS):
+        raise Skip(f"a QuantizeLinear→DequantizeLinear pair rounds the output of {layer.op_type} {node_name(layer)!r} "
+                   "before the BN, and the BN's shift moves that grid by a fraction of a step, so no pair after a "
+                   "folded layer computes the same values: fold before quantizing (or quantize without BN in the "
+                   "op types)")
+
+
+def _affine_on(site: FoldSite, at: ChannelAxis, behind: str):
+    """The op's map per channel of the layer: BN maps axis 1, a Mul/Add whichever its constant varies along."""
+    op = site.op
+    if not op.is_bn:
+        shape = site.index.shape(op.node.output[0])
+        length = shape[at.axis] if shape is not None and len(shape) == at.rank else None
+        return elementwise_affine(op, at, length if isinstance(length, int) and length > 0 else None)
+    if at.axis != 1:
+        if behind:
+            raise Skip(f"{behind} puts the {site.layer.op_type}'s channel axis on axis {at.axis} of a rank-{at.rank} "
+                       "tensor; BN normalizes axis 1")
+        raise Skip(f"{site.layer.op_type} {site.layer_name!r} puts its channels on axis {at.axis} of a "
+                   f"rank-{at.rank} output; BN normalizes axis 1")
+    return op.affine
+
+
+def find_next(index: ModelIndex, scope: Scope, op: AffineOp) -> FoldSite:
+    """op → layer, the op's output read by that layer alone."""
     out = op.node.output[0]
     if out in scope.outputs:
         raise Skip("BN output is a graph output")
@@ -208,100 +270,172 @@ def find_next_site(index: ModelIndex, scope: Scope, op: AffineOp):
     if index.uses[out] != 1 or len(consumers) != 1:
         raise Skip(f"BN output has {index.uses[out]} consumers")
     consumer = consumers[0]
-    rule = next_rule_for(consumer.op_type) if consumer.domain in ("", "ai.onnx") else None
+    site = _layer_site(index, scope, op, consumer, Shape.NEXT, f"{consumer.op_type} {node_name(consumer)!r}")
+    site.affine = op.affine
+    return site
+
+
+def _layer_site(index: ModelIndex, scope: Scope, op: AffineOp, layer: onnx.NodeProto, shape: Shape,
+                what: str) -> FoldSite:
+    """The site with the registry's row for it; Skip if no row takes it."""
+    if quantized_parameters(index, scope, layer):
+        shape |= Shape.DEQUANTIZED
+    standard = layer.domain in ("", "ai.onnx")
+    plain = rule_for(layer.op_type, shape & ~Shape.DEQUANTIZED) if standard else None
+    if plain is None:
+        raise Skip(f"{what} is not a foldable layer")
+    rule = rule_for(layer.op_type, shape) if Shape.DEQUANTIZED in shape else plain
     if rule is None:
-        raise Skip(f"{consumer.op_type} {_node_name(consumer)!r} is not a foldable layer")
-    _require_operands(consumer)
-    return FoldSite(index, scope, op.node, consumer, op.affine), rule
-
-
-def _require_operands(layer: onnx.NodeProto) -> None:
-    """Conv, ConvTranspose, Gemm and MatMul take data and a weight; a malformed model may not."""
+        raise Skip(f"{what} reads a quantized (DequantizeLinear) parameter; fold before quantizing")
     if len(layer.input) < 2 or not layer.input[0] or not layer.input[1]:
-        raise Skip(f"{layer.op_type} {_node_name(layer)!r} lacks its data or weight input")
+        raise Skip(f"{layer.op_type} {node_name(layer)!r} lacks its data or weight input")
+    return FoldSite(index, scope, op, layer, shape, rule=rule, layer_rule=plain)
 
 
-def apply_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
-    """Write the folded weight and bias, wire the layer's last node to the op's output, drop the op."""
-    index, scope, layer = site.index, site.scope, site.producer
-    _write_weight(site, rw)
-    if rw.bias_slot is BiasSlot.NEW_ADD:
-        old_out = layer.output[0]
-        _add_bias_after(site, rw, op.node.output[0])
-    else:
-        target = layer if rw.bias_slot is BiasSlot.PRODUCER else site.add
-        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
+def quantized_parameters(index: ModelIndex, scope: Scope, layer: onnx.NodeProto) -> bool:
+    """Does a parameter of the layer come from DequantizeLinear of a constant (an int8 weight)?
+    A DequantizeLinear of activations reads a value computed at run time and does not count."""
+    names = layer.input if is_standard(layer, "MatMul") else layer.input[1:]
+    for name in names:
+        dq = find_producer(scope, name)
+        if dq is not None and is_standard(dq[1], "DequantizeLinear") and dq[1].input:
+            try:
+                index.constant(dq[0], dq[1].input[0])
+            except NotConstant:
+                continue
+            return True
+    return False
+
+
+def elementwise_candidate(index: ModelIndex, scope: Scope, node: onnx.NodeProto) -> AffineOp | None:
+    """Mul(x, c) or Add(x, c), c constant, right after a layer with a constant weight (or after
+    its Add(bias)), where a row folds such an op: a BN an exporter split, or a per-feature scale
+    or shift. None for any other Mul/Add: an ordinary node, not reported."""
+    if index.opset < 7 or not any(_is_layer_or_add(scope.producers.get(i)) for i in node.input):
+        return None  # cheap test first: most Mul/Add nodes are nowhere near a layer
+    split = split_constant_operand(index, scope, node)
+    if split is None:
+        return None
+    data, constant = split
+    producer = scope.producers.get(data)
+    if producer is None:
+        return None
+    try:
+        require_sole_use(index, scope, producer, data)
+        layer, shape = producer, Shape.DIRECT
+        if is_standard(producer, "Add"):
+            layer, shape = producer_behind_add(index, scope, producer), Shape.VIA_ADD
+    except Skip:
+        return None
+    if is_standard(layer, "MatMul") and shape == Shape.DIRECT and node.op_type == "Add":
+        return None  # the MatMul's own bias
+    if rule_for(layer.op_type, shape | Shape.MUL_ADD) is None or not _has_constant_weight(index, scope, layer):
+        return None
+    return AffineOp(node, data, constant=constant)
+
+
+def _is_layer_or_add(node: onnx.NodeProto | None) -> bool:
+    return node is not None and is_standard(node, *LAYERS, "Add")
+
+
+def _has_constant_weight(index: ModelIndex, scope: Scope, layer: onnx.NodeProto) -> bool:
+    names = layer.input[:2] if is_standard(layer, "MatMul") else layer.input[1:2]
+    for name in names:
+        try:
+            index.constant(scope, name)
+            return True
+        except NotConstant:
+            pass
+    return quantized_parameters(index, scope, layer)
+
+
+def site_pattern(site: FoldSite) -> str:
+    """As the report shows it: the row's pattern, the shape-only ops, the Mul/Add."""
+    pattern = site.rule.pattern.format(layer=site.layer_rule.pattern)
+    if site.chain:
+        pattern = "→".join([pattern, *(n.op_type for n in site.chain)])
+    if Shape.MUL_ADD in site.shape:
+        pattern += f"+{site.op.op}"
+    return pattern
+
+
+# -- writing a fold ---------------------------------------------------------------------------------
+
+
+def fold(site: FoldSite) -> None:
+    """Plan with the site's row, store every new value (Skip if one does not fit), write."""
+    rw = site.rule.plan(site)
+    arrays = [_stored(site, v) for v in rw.values]
+    bias = None if rw.bias_add is None else cast_exact(rw.bias_add.value, rw.bias_add.dtype, rw.bias_add.what)
+    apply_rewrite(site, rw, arrays, bias)
+
+
+def _stored(site: FoldSite, v: NewValue) -> np.ndarray:
+    """The value cast once to its dtype. A plain value never replaces a quantized one: that
+    would silently dequantize the layer (only a row that takes DEQUANTIZED writes those)."""
+    node = v.node or site.layer
+    name = node.input[v.input] if v.input < len(node.input) else ""
+    producer = find_producer(site.scope, name) if name else None
+    if producer is not None and is_standard(producer[1], "DequantizeLinear"):
+        raise Skip(f"the {v.what} of {node.op_type} {node_name(node)!r} is quantized (DequantizeLinear)")
+    return cast_exact(v.value, v.dtype, v.what)
+
+
+def apply_rewrite(site: FoldSite, rw: Rewrite, arrays: list[np.ndarray], bias: np.ndarray | None) -> None:
+    """The one applier: write the new values and attributes, put a new bias Add after the layer
+    if there is one, and wire the layer (or the shape-only chain after it) in the op's place."""
+    index, scope, layer = site.index, site.scope, site.layer
+    for v, array in zip(rw.values, arrays):
+        index.replace_input(scope, v.node or layer, v.input, array, f"{site.layer_name}_{v.what}")
+    for node, key, value in rw.attributes:
+        set_attr(node or layer, key, value)
+    end = site.add or layer
+    if site.add is not None:
         for key, value in rw.add_attributes.items():
-            _set_attr(target, key, value)
-        old_out = target.output[0]
-        target.output[0] = op.node.output[0]
-        scope.producers[op.node.output[0]] = target
-    scope.dead_names.add(old_out)
-    move_meta_readers(index, scope, old_out, op.node.output[0])
-    index.remove_node(scope, op.node)
-
-
-def apply_through_rewrite(through: ThroughSite, op: AffineOp, rw: Rewrite) -> None:
-    """The layer gets the folded weight, the shift goes right after it (bias slot, its bias Add
-    or a new Add that keeps the layer's output name), and the chain's last op takes the BN's output."""
-    site = through.site
-    index, scope, layer = site.index, site.scope, site.producer
-    _write_weight(site, rw)
-    if rw.bias_slot is BiasSlot.NEW_ADD:
-        _add_bias_after(site, rw, layer.output[0])
+            set_attr(site.add, key, value)
+    if bias is not None:
+        end = _add_bias_after(site, bias, rw.add_attributes)
+    if Shape.NEXT in site.shape:
+        _read_op_input(site)
     else:
-        target = layer if rw.bias_slot is BiasSlot.PRODUCER else site.add
-        index.replace_input(scope, target, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
-    last = through.chain[-1]
-    old_out = last.output[0]
-    last.output[0] = op.node.output[0]
-    scope.producers[op.node.output[0]] = last
-    del scope.producers[old_out]  # else releasing it would retire `last` if it is an Identity
-    scope.dead_names.add(old_out)
-    move_meta_readers(index, scope, old_out, op.node.output[0])
-    index.remove_node(scope, op.node)
+        _take_op_output(site, site.chain[-1] if site.chain else end)
+    index.remove_node(scope, site.op.node)
 
 
-def apply_next_rewrite(site: FoldSite, op: AffineOp, rw: Rewrite) -> None:
-    """Next-layer fold: the layer reads the BN's input directly, with its weights rescaled."""
-    index, scope, layer = site.index, site.scope, site.producer
-    _write_weight(site, rw)
-    if rw.bias_slot is BiasSlot.NEW_ADD:
-        _add_bias_after(site, rw, layer.output[0])
-    else:
-        index.replace_input(scope, layer, rw.bias_input, rw.bias, f"{_node_name(layer)}_bias")
-    for i, name in enumerate(layer.input):
-        if name == op.node.output[0]:
-            layer.input[i] = op.data
-            index.uses[op.data] += 1
-            index.uses[name] -= 1
-    scope.dead_names.add(op.node.output[0])
-    index.remove_node(scope, op.node)
-
-
-def _write_weight(site: FoldSite, rw: Rewrite) -> None:
-    layer = site.producer
-    site.index.replace_input(site.scope, layer, rw.weight_input, rw.weight, f"{_node_name(layer)}_weight")
-    for key, value in rw.attributes.items():
-        _set_attr(layer, key, value)
-
-
-def _add_bias_after(site: FoldSite, rw: Rewrite, output: str) -> None:
-    """layer → Add(bias) → `output`: a MatMul has no bias input of its own."""
-    index, scope, layer = site.index, site.scope, site.producer
-    base = _node_name(layer)
-    mid = index.unique_name(f"{layer.output[0]}_bnfold_matmul")
+def _add_bias_after(site: FoldSite, bias: np.ndarray, attributes: dict) -> onnx.NodeProto:
+    """layer → Add(bias), the Add taking the layer's output name: a MatMul has no bias input."""
+    index, scope, layer = site.index, site.scope, site.layer
+    base, out = site.layer_name, layer.output[0]
+    mid = index.unique_name(f"{out}_bnfold_matmul")
     layer.output[0] = mid
     scope.producers[mid] = layer
-    bias_name = index.add_initializer(scope, f"{base}_bias_bnfold", rw.bias)
-    add = onnx.helper.make_node("Add", [mid, bias_name], [output], name=index.unique_name(f"{base}_bnfold_bias_add"),
-                                **rw.add_attributes)
+    bias_name = index.add_initializer(scope, f"{base}_bias_bnfold", bias)
+    add = onnx.helper.make_node("Add", [mid, bias_name], [out], name=index.unique_name(f"{base}_bnfold_bias_add"),
+                                **attributes)
     index.insert_after(scope, layer, add)
+    return add
 
 
-def _set_attr(node: onnx.NodeProto, key: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == key:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(key, value))
+def _take_op_output(site: FoldSite, last: onnx.NodeProto) -> None:
+    """`last` (the layer, its bias Add, or the chain's last op) now computes the op's output."""
+    index, scope = site.index, site.scope
+    new = site.op.node.output[0]
+    old = last.output[0]
+    last.output[0] = new
+    scope.producers[new] = last
+    # `old` is gone; else releasing it with the op would retire `last` if it is an Identity.
+    scope.producers.pop(old, None)
+    scope.dead_names.add(old)
+    move_meta_readers(index, scope, old, new)
+
+
+def _read_op_input(site: FoldSite) -> None:
+    """Next-layer fold: the layer reads the op's input directly."""
+    index, op = site.index, site.op
+    out = op.node.output[0]
+    for i, name in enumerate(site.layer.input):
+        if name == out:
+            site.layer.input[i] = op.data
+            index.uses[op.data] += 1
+            index.uses[name] -= 1
+    site.scope.dead_names.add(out)

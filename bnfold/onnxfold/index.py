@@ -51,8 +51,24 @@ class Scope:
                     self.producers[out] = node
 
 
+def find_producer(scope: Scope, name: str) -> tuple[Scope, onnx.NodeProto] | None:
+    """The node that computes `name`, looked up from `scope` outwards, and its scope; None for
+    an initializer, a graph input or an unknown name."""
+    s: Scope | None = scope
+    while s is not None:
+        if name in s.producers:
+            return s, s.producers[name]
+        if name in s.initializers or name in s.inputs:
+            return None
+        s = s.parent
+    return None
+
+
 class ModelIndex:
-    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | str = ".", spill: "TensorSpill | None" = None,
+                 evaluator=None):
+        """`evaluator(index)` makes what evaluates a value computed from constants (the fold pass
+        passes const_eval.ConstantEvaluator); without it such values are NotConstant."""
         self.model = model
         self.base_dir = Path(base_dir)
         self.spill = spill
@@ -61,9 +77,9 @@ class ModelIndex:
         self.uses: Counter[str] = Counter()
         self._collect(model.graph, None, "")
         self._types: dict[str, onnx.TypeProto] | None = None
-        # Set by the fold pass: evaluates a value computed from constants (const_eval), or raises NotConstant.
-        self.evaluate_constant = None
         self._names = {n for s in self.scopes for n in (*s.producers, *s.initializers, *s.inputs)}
+        # (scope, producer, name) → array, or NotConstant
+        self.evaluate_constant = evaluator(self) if evaluator is not None else None
 
     def _collect(self, graph: onnx.GraphProto, parent: Scope | None, path: str) -> None:
         scope = Scope(graph, parent, path)

@@ -1,119 +1,61 @@
-"""Fold rules: one per producer pattern. Each is data plus one small `plan` function.
+"""Fold rules for a map after its layer: Conv, ConvTranspose, Gemm, MatMul (with or without its
+Add(bias)). Each `plan_*` checks what must hold (Skip(reason) if not) and returns the Rewrite;
+each `*_channel_axis` says where the layer puts its output channels, which the pass follows
+through shape-only ops and compares with the axis the map normalizes.
 
-A rule's `plan` gets a FoldSite (the BN, its producer and the BN's affine map s·x + t),
-checks what must hold, raising Skip(reason) when it does not, and returns a Rewrite: the
-new weight and bias and where they go. Applying a Rewrite is the same for every rule
-(fold_pass.apply_rewrite). Adding a pattern means adding a rule here and its test.
+With the map s·x + t per output channel c (fold_math has the BN derivation): W'[c] = s_c·W[c]
+along the layer's output-channel axis, b' = s·b + t.
 """
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import Skip
-from ..fold_math import Affine, cast_exact, channel_view, fold_bias, scale_weight
-from .affine import node_attr
+from ..fold_math import fold_bias, scale_weight
+from .affine import ChannelAxis
 from .index import ModelIndex, NotConstant, Scope
 from .readers import require_sole_use
+from .site import FoldSite, NewValue, Rewrite, Scaling
 
 
-@dataclass
-class FoldSite:
-    index: ModelIndex
-    scope: Scope
-    bn: onnx.NodeProto
-    producer: onnx.NodeProto  # the linear layer
-    affine: Affine
-    add: onnx.NodeProto | None = None  # MatMul → Add(bias) → BN
-
-    @property
-    def channels(self) -> int:
-        return self.affine.scale.shape[0]
-
-    def const(self, name: str, what: str) -> np.ndarray:
-        try:
-            return self.index.constant(self.scope, name)
-        except NotConstant as exc:
-            raise Skip(f"{what} of {self.producer.op_type} is not constant: {exc}") from None
-
-    def optional_const(self, node: onnx.NodeProto, i: int, what: str) -> np.ndarray | None:
-        if len(node.input) > i and node.input[i]:
-            return self.const(node.input[i], what)
-        return None
-
-    def attr(self, name: str, default: Any, node: onnx.NodeProto | None = None) -> Any:
-        return node_attr(node or self.producer, name, default)
-
-    def require_channels(self, n: int, what: str) -> None:
-        if n != self.channels:
-            raise Skip(f"BN has {self.channels} channels but {what} has {n}")
-
-
-class BiasSlot(enum.Enum):
-    """Where a folded bias goes."""
-
-    PRODUCER = "producer"  # the layer's own bias input (Conv B, Gemm C)
-    EXISTING_ADD = "add"  # the constant operand of MatMul → Add(bias)
-    NEW_ADD = "new_add"  # a new Add after a layer that has no bias input (MatMul)
-
-
-@dataclass
-class Rewrite:
-    """What a fold writes: the producer's new weight, the new bias and where it goes."""
-
-    weight_input: int
-    weight: np.ndarray
-    bias: np.ndarray
-    bias_slot: BiasSlot = BiasSlot.PRODUCER
-    bias_input: int = 2
-    attributes: dict[str, Any] = field(default_factory=dict)  # set on the producer
-    add_attributes: dict[str, Any] = field(default_factory=dict)  # legacy broadcast (opset < 7)
-
-
-@dataclass(frozen=True)
-class FoldRule:
-    pattern: str  # shown in the report
-    producer: str  # op_type of the node before BN
-    plan: Callable[[FoldSite], Rewrite]
-    via_add: bool = False  # producer → Add(constant) → BN
-
-
-def _weight_and_bias(site: FoldSite, w: np.ndarray, b: np.ndarray | None, w64: np.ndarray) -> tuple:
-    bias_dtype = b.dtype if b is not None else w.dtype
-    return (cast_exact(w64, w.dtype, "weight"),
-            cast_exact(fold_bias(b, site.affine), bias_dtype, "bias"))
+def scaled_weight(site: FoldSite, i: int, w: np.ndarray, axis: int, groups: int = 1) -> NewValue:
+    """Input i of the layer, the weight w, times s along its output-channel axis."""
+    s = site.affine.scale
+    return NewValue(i, scale_weight(w, s, axis=axis, groups=groups), w.dtype, "weight",
+                    scaling=Scaling(axis, s, groups))
 
 
 def plan_conv(site: FoldSite) -> Rewrite:
     """Conv weight [C_out, C_in/g, k…]: the output channel is axis 0 whatever the groups."""
-    w = site.const(site.producer.input[1], "weight")
+    w = site.const(site.layer.input[1], "weight")
     if w.ndim < 3:
         raise Skip(f"Conv weight has rank {w.ndim}, expected ≥ 3")
     site.require_channels(w.shape[0], "the Conv output")
-    b = site.optional_const(site.producer, 2, "bias")
-    weight, bias = _weight_and_bias(site, w, b, scale_weight(w, site.affine.scale, axis=0))
-    return Rewrite(weight_input=1, weight=weight, bias=bias)
+    return Rewrite([scaled_weight(site, 1, w, axis=0), _folded_bias(site, w)])
 
 
 def plan_conv_transpose(site: FoldSite) -> Rewrite:
     """ConvTranspose weight [C_in, C_out/g, k…]: output channel g·(C_out/g)+j is column j of group g."""
-    w = site.const(site.producer.input[1], "weight")
+    w = site.const(site.layer.input[1], "weight")
     if w.ndim < 3:
         raise Skip(f"ConvTranspose weight has rank {w.ndim}, expected ≥ 3")
     groups = int(site.attr("group", 1))
     if w.shape[0] % groups:
         raise Skip(f"ConvTranspose weight rows {w.shape[0]} not divisible by group={groups}")
     site.require_channels(groups * w.shape[1], "the ConvTranspose output")
-    b = site.optional_const(site.producer, 2, "bias")
-    w64 = scale_weight(w, site.affine.scale, axis=1, groups=groups)
-    weight, bias = _weight_and_bias(site, w, b, w64)
-    return Rewrite(weight_input=1, weight=weight, bias=bias)
+    return Rewrite([scaled_weight(site, 1, w, axis=1, groups=groups), _folded_bias(site, w)])
+
+
+def _folded_bias(site: FoldSite, w: np.ndarray) -> NewValue:
+    """The Conv/ConvTranspose bias input: b' = s·b + t (t alone where there was none)."""
+    b = site.optional_const(site.layer, 2, "bias")
+    dtype = b.dtype if b is not None else w.dtype
+    return NewValue(2, fold_bias(b, site.affine), dtype, "bias", scaling=Scaling(0, site.affine.scale))
+
+
+def conv_channel_axis(site: FoldSite) -> ChannelAxis:
+    return ChannelAxis(1, site.const(site.layer.input[1], "weight").ndim)
 
 
 def plan_gemm(site: FoldSite) -> Rewrite:
@@ -121,88 +63,60 @@ def plan_gemm(site: FoldSite) -> Rewrite:
 
     BN(Y) = α·A'·(B'·s) + (β·C·s + t): scale B along that axis, set C' = β·C·s + t, β = 1.
     """
-    b_mat = site.const(site.producer.input[1], "B")
+    b_mat = site.const(site.layer.input[1], "B")
     if b_mat.ndim != 2:
         raise Skip(f"Gemm B has rank {b_mat.ndim}, expected 2")
     axis = 0 if int(site.attr("transB", 0)) else 1
     site.require_channels(b_mat.shape[axis], "the Gemm output")
-    c = site.optional_const(site.producer, 2, "C")
+    c = site.optional_const(site.layer, 2, "C")
     beta = float(site.attr("beta", 1.0))
     s, t = site.affine.scale, site.affine.shift
-    weight = cast_exact(scale_weight(b_mat, s, axis=axis), b_mat.dtype, "weight")
+    scaling = Scaling(0, beta * s)
     if c is None:
         c64 = t
     else:
         if c.ndim > 2:
             raise Skip(f"Gemm C has rank {c.ndim}")
         c64 = beta * c.astype(np.float64) * s + t
-    attributes: dict[str, Any] = {"beta": 1.0}
+        scaling = Scaling(0, beta * s) if c.shape == (site.channels,) else None
+    attributes = [(None, "beta", 1.0)]
     if site.index.opset < 7:
-        attributes["broadcast"] = 1
-    bias = cast_exact(c64, c.dtype if c is not None else b_mat.dtype, "bias")
-    return Rewrite(weight_input=1, weight=weight, bias=bias, attributes=attributes)
+        attributes.append((None, "broadcast", 1))
+    bias = NewValue(2, c64, c.dtype if c is not None else b_mat.dtype, "bias", scaling=scaling)
+    return Rewrite([scaled_weight(site, 1, b_mat, axis=axis), bias], attributes)
 
 
-def _matmul_orientation(site: FoldSite, mm: onnx.NodeProto, out_name: str) -> tuple[int, np.ndarray, int]:
-    """(weight input index, weight, axis of the weight that becomes BN's channel axis 1).
-
-    x @ W with a rank-2 result puts W's columns on axis 1; W @ x with a rank-3 result
-    [N, C, L] puts W's rows on axis 1. Any other rank puts the BN channel elsewhere.
-    """
-    out_rank = site.index.rank(out_name)
-    problems = []
-    for w_index, other in ((1, 0), (0, 1)):
-        try:
-            w = site.index.constant(site.scope, mm.input[w_index])
-        except NotConstant as exc:
-            problems.append(str(exc))
-            continue
-        if w.ndim != 2:
-            raise Skip(f"MatMul constant operand has rank {w.ndim}, expected 2")
-        if out_rank is None:
-            other_rank = site.index.rank(mm.input[other])
-            out_rank = other_rank if (other_rank is not None and other_rank >= 2) else None
-        if out_rank is None:
-            raise Skip("rank of the MatMul output is unknown, so the BN channel axis cannot be matched")
-        wanted = 2 if w_index == 1 else 3
-        if out_rank != wanted:
-            side = "x @ W" if w_index == 1 else "W @ x"
-            raise Skip(f"{side} gives a rank-{out_rank} output; BN's channel axis 1 is not the weight's "
-                       f"free axis (needs rank {wanted})")
-        return w_index, w, 1 if w_index == 1 else 0
-    raise Skip(f"MatMul has no constant operand: {'; '.join(problems)}")
+def gemm_channel_axis(site: FoldSite) -> ChannelAxis:
+    return ChannelAxis(1, 2)
 
 
-def _channel_bias_view(site: FoldSite, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """s and t shaped to broadcast along axis 1 of a rank-`rank` output (right-aligned)."""
-    s, t = site.affine.scale, site.affine.shift
-    return channel_view(s, 0, rank - 1), channel_view(t, 0, rank - 1)
-
-
-def plan_matmul(site: FoldSite, add_bias: np.ndarray | None = None) -> Rewrite:
-    mm = site.producer
-    w_index, w, axis = _matmul_orientation(site, mm, (site.add or mm).output[0])
+def plan_matmul(site: FoldSite) -> Rewrite:
+    """x @ W: channels are W's columns, on the output's last axis; W @ x: W's rows, on the
+    second-to-last. The shift broadcasts along that axis ([C] or [C, 1]) and goes into the
+    MatMul's Add(bias), or a new Add after it; a map with no shift (a Mul) needs neither."""
+    w_index, w = matmul_weight(site)
+    axis = 1 if w_index == 1 else 0
     site.require_channels(w.shape[axis], "the MatMul output")
-    weight = cast_exact(scale_weight(w, site.affine.scale, axis=axis), w.dtype, "weight")
-    rank = 2 if w_index == 1 else 3
-    s_view, t_view = _channel_bias_view(site, rank)
-    legacy = site.index.opset < 7
-    if add_bias is None:
-        b64 = site.affine.shift if legacy else t_view
-        bias = cast_exact(b64, w.dtype, "bias")
-        add_attrs = {"broadcast": 1, "axis": 1} if legacy else {}
-        return Rewrite(w_index, weight, bias, BiasSlot.NEW_ADD, bias_input=1, add_attributes=add_attrs)
-    add_attrs = {}
+    values = [scaled_weight(site, w_index, w, axis=axis)]
+    s, t = site.affine.scale, site.affine.shift
+    view = (-1,) if w_index == 1 else (-1, 1)
+    legacy = {"broadcast": 1, "axis": 1} if site.index.opset < 7 else {}
+    if site.add is None:
+        if not t.any():
+            return Rewrite(values)
+        bias = NewValue(1, t if legacy else t.reshape(view), w.dtype, "bias")
+        return Rewrite(values, bias_add=bias, add_attributes=legacy)
+    slot, name = next((i, n) for i, n in enumerate(site.add.input) if n != site.layer.output[0])
+    add_bias = site.const(name, "the bias Add operand")
     if legacy:
-        b64 = site.affine.scale * _legacy_channel_bias(site, add_bias, rank) + site.affine.shift
-        add_attrs = {"broadcast": 1, "axis": 1}
+        b64 = s * _legacy_channel_bias(site, add_bias, site.at.rank) + t
     else:
-        b64 = add_bias.astype(np.float64) * s_view + t_view
-        if b64.ndim > rank:
-            raise Skip(f"bias of rank {add_bias.ndim} does not broadcast to the rank-{rank} output")
-    bias = cast_exact(b64, add_bias.dtype, "bias")
-    slot = list(site.add.input).index(_add_bias_name(site))
-    return Rewrite(w_index, weight, bias, BiasSlot.EXISTING_ADD, bias_input=slot, add_attributes=add_attrs)
+        b64 = add_bias.astype(np.float64) * s.reshape(view) + t.reshape(view)
+        if b64.ndim > site.at.rank:
+            raise Skip(f"bias of shape {add_bias.shape} does not broadcast along the MatMul's channel axis")
+    scaling = Scaling(0, s) if add_bias.size == b64.size == site.channels else None
+    values.append(NewValue(slot, b64, add_bias.dtype, "bias", node=site.add, scaling=scaling))
+    return Rewrite(values, add_attributes=legacy)
 
 
 def _legacy_channel_bias(site: FoldSite, add_bias: np.ndarray, rank: int) -> np.ndarray:
@@ -216,9 +130,32 @@ def _legacy_channel_bias(site: FoldSite, add_bias: np.ndarray, rank: int) -> np.
     return add_bias.astype(np.float64)
 
 
-def _add_bias_name(site: FoldSite) -> str:
-    mm_out = site.producer.output[0]
-    return next(name for name in site.add.input if name != mm_out)
+def matmul_weight(site: FoldSite) -> tuple[int, np.ndarray]:
+    """(which input is the constant weight, its value): input 1 (x @ W) is tried first."""
+    problems = []
+    for w_index in (1, 0):
+        try:
+            w = site.lookup(site.layer.input[w_index])
+        except NotConstant as exc:
+            problems.append(str(exc))
+            continue
+        if w.ndim != 2:
+            raise Skip(f"MatMul constant operand has rank {w.ndim}, expected 2")
+        return w_index, w
+    raise Skip(f"MatMul has no constant operand: {'; '.join(problems)}")
+
+
+def matmul_channel_axis(site: FoldSite) -> ChannelAxis:
+    """x @ W puts W's columns on the output's last axis, W @ x W's rows on the second-to-last.
+    The output's rank is inferred, or that of the other operand (a 2-d weight keeps it)."""
+    w_index, _ = matmul_weight(site)
+    rank = site.index.rank(site.layer.output[0])
+    if rank is None:
+        other = site.index.rank(site.layer.input[1 - w_index])
+        rank = other if other is not None and other >= 2 else None
+    if rank is None or rank < 2:
+        raise Skip("rank of the MatMul output is unknown, so its channel axis cannot be followed")
+    return ChannelAxis(rank - 1 if w_index == 1 else rank - 2, rank)
 
 
 def producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) -> onnx.NodeProto:
@@ -237,22 +174,3 @@ def producer_behind_add(index: ModelIndex, scope: Scope, add: onnx.NodeProto) ->
         require_sole_use(index, scope, mm, mm_out)
         return mm
     raise Skip("producer Add is not a MatMul plus a constant bias")
-
-
-def plan_matmul_add(site: FoldSite) -> Rewrite:
-    add_bias = site.const(_add_bias_name(site), "the bias Add operand")
-    return plan_matmul(site, add_bias=add_bias)
-
-
-RULES: tuple[FoldRule, ...] = (
-    FoldRule("Conv", "Conv", plan_conv),
-    FoldRule("ConvTranspose", "ConvTranspose", plan_conv_transpose),
-    FoldRule("Gemm", "Gemm", plan_gemm),
-    FoldRule("MatMul", "MatMul", plan_matmul),
-    FoldRule("MatMul+Add", "MatMul", plan_matmul_add, via_add=True),
-)
-
-
-# A per-channel Mul/Add folds only where the layer has a bias slot of its own; after a
-# MatMul it would just move the Add.
-ELEMENTWISE_RULES: tuple[FoldRule, ...] = RULES[:3]

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from ..errors import Skip
-from ..fold_math import BrokenStatistics, FoldOverflow, cast_exact
+from ..fold_math import cast_exact
 from ..reparam import AffineBranch, ConvBranch, Window, merge
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .affine import BN, bn_op, is_standard, node_attr
@@ -102,7 +102,7 @@ def _branch(index: ModelIndex, scope: Scope, term: str, source: str) -> Branch:
     if is_standard(node, BN):
         try:
             op = bn_op(index, scope, node)
-        except (Skip, BrokenStatistics) as why:
+        except Skip as why:
             raise Skip(f"BN {name!r}: {why}") from None
         return Branch(node, AffineBranch(f"BN {name!r} (identity)", op.affine.scale, op.affine.shift))
     return _conv_branch(index, scope, node, name)
@@ -203,7 +203,7 @@ def merge_branches(index: ModelIndex, report: FoldReport) -> set[int]:
                 if plan is None:
                     continue
                 conv = apply_merge(index, scope, plan)
-            except (Skip, FoldOverflow) as why:
+            except Skip as why:
                 unmerged.append(UnmergedBranches(name, str(why), scope.path))
                 continue
             merged.append(MergedBranches(name, conv, [b.label for b in plan.branches],

@@ -11,8 +11,9 @@ layer's output z, so with BN(v) = s·v + t per channel
 (⊙ along the layer's channel axis). Each op below maps the channel axis forward or raises
 Skip: it is proved from static shapes where an op needs them (Reshape, Flatten, Squeeze
 without axes) and from the op's attributes otherwise (Transpose, Unsqueeze, Squeeze).
-The shift goes after the layer: into its bias (Conv, ConvTranspose, Gemm), the constant of
-an existing MatMul → Add(bias), or a new Add after a MatMul.
+The layer's own rule folds it as it would directly (the rules never look at BN's axis); the
+shift goes after the layer: into its bias (Conv, ConvTranspose, Gemm), the constant of an
+existing MatMul → Add(bias), or a new Add after a MatMul. This module maps the axis.
 """
 from __future__ import annotations
 
@@ -23,22 +24,11 @@ import numpy as np
 import onnx
 
 from ..errors import Skip
-from ..fold_math import cast_exact, scale_weight
-from .affine import is_standard, node_attr
+from .affine import ChannelAxis
 from .index import ModelIndex, NotConstant, Scope
-from .readers import require_sole_use
-from .rules_before import (BiasSlot, FoldRule, FoldSite, Rewrite, plan_conv, plan_conv_transpose, plan_gemm,
-                           producer_behind_add)
+from .nodes import is_standard, node_attr
 
 MAX_CHAIN = 8
-
-
-@dataclass(frozen=True)
-class ChannelAxis:
-    """Where the layer's output channels are in a value: axis `axis` of a rank-`rank` tensor."""
-
-    axis: int
-    rank: int
 
 
 @dataclass
@@ -205,113 +195,3 @@ THROUGH_OPS: dict[str, Callable[[ThroughStep, ChannelAxis], ChannelAxis]] = {
     "Reshape": through_reshape,
 }
 
-
-# -- the layer in front of the chain ---------------------------------------------------------------
-
-
-def plan_matmul_through(site: FoldSite) -> Rewrite:
-    """x @ W: channels are W's columns, on the output's last axis; W @ x: W's rows, on the
-    second-to-last. The shift broadcasts along that axis: [C] or [C, 1]."""
-    w_index, w = _matmul_weight(site)
-    axis = 1 if w_index == 1 else 0
-    site.require_channels(w.shape[axis], "the MatMul output")
-    weight = cast_exact(scale_weight(w, site.affine.scale, axis=axis), w.dtype, "weight")
-    view = (-1,) if w_index == 1 else (-1, 1)
-    s, t = site.affine.scale.reshape(view), site.affine.shift.reshape(view)
-    if site.add is None:
-        return Rewrite(w_index, weight, cast_exact(t, w.dtype, "bias"), BiasSlot.NEW_ADD, bias_input=1)
-    slot, add_bias = next((i, name) for i, name in enumerate(site.add.input) if name != site.producer.output[0])
-    bias = site.const(add_bias, "the bias Add operand")
-    rank = site.index.rank(site.producer.output[0])
-    b64 = bias.astype(np.float64) * s + t
-    if rank is None or b64.ndim > rank:
-        raise Skip(f"bias of shape {bias.shape} does not broadcast along the MatMul's channel axis")
-    return Rewrite(w_index, weight, cast_exact(b64, bias.dtype, "bias"), BiasSlot.EXISTING_ADD, bias_input=slot)
-
-
-def _matmul_weight(site: FoldSite) -> tuple[int, np.ndarray]:
-    problems = []
-    for w_index in (1, 0):
-        try:
-            w = site.index.constant(site.scope, site.producer.input[w_index])
-        except NotConstant as exc:
-            problems.append(str(exc))
-            continue
-        if w.ndim != 2:
-            raise Skip(f"MatMul constant operand has rank {w.ndim}, expected 2")
-        return w_index, w
-    raise Skip(f"MatMul has no constant operand: {'; '.join(problems)}")
-
-
-def _matmul_channel_axis(site: FoldSite) -> ChannelAxis:
-    w_index, _ = _matmul_weight(site)
-    rank = site.index.rank(site.producer.output[0])
-    if rank is None or rank < 2:
-        raise Skip("rank of the MatMul output is unknown, so its channel axis cannot be followed")
-    return ChannelAxis(rank - 1 if w_index == 1 else rank - 2, rank)
-
-
-def _conv_channel_axis(site: FoldSite) -> ChannelAxis:
-    w = site.const(site.producer.input[1], "weight")
-    return ChannelAxis(1, w.ndim)
-
-
-@dataclass(frozen=True)
-class ThroughLayer:
-    """A layer a chain can start from: its rule and where its output channels are."""
-
-    rule: FoldRule
-    channel_axis: Callable[[FoldSite], ChannelAxis]
-
-
-# Conv, ConvTranspose and Gemm fold as they do directly (their plans never look at BN's axis).
-THROUGH_LAYERS: dict[tuple[str, bool], ThroughLayer] = {
-    ("Conv", False): ThroughLayer(FoldRule("Conv", "Conv", plan_conv), _conv_channel_axis),
-    ("ConvTranspose", False): ThroughLayer(FoldRule("ConvTranspose", "ConvTranspose", plan_conv_transpose),
-                                           _conv_channel_axis),
-    ("Gemm", False): ThroughLayer(FoldRule("Gemm", "Gemm", plan_gemm), lambda site: ChannelAxis(1, 2)),
-    ("MatMul", False): ThroughLayer(FoldRule("MatMul", "MatMul", plan_matmul_through), _matmul_channel_axis),
-    ("MatMul", True): ThroughLayer(FoldRule("MatMul+Add", "MatMul", plan_matmul_through, via_add=True),
-                                   _matmul_channel_axis),
-}
-
-
-@dataclass
-class ThroughSite:
-    site: FoldSite
-    chain: list[onnx.NodeProto]  # layer-side first; chain[-1] feeds the BN
-    rule: FoldRule
-
-    @property
-    def pattern(self) -> str:
-        return "→".join([self.rule.pattern, *(n.op_type for n in self.chain)])
-
-
-def find_through_site(index: ModelIndex, scope: Scope, bn: onnx.NodeProto, affine) -> ThroughSite:
-    """layer → shape-only ops → BN, where the ops carry the channel axis onto BN's axis 1."""
-    if index.opset < 7:
-        raise Skip("opset < 7 broadcasting")
-    chain: list[onnx.NodeProto] = []
-    value, node = bn.input[0], scope.producers.get(bn.input[0])
-    while node is not None and is_standard(node, *THROUGH_OPS) and len(chain) < MAX_CHAIN:
-        require_sole_use(index, scope, node, value)
-        chain.insert(0, node)
-        value, node = node.input[0], scope.producers.get(node.input[0])
-    behind = "→".join(n.op_type for n in chain)
-    if node is None:
-        raise Skip(f"{behind} reads {value!r}, which is not the output of a layer")
-    require_sole_use(index, scope, node, value)
-    add = None
-    if is_standard(node, "Add"):
-        add, node = node, producer_behind_add(index, scope, node)
-    layer = THROUGH_LAYERS.get((node.op_type, add is not None)) if node.domain in ("", "ai.onnx") else None
-    if layer is None:
-        raise Skip(f"producer {node.op_type} {node.name or node.output[0]!r} behind {behind} is not a foldable layer")
-    site = FoldSite(index, scope, bn, node, affine, add)
-    at = layer.channel_axis(site)
-    for op in chain:
-        at = THROUGH_OPS[op.op_type](ThroughStep(index, scope, op, site.channels), at)
-    if at.axis != 1:
-        raise Skip(f"{behind} puts the {node.op_type}'s channel axis on axis {at.axis} of a rank-{at.rank} "
-                   f"tensor; BN normalizes axis 1")
-    return ThroughSite(site, chain, layer.rule)

@@ -10,7 +10,8 @@ import numpy as np
 from onnx import helper
 
 from .affine import AffineOp
-from ..fold_math import FoldOverflow, cast_exact, channel_view
+from ..errors import Skip
+from ..fold_math import cast_exact, channel_view
 from .index import ModelIndex, Scope
 from ..report import FoldReport, RewrittenBN, SkippedBN
 
@@ -24,7 +25,7 @@ def rewrite_standalone(index: ModelIndex, report: FoldReport,
             continue
         try:
             _rewrite(index, scope, op, rank)
-        except FoldOverflow as why:
+        except Skip as why:  # a folded value that overflows its dtype
             skipped.reason += f"; not rewritten as Mul+Add: {why}"
             continue
         report.skipped.remove(skipped)

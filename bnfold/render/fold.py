@@ -1,7 +1,7 @@
 """Rich rendering of a FoldReport."""
 from __future__ import annotations
 
-from ..report import FoldReport
+from ..report import FoldReport, folded_sites, site_kind
 from . import Output, human_size, plain, table, variance_table
 from .calibrate import render_calibrate
 from .verify import render_verify
@@ -15,14 +15,13 @@ def render_fold(report: FoldReport, out: Output) -> None:
         render_calibrate(report.calibration, out)
     if report.variance:
         con.print(variance_table(report.variance))
+    sites = report.sites
     if report.folded:
-        con.print(table(f"folded {len(report.folded)} BatchNormalization{_split_note(report)}",
-                        ("BN", "into", "pattern"),
-                        ((_scoped(f.bn, f.graph) + ("" if f.op == "BatchNormalization" else f" ({f.op})"),
-                          f.producer, f.pattern) for f in report.folded)))
+        con.print(table(f"folded {_sites_title(sites.folded, sites.folded_kinds)}", ("BN", "into", "pattern"),
+                        (_folded_row(group) for group in folded_sites(report.folded))))
     if report.skipped:
-        con.print(table(f"kept {len(report.skipped)} BatchNormalization", ("BN", "why it was kept"),
-                        ((_scoped(s.bn, s.graph), s.reason) for s in report.skipped)))
+        con.print(table(f"kept {_sites_title(sites.kept, sites.kept_kinds)}", ("BN", "why it was kept"),
+                        ((_scoped(s.bn, s.graph) + _kind_note(s.op), s.reason) for s in report.skipped)))
     if report.rewritten:
         con.print(table(f"rewrote {len(report.rewritten)} BatchNormalization as Mul+Add",
                         ("BN", "why it could not fold"), ((_scoped(r.bn, r.graph), r.reason) for r in report.rewritten)))
@@ -77,6 +76,18 @@ def _scoped(name: str, graph: str) -> str:
     return f"{graph}/{name}" if graph else name
 
 
-def _split_note(report: FoldReport) -> str:
-    split = sum(f.op != "BatchNormalization" for f in report.folded)
-    return f" (incl. {split} per-channel Mul/Add)" if split else ""
+def _sites_title(n: int, kinds: dict[str, int]) -> str:
+    """"20 BatchNormalization" while every site is one; else "20 BN-like sites (2 BatchNormalization, 18 Mul+Add)"."""
+    if set(kinds) <= {"BatchNormalization"}:
+        return f"{n} BatchNormalization"
+    return f"{n} BN-like site{'s' if n != 1 else ''} ({', '.join(f'{count} {kind}' for kind, count in kinds.items())})"
+
+
+def _folded_row(group) -> tuple[str, str, str]:
+    first = group[0]
+    names = " + ".join(f.bn for f in group)
+    return _scoped(names, first.graph) + _kind_note(site_kind(group)), first.producer, " / ".join(f.pattern for f in group)
+
+
+def _kind_note(kind: str) -> str:
+    return "" if kind == "BatchNormalization" else f" ({kind})"

@@ -93,3 +93,75 @@ def _evaluate(gm, value, values: dict):
         raise ValueError("too large")
     values[value] = result
     return result
+
+
+# -- the same, on a TorchScript graph ----------------------------------------------------------
+
+
+def script_affine(values, x, scale, shift):
+    """((Affine, axis from the end), tensor paths read) when x·scale + shift, in a TorchScript
+    graph (`values`: its script_graph.Values), is a per-channel affine of the non-constant x."""
+    nodes: set = set()
+    if _script_constant(values, x, set()) or not (_script_constant(values, scale, nodes)
+                                                   and _script_constant(values, shift, nodes)):
+        return None
+    if len(nodes) > MAX_NODES:
+        return None
+    try:
+        memo: dict = {}
+        s, t = _script_evaluate(values, scale, memo), _script_evaluate(values, shift, memo)
+    except Exception:  # noqa: BLE001 — a subgraph that cannot be evaluated here is not a BN
+        return None
+    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in (s, t)):
+        return None
+    found = per_channel(s.numpy(), t.numpy())
+    paths = sorted({values.path(v) for n in nodes for v in n.outputs() if values.path(v)})
+    return (found, paths) if found is not None else None
+
+
+def _script_constant(values, value, seen: set) -> bool:
+    node = value.node()
+    kind = node.kind()
+    if node in seen or kind == "prim::Constant" or values.path(value) is not None:
+        seen.add(node)
+        return True
+    if kind == "prim::ListConstruct" or (kind.startswith("aten::") and op_name(kind) not in SHAPE_READS):
+        inputs = list(node.inputs())[:1] if op_name(kind) in FLOAT_CASTS else list(node.inputs())
+        seen.add(node)
+        return all(_script_constant(values, v, seen) for v in inputs)
+    return False
+
+
+def _script_evaluate(values, value, memo: dict):
+    if value.unique() in memo:
+        return memo[value.unique()]
+    node, kind = value.node(), value.node().kind()
+    if kind == "prim::Constant":
+        result = value.toIValue()
+    elif values.path(value) is not None:
+        tensor = attr_at(values.module, values.path(value))
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() > MAX_ELEMENTS:
+            raise ValueError("not a small tensor")
+        result = tensor.detach().to("cpu", torch.float64) if tensor.is_floating_point() else tensor.detach().cpu()
+    elif kind == "prim::ListConstruct":
+        result = [_script_evaluate(values, v, memo) for v in node.inputs()]
+    elif op_name(kind) in FLOAT_CASTS:
+        result = _script_evaluate(values, node.inputsAt(0), memo)
+    else:
+        result = _call_schema(node, [_script_evaluate(values, v, memo) for v in node.inputs()])
+    if isinstance(result, torch.Tensor) and result.numel() > MAX_ELEMENTS:
+        raise ValueError("too large")
+    memo[value.unique()] = result
+    return result
+
+
+def _call_schema(node, args: list):
+    """Run a TorchScript node's op in Python: its schema says which arguments are keyword-only
+    (TorchScript passes them by position)."""
+    schema = torch._C.parse_schema(node.schema())
+    packet = getattr(torch.ops.aten, schema.name.rpartition("::")[2])
+    op = getattr(packet, schema.overload_name or "default")
+    positional = [a for a, arg in zip(args, schema.arguments) if not arg.kwarg_only]
+    keywords = {arg.name: a for a, arg in zip(args, schema.arguments) if arg.kwarg_only}
+    with torch.no_grad():
+        return op(*positional, **keywords)

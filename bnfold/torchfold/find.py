@@ -22,29 +22,63 @@ from ..report import SkippedBN
 from .fx_graph import FxGraph, sites_and_kept
 from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
-from .opaque import module_layer
+from .opaque import forward_reads_bias, module_layer
 from .sites import Found, analysis_copy
 from .tracer import Untraceable, trace
 
 
-def find_sites(module: nn.Module, example: tuple | None) -> Found:
+class Inputs:
+    """What a module receives, and what its submodules receive: recorded by one run of the
+    module on its example, made only when something needs an input (a first forward on a CPU
+    costs more than the rest of a fold)."""
+
+    def __init__(self, own, run: "_Run | None" = None, prefix: str = ""):
+        self._own, self._run, self._prefix = own, run, prefix
+
+    @classmethod
+    def given(cls, module: nn.Module, example: tuple | None) -> "Inputs":
+        return cls(lambda: example or guess_example(module))
+
+    def example(self) -> tuple | None:
+        if callable(self._own):
+            self._own = self._own()
+        return self._own
+
+    def below(self, module: nn.Module, path: str, under: list[str]) -> "Inputs":
+        """The inputs of `module`'s submodule at `path` (paths under `under` are recorded)."""
+        if self._run is None:  # one run records every level below this one
+            self._run = _Run(module, self.example, under)
+        run = self._run
+        return Inputs(lambda: run.input(self._prefix + path), run, f"{self._prefix}{path}.")
+
+
+class _Run:
+    def __init__(self, module: nn.Module, example, under: list[str]):
+        self.module, self.example, self.under, self.seen = module, example, under, None
+
+    def input(self, path: str) -> tuple | None:
+        if self.seen is None:
+            self.seen = _record(self.module, self.example(), self.under)
+        return self.seen.get(path)
+
+
+def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs | None = None) -> Found:
     """Fold sites of `module` (paths relative to it) and the BNs kept, with reasons."""
+    inputs = inputs or Inputs.given(module, example)
     probe = analysis_copy(module)
     try:
         traced = trace(probe)
     except Untraceable as why:
-        return _untraceable(module, example, f"{type(module).__name__} cannot be traced by torch.fx ({why})")
-    guessed = example or guess_example(module)
-    inputs = _inputs_of(module, guessed, traced.opaque)
-    layers = {p: module_layer(module.get_submodule(p), inputs.get(p), p) for p in traced.opaque}
-    graph = FxGraph(traced.gm, traced.calls, lambda: _shapes(traced.gm, guessed), layers)
+        return _untraceable(module, inputs, f"{type(module).__name__} cannot be traced by torch.fx ({why})")
+    below = {p: inputs.below(module, p, traced.opaque) for p in traced.opaque}
+    layers = {p: module_layer(module.get_submodule(p), below[p], p) for p in traced.opaque}
+    graph = FxGraph(traced.gm, traced.calls, lambda: _shapes(traced.gm, inputs.example()), layers)
     sites, kept = sites_and_kept(graph)
     found = Found(sites, kept)
-    if traced.opaque:
-        for path in traced.opaque:
-            inner = find_sites(module.get_submodule(path), inputs.get(path))
-            _drop_read_outside(inner, graph.read_paths(), path)
-            found.add(inner, path)
+    for path in (p for p in traced.opaque if layers[p] is None):  # a layer is all its module computes
+        inner = find_sites(module.get_submodule(path), inputs=below[path])
+        _drop_read_outside(inner, graph.read_paths(), path)
+        found.add(inner, path)
     return found
 
 
@@ -58,21 +92,23 @@ def _drop_read_outside(inner: Found, outside: set[str], prefix: str) -> None:
             inner.skipped.append(SkippedBN(site.bn, f"{shared} is also read outside {prefix}", site.producer))
 
 
-def _untraceable(module: nn.Module, example: tuple | None, why: str) -> Found:
+def _untraceable(module: nn.Module, inputs: Inputs, why: str) -> Found:
     if _applies_bn(module):
-        example = example or metadata_example(module) or guess_example(module)
+        example = inputs.example() or metadata_example(module)
         exported = _export(module, example) if example is not None else None
         if exported is not None:
             sites, kept = sites_and_kept(FxGraph(exported, types=module))
+            for site in sites:  # the exported module's own layer: does its forward take a bias?
+                if site.bias is None and not site.plain_layer and site.producer == "":
+                    site.plain_layer = forward_reads_bias(module, example, site)
             return Found(sites, kept, [f"{why}; its BNs were found in its torch.export graph"])
         found = Found(notes=[f"{why}; torch.export could not export it either; folding its submodules one by one"],
                       untraced=[type(module).__name__])
     else:  # every BN is in a child: the children, each on its own, show them all
         found = Found(notes=[f"{why}; it applies no BN itself, so its submodules were read one by one"],
                       untraced=[type(module).__name__])
-    inputs = _inputs_of(module, example, [name for name, _ in module.named_children()])
     for name, child in module.named_children():
-        found.add(find_sites(child, inputs.get(name)), name)
+        found.add(find_sites(child, inputs=inputs.below(module, name, [""])), name)
     return found
 
 
@@ -99,12 +135,15 @@ def _export(module: nn.Module, example: tuple):
         return None
 
 
-def _inputs_of(module: nn.Module, example: tuple | None, paths: list[str]) -> dict[str, tuple]:
-    """The positional inputs the submodules at `paths` receive when `module` runs on `example`."""
-    if example is None or not paths:
+def _record(module: nn.Module, example: tuple | None, under: list[str]) -> dict[str, tuple]:
+    """The positional inputs every submodule at or below the paths `under` ("" for all) receives
+    when `module` runs on `example`: one run, of a copy, records what every level below needs."""
+    if example is None or not under:
         return {}
     probe = analysis_copy(module)
-    with recording_inputs(((p, probe.get_submodule(p)) for p in paths), _detached_copy, first_only=True) as seen:
+    wanted = [(p, m) for p, m in probe.named_modules() if p and any(
+        not u or p == u or p.startswith(u + ".") for u in under)]
+    with recording_inputs(wanted, _detached_copy, first_only=True) as seen:
         try:
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 probe(*example)

@@ -56,12 +56,12 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
     ScriptModule."""
     report = FoldReport(input=type(module).__name__, output=None, format="torch")
     if isinstance(module, torch.jit.ScriptModule):
-        from .script import count_batch_norms, fold_script_module
+        from .script import fold_script_module
 
         report.format = TORCHSCRIPT
-        report.bn_before = count_batch_norms(module)
         module = fold_script_module(module, report, example)
-        report.bn_after = count_batch_norms(module)
+        report.bn_before = len(report.folded) + len(report.skipped)
+        report.bn_after = len(report.skipped) + report.identity_bns
         return module, report
     module = fold_module(module, report, "identity" if keep_layout else "remove", example)
     report.bn_before = len(report.folded) + len(report.skipped)

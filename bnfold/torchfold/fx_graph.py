@@ -141,13 +141,14 @@ class FxGraph:
                               reason=None if scope is not None else "its Mul and Add are in different modules")
         return None
 
-    def scope(self, node, tensor: str | None = None) -> str | None:
-        """The innermost module whose forward holds `node` (fx and torch.export record it)."""
+    def scope(self, node, tensor: str | None = None) -> str:
+        """The innermost module whose forward holds `node` (fx and torch.export record it; "" for
+        the graph's own module)."""
         stack = node.meta.get("nn_module_stack")
         if stack:
             path = list(stack.values())[-1]
             return path[0] if isinstance(path, tuple) else str(path)
-        return owner(tensor) if tensor else ("" if stack is not None or self._calls is not None else None)
+        return owner(tensor) if tensor else ""
 
     def layer(self, node) -> LayerCall | None:
         if not isinstance(node, torch.fx.Node):

@@ -16,9 +16,6 @@ graph as the identity (γ=1, β=0, μ=0 or the shift, σ²=1−ε).
 """
 from __future__ import annotations
 
-import io
-import itertools
-
 import torch
 
 from ..errors import BadInput, Skip
@@ -27,7 +24,7 @@ from ..report import FoldedBN, FoldReport, SkippedBN
 from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
 from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, reload
-from .site_rule import fold_site
+from .site_rule import AffineStats, fold_site
 from .site_rule import FoldSite
 from .vocabulary import LAYER_OPS
 
@@ -56,6 +53,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
     _bias_slots(root, plans)
     cut = _cuts(root, plans)
+    for plan in [p for p in plans if isinstance(p.site.stats, AffineStats) and (p.site.bn not in cut or p.bias_slot is None)]:
+        plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
+        report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph (shared "
+                                        "with instances that do not fold, or its layer takes no bias)", plan.site.producer))
     for plan in plans:
         note = plan.apply(root, cut.get(plan.site.bn))
         if note:
@@ -63,10 +64,6 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
             report.identity_bns += 1
         report.folded.append(FoldedBN(plan.site.bn, plan.site.producer, plan.site.kind))
     return reload(root)
-
-
-def count_batch_norms(module: torch.jit.ScriptModule) -> int:
-    return len(module.inlined_graph.findAllNodes("aten::batch_norm", True))
 
 
 # -- reading the graph -------------------------------------------------------------------------
@@ -225,17 +222,8 @@ def _class(module) -> str:
 def _call_site(modules: dict, bn: str):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
-    parent_path, _, child = bn.rpartition(".")
-    if getattr(module, "original_name", "") in BN_NAMES and parent_path in modules:
-        parent = modules[parent_path]
-        graph = forward_graph(parent)
-        if graph is None:
-            return None
-        this = next(graph.inputs()).unique()
-        calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
-                 and n.inputsAt(0).node().kind() == "prim::GetAttr" and n.inputsAt(0).node().s("name") == child
-                 and n.inputsAt(0).node().input().unique() == this]
-        return (parent, child, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
+    if getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module):
+        return _module_call(modules, bn)
     if module is None:
         return None
     graph = forward_graph(module)
@@ -248,6 +236,37 @@ def _call_site(modules: dict, bn: str):
         return None
     node, (source, _) = calls[0]
     return module, "", Cut(graph, node, source)
+
+
+def _module_call(modules: dict, path: str):
+    """The one call of the module at `path`, in the nearest enclosing graph that has it: its
+    parent's, or further up where a forward is called directly (`self.down[i].forward(y)` inlines
+    a Sequential into its caller's graph)."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        host_path, local = ".".join(parts[:end]), ".".join(parts[end:])
+        host = modules.get(host_path)
+        graph = forward_graph(host) if host is not None else None
+        if graph is None:
+            continue
+        values = Values(host, graph)
+        calls = [n for n in all_nodes(graph) if n.kind() == "prim::CallMethod" and n.s("name") == "forward"
+                 and values.path(n.inputsAt(0)) == local]
+        if calls:
+            return (host, local, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
+    return None
+
+
+def _whole_affine(module) -> bool:
+    """Whether the module's forward returns x·S + T of its input x (FrozenBatchNorm2d, traced)."""
+    graph = forward_graph(module)
+    if graph is None or len(list(graph.inputs())) != 2:
+        return False
+    out = next(graph.outputs()).node()
+    if out.kind() != "aten::add":
+        return False
+    x = list(graph.inputs())[1]
+    return any(v.node().kind() == "aten::mul" and x in list(v.node().inputs()) for v in list(out.inputs())[:2])
 
 
 def _batch_norm_input(node) -> list[tuple[int, int]]:

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import Skip
 from .params import attr_at
-from .site_rule import BnCall, BnStats, LayerCall
+from .constants import script_affine
+from .site_rule import AffineStats, BnCall, BnStats, LayerCall
 from .sites import owner
 from .vocabulary import QAT_REASON, BN_OPS, LAYER_OPS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, layer_kind, op_name, qat_scope
 
@@ -31,7 +32,29 @@ class ScriptGraph:
         self.values, self._reads, self.shapes = values, reads, shapes
 
     def bn_calls(self, live) -> list[BnCall]:
-        return [self._bn(n, op_name(n.kind())) for n in live if op_name(n.kind()) in BN_OPS and n.kind().startswith("aten::")]
+        calls = [self._bn(n, op_name(n.kind())) for n in live if op_name(n.kind()) in BN_OPS and n.kind().startswith("aten::")]
+        return calls + [c for c in (self._affine(n) for n in live if n.kind() == "aten::add") if c is not None]
+
+    def _affine(self, add) -> BnCall | None:
+        """aten::add(aten::mul(x, S), T, 1) with S and T constants that vary along one axis."""
+        inputs = list(add.inputs())
+        try:
+            if len(inputs) != 3 or self.values.constant(inputs[2]) != 1:
+                return None
+        except Skip:
+            return None
+        for mul, shift in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+            if mul.node().kind() != "aten::mul" or value_uses(mul) != 1:
+                continue
+            for x, scale in (tuple(mul.node().inputs()), tuple(mul.node().inputs())[::-1]):
+                found = script_affine(self.values, x, scale, shift)
+                if found is None:
+                    continue
+                (value, axis_from_end), paths = found
+                scope = _common_owner(paths)
+                return BnCall(scope or add.output().debugName(), add, x, AffineStats(value, tuple(paths)), scope,
+                              nodes=[mul.node(), add], axis_from_end=axis_from_end)
+        return None
 
     def _bn(self, node, name: str) -> BnCall:
         bound = BN_OPS[name].bind(tuple(node.inputs()), {})
@@ -116,6 +139,12 @@ def reload(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return torch.jit.load(buffer, map_location="cpu")
 
 
+
+
+def _common_owner(paths: list[str]) -> str | None:
+    """The module whose tensors these all are (FrozenBatchNorm2d's buffers), if one."""
+    owners = {owner(p) for p in paths}
+    return owners.pop() if len(owners) == 1 else None
 
 
 class Values:

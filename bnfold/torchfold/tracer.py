@@ -26,9 +26,9 @@ class Traced:
 
 
 class SiteTracer(torch.fx.Tracer):
-    def __init__(self, opaque: set[str]):
+    def __init__(self, opaque: set[str] | None = None):
         super().__init__()
-        self.opaque = opaque
+        self.opaque = opaque or set()
         self.calls: Counter = Counter()
         self.failed_in: str | None = None
 
@@ -62,6 +62,7 @@ def trace(module: nn.Module) -> Traced:
                 raise Untraceable(first_line(exc)) from None
             opaque.add(tracer.failed_in)
             continue
+        graph._tracer_cls = None  # a GraphModule written into a model must load where bnfold is not installed
         gm = torch.fx.GraphModule(tracer.root, graph)
         called = {n.target for n in graph.nodes if n.op == "call_module"}
         return Traced(gm, sorted(p for p in opaque if p in called), tracer.calls)

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from bnfold import fuse_onnx
+from bnfold.render import Output
+from bnfold.render.fold import render_fold
 from onnx_builders import bn_count, run
 import onnx_lookalikes as lookalikes
+import spellings  # examples/, on the path through onnx_lookalikes
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,7 @@ def exported(tmp_path_factory):
                 "levit_dynamo": (lookalikes.levit, lookalikes.export_dynamo),
                 "repvgg_legacy": (lookalikes.repvgg, lookalikes.export_legacy),
                 "resnet_dynamo": (lambda: lookalikes.zoo.build("resnet18"), lookalikes.export_dynamo),
+                "frozen_bn_legacy": (lambda: (spellings.frozen_bn(), (3, 32, 32)), lookalikes.export_legacy),
             }[name]
             net, shape = build()
             x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
@@ -81,3 +85,21 @@ def test_dynamo_resnet_biases_computed_at_run_time_fold(exported):
     assert bn_count(fused) == 0
     assert not [n for n in fused.graph.node if n.op_type in ("Expand", "CastLike")]
     _check_equal(net, x, model, fused)
+
+
+def test_frozen_batchnorm_resnet_counts_one_site_per_bn(exported, capsys):
+    """torchvision's FrozenBatchNorm2d exports as a Mul and an Add per BN: 40 nodes fold, 20 BN-like
+    sites, counted as the user counts them in the text and in --json (one entry per node stays)."""
+    net, x, model, fused, report = exported("frozen_bn_legacy")
+    frozen = sum(isinstance(m, spellings.FrozenBatchNorm2d) for m in net.modules())
+    assert frozen == 20 and bn_count(model) == 0
+    assert len(report.folded) == 2 * frozen and not report.skipped, report.skipped
+    data = report.to_dict()
+    assert data["sites"] == {"folded": frozen, "kept": 0, "folded_kinds": {"Mul+Add": frozen}, "kept_kinds": {}}
+    assert len({f["site"] for f in data["folded"]}) == frozen and [f["op"] for f in data["folded"][:2]] == ["Mul", "Add"]
+    render_fold(report, Output())
+    text = " ".join(capsys.readouterr().out.split())  # as rich wraps it, joined
+    assert f"folded {frozen} BN-like sites ({frozen} Mul+Add)" in text and "BatchNormalization" not in text
+    assert not [n for n in fused.graph.node if n.op_type in ("Mul", "Sqrt", "Reciprocal")]
+    _check_equal(net, x, model, fused)
+

@@ -102,15 +102,6 @@ def matmul_no_constant():
     return make_model(nodes, [vi("x", [3, 4]), vi("w", [4, 6])], [vi("y", None)], inits), "no constant operand"
 
 
-def quantized_weight():
-    inits = bn_inits("bn", 4, RNG) + [
-        init("Wq", RNG.integers(-100, 100, (4, 3, 3, 3)).astype(np.int8)),
-        init("wscale", np.array(0.01, np.float32)), init("wzp", np.array(0, np.int8))]
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "wscale", "wzp"], ["W"], name="dq"),
-             helper.make_node("Conv", ["x", "W"], ["z"], name="conv"), bn_node("z", "y")]
-    return make_model(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", None)], inits), "quantized (DequantizeLinear)"
-
-
 def fp16_overflow():
     """s = γ/sqrt(σ²+ε) ≈ 6e4/1e-2: the fp16 weight would overflow to inf."""
     case = conv_case(dtype=np.float16, bias=False)
@@ -131,7 +122,7 @@ def gemm_c_not_constant():
 SKIPS = {f.__name__: f for f in (
     other_consumer, graph_output, weight_not_constant, bn_param_not_constant, training_mode, extra_outputs,
     is_test_zero_opset6, spatial_zero, producer_not_foldable, bn_on_graph_input, matmul_channel_axis_mismatch,
-    matmul_rank_unknown, matmul_no_constant, quantized_weight, fp16_overflow, gemm_c_not_constant)}
+    matmul_rank_unknown, matmul_no_constant, fp16_overflow, gemm_c_not_constant)}
 
 
 @pytest.mark.parametrize("name", list(SKIPS))
