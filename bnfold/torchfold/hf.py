@@ -125,7 +125,7 @@ def _sort_other_files(folder: HfFolder, names: set[str]) -> None:
         folder.left_out.append(f"not copied: {', '.join(weights)} (weights bnfold did not fold; the output's "
                                f"weights are {', '.join(s.name for s in folder.shards[:2])}"
                                f"{', …' if len(folder.shards) > 2 else ''})")
-    folders = sorted(n for n in names if (folder.path / n).is_dir() and not (folder.path / n).is_symlink())
+    folders = sorted(n for n in names if (folder.path / n).is_dir())
     if folders:
         folder.left_out.append(f"not copied: subfolder(s) {', '.join(folders)} (only the folder's top-level "
                                "files are copied)")
