@@ -122,14 +122,14 @@ def _sort_other_files(folder: HfFolder, names: set[str]) -> None:
     used = {CONFIG_NAME, folder.index} | {s.name for s in folder.shards}
     weights = sorted(n for n in names - used if n.endswith(WEIGHT_SUFFIXES) or n in (SAFE_INDEX, BIN_INDEX))
     if weights:
-        folder.left_out.append(f"not copied: {', '.join(weights)} (weights bnfold did not fold; the output's "
-                               f"weights are {', '.join(s.name for s in folder.shards[:2])}"
+        folder.left_out.append(f"not copied: {', '.join(weights)} (weights or pickles bnfold did not fold; "
+                               f"the output's weights are {', '.join(s.name for s in folder.shards[:2])}"
                                f"{', …' if len(folder.shards) > 2 else ''})")
     folders = sorted(n for n in names if (folder.path / n).is_dir())
     if folders:
         folder.left_out.append(f"not copied: subfolder(s) {', '.join(folders)} (only the folder's top-level "
                                "files are copied)")
-    folder.copied = sorted(n for n in names - used - set(weights) - set(folders) if n != folder.index)
+    folder.copied = sorted(names - used - set(weights) - set(folders))
     if folder.index:
         folder.copied.append(folder.index)
     for name in folder.copied:

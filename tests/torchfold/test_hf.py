@@ -144,7 +144,8 @@ def test_calibrated_folder_loads_strictly(resnet, tmp_path):
     data = tmp_path / "calib.npz"
     np.savez(data, pixel_values=np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32))
     out = tmp_path / "calibrated"
-    assert cli(["calibrate", str(folders["safetensors"]), "--data", str(data), "--batch-size", "4", "-o", str(out)]) == 0
+    args = ["calibrate", str(folders["safetensors"]), "--data", str(data), "--batch-size", "4", "-o", str(out)]
+    assert cli(args) == 0
     model, original = load_back(out), load_back(folders["safetensors"])
     stats = [(a.running_mean, b.running_mean) for a, b in zip(model.modules(), original.modules())
              if isinstance(a, torch.nn.BatchNorm2d)]
