@@ -1,13 +1,16 @@
 """What kind of model a file holds, read from its content, not its suffix."""
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
 from .errors import BadInput
 
 ONNX = "onnx"
-TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict, safetensors
+TORCH = "torch"  # any PyTorch checkpoint: pickle, TorchScript, torch.export, state_dict, safetensors,
+# or a Hugging Face save_pretrained folder (a directory with config.json)
+CONFIG_NAME = "config.json"
 
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
@@ -18,7 +21,7 @@ def check_readable(path: Path) -> Path:
     if not path.exists():
         raise BadInput("no such file", path)
     if path.is_dir():
-        raise BadInput("is a directory, not a model file", path)
+        raise BadInput(f"is a directory, not a model file (nor a Hugging Face folder: no {CONFIG_NAME} in it)", path)
     if not path.is_file():
         raise BadInput("is not a regular file", path)
     if path.stat().st_size == 0:
@@ -26,7 +29,23 @@ def check_readable(path: Path) -> Path:
     return path
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face save_pretrained folder: a directory holding config.json."""
+    path = Path(path)
+    return path.is_dir() and os.path.lexists(path / CONFIG_NAME)
+
+
+def stored_size(path: str | Path) -> int:
+    """A file's size, or the total of a folder's top-level files."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
 def detect_format(path: str | Path) -> str:
+    if is_hf_folder(path):
+        return TORCH
     path = check_readable(Path(path))
     with open(path, "rb") as fh:
         head = fh.read(64)

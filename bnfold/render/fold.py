@@ -63,6 +63,8 @@ def _torch_counts(report: FoldReport, con) -> str:
     if report.identity_bns and report.identity_bns == len(report.folded) and report.format in (
             "state_dict", "safetensors", "checkpoint"):
         how = " (kept as identity so the state_dict loads strictly)"
+    elif report.identity_bns and report.identity_bns == len(report.folded) and report.format == "hf-folder":
+        how = " (kept as identity so from_pretrained loads the folder strictly)"
     elif report.identity_bns:
         how = f" ({report.identity_bns} kept in place as identities, see the notes)"
     else:

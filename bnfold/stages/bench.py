@@ -120,6 +120,11 @@ def _run_onnxruntime(report: BenchReport, original: Path, fused: Path | None, op
         options = _batches_the_export_takes(onnx_a, original, options, load, report.notes)
         if options is None:
             return
+        if options.shapes or options.data:  # one input, two names: the forward's (x) or the export's (input)
+            from ..torchfold.inputs import for_the_export
+
+            shapes, data = for_the_export(original, load, options.data, tmp)
+            options = dataclasses.replace(options, shapes=shapes, data=data)
     else:
         onnx_a = original
         onnx_b = fused if fused is not None else Path(fuse_file(original, tmp / original.name).output)

@@ -9,7 +9,8 @@ from pathlib import Path
 from .. import detect
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..report import CalibrationReport
-from .staging import Staging, move_into_place, remove_replaced, resolve_output
+from .staging import (Staging, move_folder_into_place, move_into_place, remove_replaced, resolve_folder_output,
+                      resolve_output)
 
 
 def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Path | None = None,
@@ -20,7 +21,11 @@ def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Pat
     variance, load = variance or VarianceOptions(), load or LoadOptions()
     onnx_input = detect.detect_format(src) == detect.ONNX
     used = _input_files(src) if onnx_input else {src.resolve()}
-    dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated", protected=used)
+    folder = detect.is_hf_folder(src)  # a Hugging Face folder is written as a folder
+    if folder:
+        dst = resolve_folder_output(src, Path(output) if output else None, in_place, tag="calibrated")
+    else:
+        dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated", protected=used)
     with Staging(dst) as stage:
         staged = stage.output()
         if onnx_input:
@@ -32,7 +37,7 @@ def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Pat
             from ..torchfold.calibrate import calibrate_torch_file  # torch only on the torch path
 
             report = calibrate_torch_file(src, staged, options, variance, load, progress)
-        written = move_into_place(staged, dst)
+        written = move_folder_into_place(staged, dst, stage) if folder else move_into_place(staged, dst)
     if in_place:
         remove_replaced(used, written, dst)
     report.input, report.output = str(src), str(dst)

@@ -14,7 +14,8 @@ from .. import detect
 from ..errors import UsageError
 from ..options import FuseOptions
 from ..report import FoldReport
-from .staging import Staging, move_into_place, remove_replaced, resolve_output
+from .staging import (Staging, move_folder_into_place, move_into_place, remove_replaced, resolve_folder_output,
+                      resolve_output)
 from .verify import verify
 
 TORCH_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -32,7 +33,11 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
         raise UsageError(f"an ONNX model can only be written as ONNX, not --to {options.to}", src)
     suffix = ".onnx" if kind == detect.ONNX else TORCH_SUFFIX.get(options.to)
     used = _input_files(kind, src)
-    dst = resolve_output(src, Path(output) if output else None, in_place, suffix, protected=used)
+    folder_out = detect.is_hf_folder(src) and options.to == "same"  # a Hugging Face folder, written as one
+    if folder_out:
+        dst = resolve_folder_output(src, Path(output) if output else None, in_place)
+    else:
+        dst = resolve_output(src, Path(output) if output else None, in_place, suffix, protected=used)
     with Staging(dst) as stage:
         staged = stage.output()
         reference = None
@@ -43,7 +48,7 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
         report.notes += notes
         if options.verify is not None and not _verified(src, reference, staged, options, report):
             return report
-        written = move_into_place(staged, dst)
+        written = move_folder_into_place(staged, dst, stage) if folder_out else move_into_place(staged, dst)
     if in_place:
         report.notes += [f"removed {p.name}: the input's data, replaced" for p in remove_replaced(used, written, dst)]
     report.output = str(dst)
@@ -72,6 +77,8 @@ def _input_files(kind: str, src: Path) -> set[Path]:
         from ..onnxfold.io import input_files
 
         return input_files(src)
+    if src.is_dir():  # a Hugging Face folder: no output replaces any file in it
+        return {src.resolve(), *(p.resolve() for p in src.iterdir())}
     return {src.resolve()}
 
 
@@ -113,4 +120,4 @@ def _output_size(dst: Path, kind: str, options: FuseOptions) -> int:
 
     if kind == detect.ONNX or options.to == "onnx":
         return file_size(dst)
-    return dst.stat().st_size
+    return detect.stored_size(dst)

@@ -20,11 +20,14 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
                    tag: str = "fused", protected: set[Path] = frozenset()) -> Path:
     """Where to write. `protected`: resolved files the input uses (its external data), which
     no output may replace; only --in-place may replace the input itself."""
+    _refuse_folder_in_place(src, in_place)
     if in_place:
         if output is not None and Path(output).resolve() != Path(src).resolve():
             raise UsageError("--in-place and -o name different files; give one of them", output)
         return Path(src)
     dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
+    if Path(src).is_dir() and Path(src).resolve() in dst.resolve().parents:
+        raise OutputExists("output would be written inside the input folder; write it beside the folder", dst)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
     if dst.exists() and dst.resolve() in protected:
@@ -33,6 +36,26 @@ def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str |
         raise UsageError("output path is a directory", dst)
     if dst.exists() and not dst.is_file():
         raise UsageError("output path exists and is not a regular file (a device, FIFO or socket); refused", dst)
+    if not dst.parent.is_dir():
+        raise UsageError("output directory does not exist", dst.parent)
+    return dst
+
+
+def _refuse_folder_in_place(src: Path, in_place: bool) -> None:
+    if in_place and Path(src).is_dir():
+        raise UsageError("a model folder is never rewritten in place; write the result to -o OUT/", src)
+
+
+def resolve_folder_output(src: Path, output: Path | None, in_place: bool, tag: str = "fused") -> Path:
+    """Where a folder (a Hugging Face model) goes: `output`, or NAME.fused/ beside the input.
+    Never the input folder, inside it, or a folder that holds it."""
+    _refuse_folder_in_place(src, in_place)
+    dst = Path(output) if output is not None else src.with_name(f"{src.name}.{tag}")
+    source, target = src.resolve(), dst.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise OutputExists("output folder would be the input folder, inside it, or hold it", dst)
+    if dst.exists() and not dst.is_dir():
+        raise UsageError("output path exists and is not a folder (a model folder is written as a folder)", dst)
     if not dst.parent.is_dir():
         raise UsageError("output directory does not exist", dst.parent)
     return dst
@@ -73,6 +96,22 @@ def move_into_place(staged: Path, dst: Path) -> list[Path]:
             os.replace(part, written[-1])
     os.replace(staged, dst)
     return [*written, dst]
+
+
+def move_folder_into_place(staged: Path, dst: Path, stage: Staging) -> list[Path]:
+    """The staged folder renamed to `dst`. An existing `dst` is replaced only when it holds
+    nothing but files the new folder writes (an earlier run's output); it is moved into the
+    staging folder first, and removed with it."""
+    if dst.exists():
+        ours = {p.name for p in staged.iterdir()}
+        foreign = sorted(p.name for p in dst.iterdir() if p.is_symlink() or not p.is_file() or p.name not in ours)
+        if foreign:
+            raise OutputExists(f"output folder exists and holds {', '.join(foreign[:3])}"
+                               f"{', …' if len(foreign) > 3 else ''}, which this output would not write; "
+                               "choose another -o or remove them", dst)
+        os.replace(dst, stage.path("replaced"))
+    os.replace(staged, dst)
+    return [dst / p.name for p in dst.iterdir()]
 
 
 def remove_replaced(used: set[Path], written: list[Path], keep: Path) -> list[Path]:

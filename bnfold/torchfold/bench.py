@@ -19,17 +19,18 @@ from torch import nn
 
 from ..check.inputs import describe_inputs
 from ..check.timing import Plan, ab_makers, batch_of, bench_result, offset_progress, time_blocks, use_thread_clock
+from ..detect import stored_size
 from ..errors import BadInput, MissingProvider, UsageError
 from ..options import BenchOptions, FuseOptions, LoadOptions
 from ..report import BenchResult, InputInfo, ModelInfo
 from .fuse import fuse_module, fuse_torch_file
 from .inputs import check_fixed_batch, example_for, fixed_batch
-from .io import EXPORT, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch, runnable
+from .io import EXPORT, HF_FOLDER, PICKLE, STATE_DICT, TORCHSCRIPT, TorchSource, load_torch, runnable
 
 EAGER, SCRIPT, EXPORTED = "eager", "torchscript", "export"
 # The forms a checkpoint of each kind can be timed in; the first is its own.
 FORMS = {PICKLE: (EAGER, SCRIPT, EXPORTED), STATE_DICT: (EAGER, SCRIPT, EXPORTED), TORCHSCRIPT: (SCRIPT,),
-         EXPORT: (EXPORTED,)}
+         EXPORT: (EXPORTED,), HF_FOLDER: (EAGER, SCRIPT, EXPORTED)}
 CUDA_HINT = "a CUDA build of torch (https://pytorch.org/get-started/locally/) and an NVIDIA driver"
 
 
@@ -206,7 +207,7 @@ def module_info(path: Path | None, module, kind: str) -> ModelInfo:
     """The checkpoint's size (None: made here), and its layers and BNs as torch runs them: leaf
     modules (eager), ATen calls (TorchScript, inlined), graph calls (export)."""
     nodes, bns = count_layers(module)
-    return ModelInfo(str(path or ""), Path(path).stat().st_size if path else None, nodes, bns, kind)
+    return ModelInfo(str(path or ""), stored_size(path) if path else None, nodes, bns, kind)
 
 
 def count_layers(module) -> tuple[int | None, int | None]:

@@ -9,7 +9,7 @@ from ..errors import BadInput
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
 from .inputs import dynamic_dims, example_for
-from .io import EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, save_bytes, torch_bytes
+from .io import EXPORT, HF_FOLDER, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, save_bytes, torch_bytes
 from .onnx_export import onnx_dynamic_axes, write_onnx
 
 
@@ -38,7 +38,8 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
 
 def write_same(source: TorchSource, folded: list, dst: Path) -> None:
     """The file as it came, with each weight set folded: a checkpoint dict keeps its other keys,
-    a state_dict its keys, prefix, dtypes and _metadata, a safetensors file its metadata."""
+    a state_dict its keys, prefix, dtypes and _metadata, a safetensors file its metadata, a
+    Hugging Face folder its files and sharding (`dst` is then a folder)."""
     module = folded[0]
     if source.kind == TORCHSCRIPT:
         atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
@@ -46,6 +47,10 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
         args, kwargs = source.module.example_inputs or ((), {})
         program = export_program(module, args, kwargs, dynamic_dims(source.module))
         atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+    elif source.kind == HF_FOLDER:
+        from .hf import write_folder
+
+        write_folder(source.folder, source.sets[0].layout, module, dst)
     elif source.kind == SAFETENSORS:
         from .safetensors_io import safetensors_bytes
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..detect import stored_size
 from ..errors import BadInput, UsageError
 from ..options import FuseOptions, LoadOptions
 from ..report import CalibrationReport, FoldedBN, FoldReport, SkippedBN, VarianceCorrection, WeightSetReport
@@ -20,13 +21,17 @@ from .inputs import example_inputs
 from .branches import merge_exported, merge_module
 from .apply import fold_module
 from .export import count_aten_bn, fold_exported
-from .io import EAGER, EXPORT, TORCHSCRIPT, TorchSource, load_torch
+from .io import EAGER, EXPORT, HF_FOLDER, TORCHSCRIPT, TorchSource, load_torch
 from .sites import copy_module
 from .variance import correct_torch_variance
 
 STATE_DICT_NOTE = ("state_dict: each folded BN is set to the identity (γ=1, β=0, μ=0, σ²=1−ε) so the file loads "
                    "into the original architecture with strict=True; to remove the BN cost use --to onnx, "
                    "--to pt2, or bnfold.fuse_module at load time")
+HF_FOLDER_NOTE = ("Hugging Face folder: each folded BN is set to the identity (γ=1, β=0, μ=0, σ²=1−ε) because "
+                  "from_pretrained rebuilds the original architecture, BNs and all, from config.json; to remove "
+                  "the BN cost write -o NAME.onnx or -o NAME.pt2, or call bnfold.fuse_module on the model "
+                  "from_pretrained returns")
 
 
 def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = None,
@@ -92,7 +97,7 @@ def fuse_torch_file(src: Path, target: Path, options: FuseOptions, reference: Pa
         raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "
                        f"({report.notes[0] if report.notes else ''})", src)
     report.variance, report.calibration = corrections, calibration
-    report.input, report.size_before = str(src), src.stat().st_size
+    report.input, report.size_before = str(src), stored_size(src)
     report.notes += write_module(source, folded, options.to, target, options.load)
     report.seconds = time.perf_counter() - start
     return report
@@ -147,7 +152,7 @@ def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None 
         keys = {ws.key for ws in sets}
         report.unchanged_keys = [str(k) for k in source.container if k not in keys]
     if any(ws.kind == STATE for ws in sets) and to == "same" and report.folded:
-        report.notes.append(STATE_DICT_NOTE)
+        report.notes.append(HF_FOLDER_NOTE if source.kind == HF_FOLDER else STATE_DICT_NOTE)
     return report, folded
 
 

@@ -6,6 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from ..check.arrays import read_file
 from ..errors import UsageError
 from ..options import LoadOptions
 from .guess import guess_example
-from .io import EXPORT, TorchSource, load_torch, sniff
+from .io import EXPORT, TorchSource, load_torch, runnable, sniff
 
 
 def input_names(module) -> list[str] | None:
@@ -22,10 +23,11 @@ def input_names(module) -> list[str] | None:
     params = forward_params(module)
     if params is None:
         return None
-    return params + ["input"] + [f"input{i}" for i in range(1, max(1, len(params)))]
+    return params + [export_name(i) for i in range(max(1, len(params)))]
 
 
 POSITIONAL_KEY = re.compile(r"(arr_\d+|input\d*)")  # np.savez's and bnfold's own names: by position
+POSITIONAL_EXPORT_NAME = re.compile(r"input(\d*)")
 
 
 def data_inputs(path: Path, module) -> tuple[torch.Tensor, ...]:
@@ -44,18 +46,27 @@ def data_inputs(path: Path, module) -> tuple[torch.Tensor, ...]:
 
 
 def forward_params(module) -> list[str] | None:
-    """The forward's parameter names, in order; None where it takes *args or cannot be read."""
+    """The forward's positional parameter names, in order (a `**kwargs` after them, as Hugging
+    Face models have, changes nothing: bnfold feeds by position); None where it takes *args or
+    cannot be read."""
     try:
         if isinstance(module, torch.jit.ScriptModule):
             params = [a.name for a in module.forward.schema.arguments[1:]]
         else:
             signature = inspect.signature(module.forward)
-            if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+            kinds = [p.kind for p in signature.parameters.values()]
+            if inspect.Parameter.VAR_POSITIONAL in kinds:
                 return None
-            params = list(signature.parameters)
+            params = [name for name, p in signature.parameters.items()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return None
     return params
+
+
+def export_name(position: int) -> str:
+    """The name bnfold's ONNX export gives the forward's input at `position`: input, input1, …"""
+    return f"input{position}" if position else "input"
 
 
 def check_shape_names(shapes: dict, module, path=None) -> None:
@@ -66,16 +77,43 @@ def check_shape_names(shapes: dict, module, path=None) -> None:
                          f"{[n for n in names if not n.startswith('input')] or names[:1]}", path)
 
 
+def ordered_shapes(shapes: dict[str, list[int]], module, path=None) -> list[list[int]]:
+    """--shape for a torch model, one per input in the forward's order. One input has two
+    names: its forward parameter and the ONNX export's name for its position (x and input);
+    either may be given, in any order, but not both, and no input before a given one may be
+    left out."""
+    check_shape_names(shapes, module, path)
+    params = forward_params(module) or []
+    by_position: dict[int, tuple[str, list[int]]] = {}
+    for k, (name, dims) in enumerate(shapes.items()):
+        positional = POSITIONAL_EXPORT_NAME.fullmatch(name)
+        position = params.index(name) if name in params else \
+            int(positional.group(1) or 0) if positional else k  # forward(*args): in the order given
+        if position in by_position:
+            raise UsageError(f"--shape gives input {position} twice ({by_position[position][0]} and {name})", path)
+        by_position[position] = (name, dims)
+    missing = [p for p in range(len(by_position)) if p not in by_position]
+    if missing:
+        what = params[missing[0]] if missing[0] < len(params) else export_name(missing[0])
+        raise UsageError(f"--shape gives no shape for input {missing[0]} ({what}), which comes before "
+                         f"{', '.join(n for n, _ in by_position.values())}", path)
+    return [by_position[p][1] for p in range(len(by_position))]
+
+
+def export_shapes(shapes: dict[str, list[int]], module, path=None) -> dict[str, list[int]]:
+    """--shape under the names bnfold's ONNX export gives the inputs (what onnxruntime is fed)."""
+    return {export_name(i): dims for i, dims in enumerate(ordered_shapes(shapes, module, path))}
+
+
 def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
     """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
     if options.example_input:
         return data_inputs(options.example_input, module)
     if options.shapes:
-        check_shape_names(options.shapes, module)
         dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
             else torch.float32
         g = torch.Generator().manual_seed(0)
-        return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in options.shapes.values())
+        return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in ordered_shapes(options.shapes, module))
     return guess_example(module) if isinstance(module, nn.Module) else None
 
 
@@ -101,6 +139,20 @@ def dynamic_dims(program) -> tuple | None:
     shapes = [{i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None
               for shape in user_input_shapes(program)]
     return tuple(shapes) if any(shapes) else None
+
+
+def for_the_export(path: Path, options: LoadOptions, data: Path | None, scratch: Path
+                   ) -> tuple[dict[str, list[int]], Path | None]:
+    """A checkpoint's --shape and --data under its ONNX export's input names, the ones
+    onnxruntime is fed (the checkpoint is loaded to read its forward); --data is rewritten
+    into `scratch` when its names are the forward's."""
+    module = runnable(load_torch(path, options))
+    shapes = export_shapes(options.shapes, module, path) if options.shapes else {}
+    if data is not None:
+        arrays = {export_name(i): t.numpy() for i, t in enumerate(data_inputs(data, module))}
+        data = scratch / "inputs.npz"
+        np.savez(data, **arrays)
+    return shapes, data
 
 
 def program_batch(path: Path, options: LoadOptions) -> int | None:

@@ -7,6 +7,7 @@
 | safetensors   | 8-byte header length + JSON header          | safetensors, after the header is checked; + --arch |
 | state_dict    | torch.load(weights_only=True) → tensors     | + --arch factory, strict load                |
 | torch-pickle  | a pickled nn.Module                         | torch.load, only with --trust-pickle         |
+| hf-folder     | a directory with config.json                | transformers' classes + its weights (hf.py)  |
 | checkpoint    | a dict holding modules (ultralytics)        | torch.load, only with --trust-pickle         |
 Unpickling runs code from the file, so it is refused unless the user trusts it; that includes a
 `.pt2` whose archive holds a pickle torch.export.load would unpickle. Which values of a dict are
@@ -30,14 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..detect import check_readable, looks_like_safetensors
+from ..detect import CONFIG_NAME, check_readable, is_hf_folder, looks_like_safetensors
 from ..errors import BadInput, UsageError
 from ..options import LoadOptions
 from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
 
 TORCHSCRIPT, EXPORT, STATE_DICT, PICKLE = "torchscript", "torch-export", "state_dict", "torch-pickle"
-CHECKPOINT, SAFETENSORS = "checkpoint", "safetensors"
-EAGER = (PICKLE, STATE_DICT, CHECKPOINT, SAFETENSORS)
+CHECKPOINT, SAFETENSORS, HF_FOLDER = "checkpoint", "safetensors", "hf-folder"
+EAGER = (PICKLE, STATE_DICT, CHECKPOINT, SAFETENSORS, HF_FOLDER)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TorchSource:
     sets: list[WeightSet]
     container: Any = None  # the checkpoint dict as loaded: its other keys are written back as they came
     file_metadata: dict | None = None  # safetensors' __metadata__
+    folder: Any = None  # a Hugging Face folder's files (hf.HfFolder), written back alike
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -57,6 +59,8 @@ class TorchSource:
 
 def sniff(path: Path) -> str:
     """The checkpoint kind, from the file's content."""
+    if is_hf_folder(path):
+        return HF_FOLDER
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -76,6 +80,13 @@ def sniff(path: Path) -> str:
 
 def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSource:
     options = options or LoadOptions()
+    if is_hf_folder(path):
+        from .hf import check_arch_unused, load_folder  # transformers is imported only for a folder
+
+        check_arch_unused(options.arch, Path(path))
+        folder, weights = load_folder(Path(path))
+        return TorchSource(HF_FOLDER, Path(path), [weights], folder=folder,
+                           notes=[f"{path}: {note}" for note in folder.left_out])
     path = check_readable(Path(path))
     kind = sniff(path)
     if kind == TORCHSCRIPT:
@@ -152,6 +163,9 @@ def _from_dict(path: Path, obj: dict, options: LoadOptions) -> TorchSource:
     """A state_dict, or a checkpoint dict: its modules, and its state_dicts that fit --arch."""
     if is_tensor_dict(obj):
         if options.arch is None:
+            hint = _folder_hint(path)
+            if hint:
+                raise UsageError(hint, path)
             raise UsageError("is a state_dict: pass --arch package.module:factory to build the module it belongs to",
                              path)
         arch = build_arch(options.arch, options.arch_kwargs or {})
@@ -182,6 +196,15 @@ def _from_dict(path: Path, obj: dict, options: LoadOptions) -> TorchSource:
     sets.sort(key=lambda s: list(obj).index(s.key))
     kind = CHECKPOINT if modules else STATE_DICT
     return TorchSource(kind, path, sets, container=obj, notes=notes)
+
+
+def _folder_hint(path: Path) -> str | None:
+    """A weights file from a Hugging Face or timm folder: what to pass instead."""
+    if not (path.parent / CONFIG_NAME).exists():
+        return None
+    from .hf import weights_hint
+
+    return weights_hint(path)
 
 
 def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: str,

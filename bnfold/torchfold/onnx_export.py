@@ -13,7 +13,7 @@ from ..check.runtime import session
 from ..errors import BadInput, BnfoldError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
-from .inputs import check_fixed_batch, dynamic_dims, example_for, fixed_batch
+from .inputs import check_fixed_batch, dynamic_dims, example_for, export_name, fixed_batch
 from .io import EXPORT, TorchSource, load_torch, runnable
 
 
@@ -91,7 +91,7 @@ def runs_at_other_sizes(data: bytes, example, dynamic: list[set[int]]) -> bool:
 def to_onnx(module, example, target, dynamic: list[set[int]] | None = None) -> None:
     """Legacy (TorchScript-based) exporter, eval mode, no constant folding: unfolded BNs stay BNs.
     `dynamic`: each input's dynamic axes (None: axis 0 of every input)."""
-    names = [f"input{i}" if i else "input" for i in range(len(example))]
+    names = [export_name(i) for i in range(len(example))]
     dynamic = [{0}] * len(names) if dynamic is None else dynamic
     axes = {name: {d: f"{name}_dim{d}" if d else "batch" for d in sorted(dims)}
             for name, dims in zip(names, dynamic) if dims}

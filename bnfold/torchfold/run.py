@@ -22,7 +22,7 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import OutputComparison, VerifyReport
-from .inputs import check_shape_names, data_inputs
+from .inputs import data_inputs, ordered_shapes
 from .guess import guess_example
 from .io import EXPORT, load_torch
 from .script_graph import guess_script_example
@@ -122,8 +122,7 @@ def _example(module, options: VerifyOptions, seed: int, path: Path,
         return tuple(t.to(dtype) if t.is_floating_point() else t for t in data_inputs(options.data, module))
     g = torch.Generator().manual_seed(seed)
     if options.shapes:
-        check_shape_names(options.shapes, module, path)
-        return tuple(torch.randn(*dims, generator=g).to(dtype) for dims in options.shapes.values())
+        return tuple(torch.randn(*dims, generator=g).to(dtype) for dims in ordered_shapes(options.shapes, module, path))
     if hint is not None:  # a fixed batch is the only one the program takes
         return tuple(torch.randn(options.batch_size or t.shape[0], *t.shape[1:], generator=g).to(t.dtype)
                      if t.ndim and t.is_floating_point() else t for t in hint)
