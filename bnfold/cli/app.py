@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import traceback
 
 import typer
@@ -11,6 +10,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from rich.console import Console
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError
+from ..render.terminal import libraries_silenced, own_stderr, printable
 
 app = typer.Typer(
     name="bnfold",
@@ -61,7 +61,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. Usage errors are click's (exit 2)."""
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _run(argv)
+        with libraries_silenced(debug=bool(os.environ.get(DEBUG_ENV))):
+            return _run(argv)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -79,7 +80,7 @@ def _run(argv: list[str] | None) -> int:
         return 128 + signum
     except ClickUsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `bnfold` alone: the help, as click shows it
-            exc.show()
+            exc.show(file=own_stderr())
             return exc.exit_code
         # One line, like every other error (click's own form is four: usage, hint, blank, error).
         where = exc.ctx.command_path if exc.ctx is not None else "bnfold"
@@ -112,8 +113,11 @@ def _debug() -> None:
     """With BNFOLD_DEBUG set, the traceback goes to stderr too; the exit code stays the one the
     error means (a CI job with debugging on must not read bad input as a failed gate)."""
     if os.environ.get(DEBUG_ENV):
-        traceback.print_exc()
+        traceback.print_exc(file=own_stderr())
 
 
 def _say(line: str) -> None:
-    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(line, markup=False)
+    """One line on stderr: names from files and options in it are shown with their control
+    characters escaped, so a file name with a newline cannot split it, nor ESC sequences
+    recolour the terminal."""
+    Console(file=own_stderr(), highlight=False, soft_wrap=True, emoji=False).print(printable(line), markup=False)

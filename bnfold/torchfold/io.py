@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import importlib
 import io
-import json
 import os
 import pickle
 import sys
@@ -32,6 +31,7 @@ from torch import nn
 
 from ..detect import check_readable, looks_like_safetensors
 from ..errors import BadInput, UsageError
+from ..json_reader import read_json
 from ..options import LoadOptions
 from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
 
@@ -82,7 +82,7 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
         return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.jit.load, str(path), map_location="cpu"),
                                                   TORCHSCRIPT)])
     if kind == EXPORT:
-        _refuse_pt2_pickles(path, options.trust_pickle)
+        check_pt2(path, options.trust_pickle)
         return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.export.load, str(path)), EXPORT)])
     if kind == SAFETENSORS:
         from .safetensors_io import load_safetensors
@@ -123,7 +123,10 @@ def _guard(path: Path, loader, *args, **kwargs):
     try:
         return loader(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 — torch raises many types for a bad archive
-        raise BadInput(f"cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
+        why = (str(exc).splitlines() or [""])[0][:120]
+        if "warnings above" in why:  # torch.export.load logged the cause, which bnfold does not show
+            why = "torch.export.load cannot deserialize it; BNFOLD_DEBUG=1 shows torch's log of why"
+        raise BadInput(f"cannot load ({type(exc).__name__}: {why})", path) from None
 
 
 def _load_pickled(path: Path, trust_pickle: bool, devices: SavedDevices):
@@ -195,33 +198,50 @@ def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: 
     return WeightSet(key, module, STATE, layout)
 
 
-def _refuse_pt2_pickles(path: Path, trust_pickle: bool) -> None:
-    if trust_pickle:
-        return
-    entry = next(iter(pt2_pickles(path)), None)
+PT2_JSON_LIMIT = 256 * 2**20  # bytes of one JSON entry (efficientnet-b0's model.json is 0.6 MB)
+
+
+def check_pt2(path: Path, trust_pickle: bool) -> None:
+    """Before torch.export.load reads anything: every JSON entry parses within json_reader's
+    bounds (torch's own parser would recurse into a deep one), and, unless trusted, no entry is
+    a pickle torch would unpickle."""
+    with zipfile.ZipFile(path) as archive:
+        configs = {info.filename: _pt2_json(archive, info, path) for info in archive.infolist()
+                   if info.filename.endswith(".json")}
+        entry = None if trust_pickle else next(iter(pt2_pickles(archive, configs)), None)
     if entry is not None:
         raise BadInput(f"{entry} is a pickle torch.export.load would unpickle, which runs code from the file: "
                        "pass --trust-pickle if you trust it", path)
 
 
-def pt2_pickles(path: Path) -> list[str]:
+def _pt2_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+    what = f"archive entry {info.filename}"
+    if info.file_size > PT2_JSON_LIMIT:  # checked before it is inflated
+        raise BadInput(f"{what} is {info.file_size} bytes, more than the {PT2_JSON_LIMIT} bnfold reads", path)
+    try:
+        data = archive.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"{what} cannot be read ({exc})", path) from None
+    return read_json(data, what, path, max_bytes=PT2_JSON_LIMIT)
+
+
+def pt2_pickles(archive: zipfile.ZipFile, configs: dict[str, object]) -> list[str]:
     """Entries of a `.pt2` that torch.export.load would unpickle with more than weights_only allows:
     payloads its configs mark use_pickle (or custom/opaque objects), and pickled entries (sample
     inputs, legacy weights) that a weights_only load refuses — torch then falls back to a full one."""
     risky = []
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if name.endswith("_config.json"):
-                risky += [f"{name} ({fqn})" for fqn in _pickled_payloads(archive.read(name))]
-            elif name.endswith(".pt") and not _weights_only_loads(archive.read(name)):
-                risky.append(name)  # sample inputs, legacy weights and constants: torch.load'ed
+    for name, config in configs.items():
+        if name.endswith("_config.json"):
+            risky += [f"{name} ({fqn})" for fqn in _pickled_payloads(config)]
+    for name in archive.namelist():
+        if name.endswith(".pt") and not _weights_only_loads(archive.read(name)):
+            risky.append(name)  # sample inputs, legacy weights and constants: torch.load'ed
     return risky
 
 
-def _pickled_payloads(config: bytes) -> list[str]:
-    try:
-        entries = json.loads(config).get("config", {})
-    except (ValueError, AttributeError):
+def _pickled_payloads(config) -> list[str]:
+    entries = config.get("config", {}) if isinstance(config, dict) else {}
+    if not isinstance(entries, dict):
         return []
     return [fqn for fqn, meta in entries.items() if isinstance(meta, dict) and (
         meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj", "opaque_obj")))]

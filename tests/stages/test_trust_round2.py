@@ -1,0 +1,244 @@
+"""Hostile and unlucky input, round two: JSON from files and options, what libraries print,
+full disks, sizes and arrays from the user, text reaching the terminal, files the output does
+not own. Each case ends in exit 0 with a correct output or exit 2 with one line; never exit 3,
+a traceback, a second line, a damaged input or a file left behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold.cli import run as cli
+from test_trust import EXE, conv_bn_model
+
+DEEP = "[" * 100_000 + "]" * 100_000
+LONG_INT = "9" * 5000
+
+
+def cli_result(args: list[str], capsys) -> tuple[int, list[str], str]:
+    """Exit code, stderr lines and stdout of one in-process run."""
+    code = cli(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def subprocess_result(args: list[str], cwd: Path | None = None, debug: bool = False, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
+    if debug:
+        env["BNFOLD_DEBUG"] = "1"
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
+                          **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
+
+
+ARCH = "from torch import nn\n\ndef build(**kwargs):\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory) -> Path:
+    """A folder with a safetensors state_dict and the --arch module it fits, a pickled module,
+    and a .pt2 of the same network."""
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    folder = tmp_path_factory.mktemp("torch")
+    (folder / "arch.py").write_text(ARCH)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    save_file(model.state_dict(), folder / "m.safetensors")
+    torch.save(model, folder / "m.pt")
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), folder / "m.pt2")
+    return folder
+
+
+def with_header(src: Path, dst: Path, header: str) -> Path:
+    """`src` (safetensors) with its JSON header replaced by `header`, data unchanged."""
+    blob = src.read_bytes()
+    data = blob[8 + int.from_bytes(blob[:8], "little"):]
+    raw = header.encode()
+    dst.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return dst
+
+
+def with_entry(src: Path, dst: Path, suffix: str, payload: bytes) -> Path:
+    """`src` (a zip archive) with the entry whose name ends in `suffix` replaced by `payload`."""
+    with zipfile.ZipFile(src) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, payload if name.endswith(suffix) else data)
+    return dst
+
+
+# -- 1. JSON from files and options ---------------------------------------------------------
+
+def _header_with(src: Path, extra: str) -> str:
+    blob = src.read_bytes()
+    header = blob[8:8 + int.from_bytes(blob[:8], "little")].decode().rstrip()  # padded with spaces
+    return header[:-1] + f', "__x__": {extra}}}'
+
+
+JSON_CASES = {
+    "safetensors_deep": ("safetensors", DEEP, "levels deep"),
+    "safetensors_deep_in_a_value": ("safetensors_value", DEEP, "levels deep"),
+    "safetensors_long_integer": ("safetensors_value", LONG_INT, "5000 digits"),
+    "pt2_model_json_deep": ("pt2:models/model.json", DEEP, "levels deep"),
+    "pt2_weights_config_deep": ("pt2:model_weights_config.json", DEEP, "levels deep"),
+    "pt2_constants_config_long_integer": ("pt2:model_constants_config.json", '{"config": {"a": %s}}' % LONG_INT,
+                                          "5000 digits"),
+    "arch_kwargs_deep": ("arch_kwargs", DEEP, "levels deep"),
+    "arch_kwargs_long_integer": ("arch_kwargs", '{"n": %s}' % LONG_INT, "5000 digits"),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_deep_or_huge_json_is_one_line_exit_2(torch_files, tmp_path, monkeypatch, capsys, case):
+    where, text, expected = JSON_CASES[case]
+    monkeypatch.chdir(torch_files)  # --arch imports arch.py from the working folder
+    args = ["--arch", "arch:build", "-o", str(tmp_path / "out.safetensors")]
+    if where == "safetensors":
+        src = with_header(torch_files / "m.safetensors", tmp_path / "m.safetensors", text)
+    elif where == "safetensors_value":
+        src = with_header(torch_files / "m.safetensors", tmp_path / "m.safetensors",
+                          _header_with(torch_files / "m.safetensors", text))
+    elif where == "arch_kwargs":
+        src = torch_files / "m.safetensors"
+        args += ["--arch-kwargs", text]
+    else:
+        src = with_entry(torch_files / "m.pt2", tmp_path / "m.pt2", where.split(":")[1], text.encode())
+        args = ["-o", str(tmp_path / "out.pt2")]
+    code, err, _ = cli_result(["fuse", str(src), *args], capsys)
+    assert code == 2 and len(err) == 1 and expected in err[0], (code, err)
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "out.pt2").exists()
+
+
+def test_bounded_json_still_reads_what_torch_writes(torch_files, tmp_path, capsys):
+    """The bounds leave real archives alone: the .pt2 fuses, and the result verifies."""
+    out = tmp_path / "f.pt2"
+    code, err, _ = cli_result(["fuse", str(torch_files / "m.pt2"), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert cli(["verify", str(torch_files / "m.pt2"), str(out)]) == 0
+
+
+# -- 2. Nothing a library logs or prints reaches stderr ----------------------------------------
+
+def _schema_mismatch(torch_files: Path, tmp_path: Path) -> Path:
+    """A .pt2 whose model.json says a schema version torch does not read: torch.export.load
+    logs its own traceback, then raises."""
+    with zipfile.ZipFile(torch_files / "m.pt2") as archive:
+        name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        model = json.loads(archive.read(name))
+    model["schema_version"]["major"] = 999
+    return with_entry(torch_files / "m.pt2", tmp_path / "bad.pt2", "models/model.json", json.dumps(model).encode())
+
+
+def test_torch_logs_reach_stderr_only_with_debug(torch_files, tmp_path):
+    src = _schema_mismatch(torch_files, tmp_path)
+    quiet = subprocess_result(["fuse", str(src)])
+    lines = quiet.stderr.strip().splitlines()
+    assert quiet.returncode == 2 and len(lines) == 1 and "cannot load" in lines[0], quiet.stderr
+    loud = subprocess_result(["fuse", str(src)], debug=True)
+    assert loud.returncode == 2 and "Ran into the following error when deserializing" in loud.stderr
+
+
+DATA_DEPENDENT = """import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # neither torch.fx nor torch.export can trace this
+            return y * 2
+        return y
+"""
+
+
+def test_torch_export_failure_dump_stays_off_stderr(tmp_path):
+    """torch.export prints the partial graph of a failed export to sys.stderr itself."""
+    (tmp_path / "branchy.py").write_text(DATA_DEPENDENT)
+    subprocess.run([sys.executable, "-c", "import torch, branchy; torch.manual_seed(0); "
+                    "torch.save(branchy.Branchy().eval(), 'b.pt')"], cwd=tmp_path, check=True)
+    proc = subprocess_result(["fuse", "b.pt", "--trust-pickle", "-o", "out.pt"], cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 1 and "def forward" not in proc.stderr, proc.stderr
+    if proc.returncode == 2:
+        assert lines[0].startswith("bnfold: error:"), lines
+    else:
+        assert proc.returncode == 0 and (tmp_path / "out.pt").is_file(), proc.stderr
+
+
+# -- 6. Text from files reaching the terminal ---------------------------------------------------
+
+EVIL = "\x1b[31mred\x1b[0m\x1b]8;;http://evil.example/\x1b\\link\x1b]8;;\x1b\\\nline two [bold]B[/bold] :fire: \u202eRLO"
+UNSAFE_CHARS = ("\x1b", "\u202e", "\x07", "\U0001f525")  # ESC, RLO, BEL, and :fire: as an emoji
+
+
+def evil_model() -> onnx.ModelProto:
+    """Every name a report shows carries control characters and rich markup."""
+    model = conv_bn_model()
+    graph = model.graph
+    for node in graph.node:
+        node.name += EVIL
+    for value in (graph.input[0], graph.output[0]):
+        old = value.name
+        value.name += EVIL
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = value.name
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = value.name
+    return model
+
+
+def _shown_safely(text: str) -> None:
+    assert not any(c in text for c in UNSAFE_CHARS), repr(text)
+    assert "[bold]B[/bold]" in text and ":fire:" in text and "\\x1b" in text  # shown, not interpreted
+
+
+@pytest.mark.parametrize("command", ["fuse", "verify"])
+def test_names_with_control_characters_are_escaped_in_reports(tmp_path, capsys, command):
+    src = tmp_path / "m.onnx"
+    onnx.save(evil_model(), str(src))
+    args = ["fuse", str(src)] if command == "fuse" else ["verify", str(src), str(src)]
+    code, _, out = cli_result(args, capsys)
+    assert code == 0
+    _shown_safely(out)
+    code, _, out = cli_result([*args, "--json"], capsys)
+    data = json.loads(out)  # JSON escapes by itself and keeps the names exact
+    assert code == 0 and (data["folded"][0]["bn"] if command == "fuse" else data["inputs"][0]["name"]).endswith(EVIL)
+
+
+def test_an_error_naming_a_file_with_a_newline_stays_one_line(tmp_path, capsys):
+    src = tmp_path / f"m{EVIL.replace('/', '|')}.onnx"
+    src.write_bytes(b"not a model")
+    code, err, _ = cli_result(["fuse", str(src)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert not any(c in err[0] for c in UNSAFE_CHARS) and "\\x1b[31mred" in err[0] and "\\nline two" in err[0], err
+
+
+def test_an_error_naming_an_input_with_control_characters_is_escaped(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(evil_model(), str(src))
+    code, err, _ = cli_result(["verify", str(src), str(src), "--shape", f"q{EVIL}=1,3,6,6"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert not any(c in err[0] for c in UNSAFE_CHARS), repr(err[0])
