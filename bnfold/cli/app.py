@@ -1,6 +1,7 @@
 """The Typer app and the one place that turns errors into exit codes."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import traceback
@@ -9,6 +10,7 @@ import typer
 from typer._click.exceptions import UsageError as ClickUsageError
 from rich.console import Console
 
+from .. import interrupts
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError
 from ..render.terminal import libraries_silenced, own_stderr, printable
 
@@ -44,22 +46,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGHUP, raised where the program is, so every staging folder and scratch
-    file is removed on the way out (the default action would kill the process on the spot)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _interrupt(signum, _frame) -> None:
-    raise Interrupted(signum)
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. Usage errors are click's (exit 2)."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, interrupts.handle) for sig in interrupts.HANDLED}
     try:
         with libraries_silenced(debug=bool(os.environ.get(DEBUG_ENV))):
             return _run(argv)
@@ -74,8 +63,8 @@ def _run(argv: list[str] | None) -> int:
         return code if isinstance(code, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    except (KeyboardInterrupt, interrupts.Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, interrupts.Interrupted) else signal.SIGINT
         _say(f"bnfold: interrupted by {signal.Signals(signum).name}; nothing was written")
         return 128 + signum
     except ClickUsageError as exc:
@@ -94,7 +83,9 @@ def _run(argv: list[str] | None) -> int:
     except OSError as exc:  # the disk is full, a folder is not writable, …: the machine, not the model
         _debug()
         where = f"{exc.filename}: " if exc.filename else ""
-        _say(f"bnfold: error: {where}{exc.strerror or exc} (set {DEBUG_ENV}=1 for the traceback)")
+        full = "; the disk is full or a file-size limit was reached, nothing was written" \
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        _say(f"bnfold: error: {where}{exc.strerror or exc}{full} (set {DEBUG_ENV}=1 for the traceback)")
         return EXIT_BAD_INPUT
     except BnfoldError as exc:
         _debug()

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputExists, UsageError
+from ..interrupts import held
 
 
 def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused") -> Path:
@@ -46,12 +47,19 @@ class Staging:
         self.dir: Path | None = None
 
     def __enter__(self) -> "Staging":
-        self.dir = Path(tempfile.mkdtemp(prefix=".bnfold-stage-", dir=self.dst.parent))
+        try:
+            with held():  # a signal between mkdtemp and the assignment would leave the folder behind
+                self.dir = Path(tempfile.mkdtemp(prefix=".bnfold-stage-", dir=self.dst.parent))
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        with held():
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
 
     def path(self, name: str) -> Path:
         """A private file (a reference model, …), in a subfolder so it can never be taken for
@@ -67,11 +75,12 @@ def move_into_place(staged: Path, dst: Path) -> list[Path]:
     """The staged file and its data files (named after it) renamed beside `dst`, data first so
     the model never points at a missing file; returns the paths written."""
     written = []
-    for part in sorted(staged.parent.iterdir()):
-        if part.is_file() and part.name.startswith(staged.name + "."):
-            written.append(dst.with_name(part.name))
-            os.replace(part, written[-1])
-    os.replace(staged, dst)
+    with held():  # the model and its data move together
+        for part in sorted(staged.parent.iterdir()):
+            if part.is_file() and part.name.startswith(staged.name + "."):
+                written.append(dst.with_name(part.name))
+                os.replace(part, written[-1])
+        os.replace(staged, dst)
     return [*written, dst]
 
 

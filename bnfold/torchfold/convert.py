@@ -9,11 +9,9 @@ from ..errors import BadInput
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
 from .inputs import dynamic_dims, example_for
-from .io import EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, save_bytes, torch_bytes
+from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, program_bytes, save_bytes, script_bytes,
+                 torch_bytes)
 from .onnx_export import onnx_dynamic_axes, write_onnx
-
-
-SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
 
 def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> list[str]:
@@ -29,10 +27,9 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
         write_onnx(module, example, dst, onnx_dynamic_axes(source), notes, source.path)
     elif to == "torchscript":
         traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
-        atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
+        save_bytes(dst, script_bytes(traced))
     else:
-        program = export_program(module, example, {})
-        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+        save_bytes(dst, program_bytes(export_program(module, example, {})))
     return notes
 
 
@@ -41,11 +38,10 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
     a state_dict its keys, prefix, dtypes and _metadata, a safetensors file its metadata."""
     module = folded[0]
     if source.kind == TORCHSCRIPT:
-        atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
+        save_bytes(dst, script_bytes(module))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
-        program = export_program(module, args, kwargs, dynamic_dims(source.module))
-        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+        save_bytes(dst, program_bytes(export_program(module, args, kwargs, dynamic_dims(source.module))))
     elif source.kind == SAFETENSORS:
         from .safetensors_io import safetensors_bytes
 

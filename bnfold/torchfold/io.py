@@ -279,7 +279,10 @@ def build_arch(spec: str, kwargs: dict) -> nn.Module:
 
 
 def atomic_write(dst: Path, write) -> Path:
-    """Call write(tmp_path), then rename the finished file into place."""
+    """Call write(tmp_path), then rename the finished file into place. `write` must raise on
+    a failed write: torch's C++ archive writers abort the process instead when the disk is
+    full (a C++ exception in a destructor), so their bytes are made in memory (script_bytes,
+    program_bytes) and written here from Python, where a full disk is an OSError."""
     fd, tmp = tempfile.mkstemp(prefix=".bnfold-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
     try:
@@ -298,6 +301,20 @@ def save_bytes(dst: Path, data: bytes) -> Path:
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def script_bytes(module) -> bytes:
+    """A TorchScript archive, made in memory."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()
+
+
+def program_bytes(program) -> bytes:
+    """A torch.export archive (.pt2), made in memory."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
     return buffer.getvalue()
 
 

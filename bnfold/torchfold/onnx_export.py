@@ -43,7 +43,7 @@ def write_onnx(module, example, dst: Path, dynamic: list[set[int]] | None = None
         data = _program_onnx(module, example, dynamic, notes) if refuses_train(module) and dynamic else \
             onnx_bytes(module, example, dynamic)
         return save_onnx(onnx.load_from_string(data), dst)
-    except BnfoldError:
+    except (BnfoldError, OSError):  # OSError: a full disk, said as such
         raise
     except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
         raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",

@@ -29,12 +29,12 @@ def cli_result(args: list[str], capsys) -> tuple[int, list[str], str]:
     return code, captured.err.strip().splitlines(), captured.out
 
 
-def subprocess_result(args: list[str], cwd: Path | None = None, debug: bool = False, **kwargs):
+def subprocess_result(args: list[str], cwd: Path | None = None, debug: bool = False, program: str = str(EXE),
+                      **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
     if debug:
         env["BNFOLD_DEBUG"] = "1"
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
-                          **kwargs)
+    return subprocess.run([program, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def _no_debug(monkeypatch):
     monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
 
 
-ARCH = "from torch import nn\n\ndef build(**kwargs):\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+ARCH = "from torch import nn\n\ndef build(**kwargs):\n    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16))\n"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def torch_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("torch")
     (folder / "arch.py").write_text(ARCH)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).eval()
     save_file(model.state_dict(), folder / "m.safetensors")
     torch.save(model, folder / "m.pt")
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), folder / "m.pt2")
@@ -242,3 +242,111 @@ def test_an_error_naming_an_input_with_control_characters_is_escaped(tmp_path, c
     code, err, _ = cli_result(["verify", str(src), str(src), "--shape", f"q{EVIL}=1,3,6,6"], capsys)
     assert code == 2 and len(err) == 1, err
     assert not any(c in err[0] for c in UNSAFE_CHARS), repr(err[0])
+
+
+# -- 3. Full disk while writing every output format, and signals while staging ----------------
+
+def _fsize_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+WRITERS = {
+    "onnx": ("m.onnx", []),
+    "onnx_external_data": ("ext.onnx", []),
+    "state_dict": ("m.safetensors", ["--arch", "arch:build"]),
+    "pickle": ("m.pt", ["--trust-pickle"]),
+    "torchscript": ("ts.pt", []),
+    "pt2": ("m.pt2", []),
+    "pickle_to_onnx": ("m.pt", ["--trust-pickle", "--to", "onnx", "--shape", "input=1,3,8,8"]),
+    "pickle_to_torchscript": ("m.pt", ["--trust-pickle", "--to", "torchscript", "--shape", "input=1,3,8,8"]),
+    "pickle_to_pt2": ("m.pt", ["--trust-pickle", "--to", "pt2", "--shape", "input=1,3,8,8"]),
+}
+
+
+@pytest.fixture(scope="module")
+def writer_inputs(torch_files, tmp_path_factory) -> Path:
+    """Every input format, each large enough that its output cannot be written under 1 KB."""
+    import shutil
+
+    import torch
+    from torch import nn
+
+    folder = tmp_path_factory.mktemp("writers")
+    for name in ("arch.py", "m.safetensors", "m.pt", "m.pt2"):
+        shutil.copy(torch_files / name, folder / name)
+    model = torch.load(folder / "m.pt", weights_only=False)
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), folder / "ts.pt")
+    big = conv_bn_model(channels=16)
+    onnx.save(big, str(folder / "m.onnx"))
+    onnx.save(big, str(folder / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert isinstance(model, nn.Module)
+    return folder
+
+
+# Runs every case in one process (one torch import), under the limit, each in-process.
+WRITE_ALL = """
+import contextlib, io, json, sys
+from bnfold.cli import run
+results = {}
+for case, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run(args)
+    results[case] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_every_writer_survives_a_file_size_limit(writer_inputs, tmp_path):
+    """RLIMIT_FSIZE makes every write past 1 KB fail as a full disk does (EFBIG); TorchScript and
+    .pt2 used to abort in C++ (exit 134, a C++ stack, a staging folder left behind)."""
+    from test_trust import snapshot
+
+    before = snapshot(writer_inputs)
+    cases = {}
+    for case, (name, options) in WRITERS.items():
+        out = tmp_path / case
+        out.mkdir()
+        suffix = ".onnx" if "onnx" in case else ".pt2" if "pt2" in case else Path(name).suffix
+        cases[case] = ["fuse", name, *options, "-o", str(out / f"f{suffix}")]
+    proc = subprocess_result(["-c", WRITE_ALL, json.dumps(cases)], cwd=writer_inputs, program=sys.executable,
+                             preexec_fn=_fsize_limit(1024))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    wrong = {case: (code, err) for case, (code, err) in results.items()
+             if code != 2 or len(err.strip().splitlines()) != 1 or "File too large" not in err}
+    assert not wrong, wrong
+    assert all(list((tmp_path / case).iterdir()) == [] for case in WRITERS)  # no staging folder, no half file
+    assert snapshot(writer_inputs) == before
+
+
+@pytest.mark.parametrize("step", ["mkdtemp", "rmtree"])
+def test_a_signal_while_the_staging_folder_is_made_or_removed_leaves_nothing(tmp_path, monkeypatch, capsys, step):
+    """SIGTERM right after the staging folder exists but before Staging remembers it (or while
+    it is being removed) used to leave a .bnfold-stage-* folder behind."""
+    import signal
+
+    import bnfold.stages.staging as staging
+
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), str(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    module = staging.tempfile if step == "mkdtemp" else staging.shutil
+    real = getattr(module, step)
+    sent = []
+
+    def then_signal(*args, **kwargs):
+        made = real(*args, **kwargs) if step == "mkdtemp" else None  # the folder exists, not yet remembered
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # handled at the next bytecode, inside this step
+        return made if step == "mkdtemp" else real(*args, **kwargs)
+
+    monkeypatch.setattr(module, step, then_signal)
+    assert cli(["fuse", str(src), "-o", str(out / "f.onnx")]) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.startswith(".bnfold")]
