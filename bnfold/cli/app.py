@@ -75,11 +75,6 @@ def _run(argv: list[str] | None) -> int:
         where = exc.ctx.command_path if exc.ctx is not None else "bnfold"
         _say(f"bnfold: error: {exc.format_message()} (see {where} --help)")
         return EXIT_BAD_INPUT
-    except MemoryError:  # inputs or a model too big for this machine: the request, not a bug
-        _debug()
-        _say("bnfold: error: out of memory (the model or the inputs asked for are too big for this machine; "
-             f"try smaller --shape / --batch-size) (set {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_BAD_INPUT
     except OSError as exc:  # the disk is full, a folder is not writable, …: the machine, not the model
         _debug()
         where = f"{exc.filename}: " if exc.filename else ""
@@ -94,10 +89,21 @@ def _run(argv: list[str] | None) -> int:
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 — anything else is a bug in bnfold: one line, exit 3
         _debug()
+        if _out_of_memory(exc):  # inputs or a model too big for this machine: the request, not a bug
+            _say("bnfold: error: out of memory (the model or the inputs asked for are too big for this machine; "
+                 f"try smaller --shape / --batch-size) (set {DEBUG_ENV}=1 for the traceback)")
+            return EXIT_BAD_INPUT
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         _say(f"bnfold: internal error (a bug in bnfold, please report it): {type(exc).__name__}"
              f"{': ' + detail if detail else ''} (set {DEBUG_ENV}=1 for the traceback)")
         return EXIT_INTERNAL
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """numpy says a failed allocation with MemoryError, torch with a RuntimeError (on a GPU
+    its OutOfMemoryError)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _debug() -> None:

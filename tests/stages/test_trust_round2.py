@@ -350,3 +350,52 @@ def test_a_signal_while_the_staging_folder_is_made_or_removed_leaves_nothing(tmp
     assert cli(["fuse", str(src), "-o", str(out / "f.onnx")]) == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in capsys.readouterr().err
     assert not [p for p in out.iterdir() if p.name.startswith(".bnfold")]
+
+
+# -- 4. Sizes from the user --------------------------------------------------------------------
+
+HUGE = str(10**30)
+SIZE_OPTIONS = {
+    "verify_batch_huge": ["verify", "{m}", "{m}", "--batch-size", HUGE],
+    "verify_shape_huge": ["verify", "{m}", "{m}", "--shape", f"x={HUGE},3,6,6"],
+    "verify_shape_product_huge": ["verify", "{m}", "{m}", "--shape", "x=1,3,10000000000,10000000000"],
+    "verify_seed_negative": ["verify", "{m}", "{m}", "--seed", "-1"],
+    "verify_seed_huge": ["verify", "{m}", "{m}", "--seed", HUGE],
+    "fuse_verify_batch_huge": ["fuse", "{m}", "--verify", "--batch-size", HUGE],
+    "fuse_to_onnx_shape_huge": ["fuse", "{m}", "--shape", f"x={HUGE},3,6,6"],
+    "bench_batch_huge": ["bench", "{m}", "--batch-size", HUGE],
+    "bench_threads_huge": ["bench", "{m}", "--threads", HUGE],
+    "calibrate_batch_huge": ["calibrate", "{m}", "--data", "{m}", "--batch-size", HUGE],
+    "fuse_values_per_channel_huge": ["fuse", "{m}", "--variance", "biased", "--values-per-channel", HUGE],
+}
+
+
+@pytest.mark.parametrize("case", list(SIZE_OPTIONS))
+def test_sizes_numpy_cannot_take_are_refused_before_any_work(tmp_path, monkeypatch, capsys, case):
+    import bnfold.detect as detect
+
+    monkeypatch.setattr(detect, "detect_format", lambda path: pytest.fail("work started before the check"))
+    args = [a.format(m=tmp_path / "m.onnx") for a in SIZE_OPTIONS[case]]
+    code, err, _ = cli_result(args, capsys)
+    assert code == 2 and len(err) == 1, (code, err)
+
+
+def dynamic_model(dims: list) -> onnx.ModelProto:
+    """conv_bn_model with the input's dims replaced (ints fixed, strings dynamic)."""
+    model = conv_bn_model()
+    shape = model.graph.input[0].type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        shape.dim.add(**({"dim_param": d} if isinstance(d, str) else {"dim_value": d}))
+    return model
+
+
+@pytest.mark.parametrize("dims,args", [
+    (["N", 3, 6, 6], ["--batch-size", str(2**40)]),  # allowed alone, too many elements with the model's dims
+    (["N", 3, 2**31, 2**31], []),  # a hostile model's own dims
+], ids=["batch_times_model_dims", "model_dims"])
+def test_an_input_too_large_to_make_is_exit_2(tmp_path, capsys, dims, args):
+    src = tmp_path / "m.onnx"
+    onnx.save(dynamic_model(dims), str(src))
+    code, err, _ = cli_result(["verify", str(src), str(src), *args], capsys)
+    assert code == 2 and len(err) == 1 and "2^40" in err[0], (code, err)
