@@ -399,3 +399,51 @@ def test_an_input_too_large_to_make_is_exit_2(tmp_path, capsys, dims, args):
     onnx.save(dynamic_model(dims), str(src))
     code, err, _ = cli_result(["verify", str(src), str(src), *args], capsys)
     assert code == 2 and len(err) == 1 and "2^40" in err[0], (code, err)
+
+
+# -- 5. Arrays from the user -------------------------------------------------------------------
+
+NOT_NUMBERS = {
+    "text": np.full((2, 3, 8, 8), "x"),
+    "bytes": np.full((2, 3, 8, 8), b"x"),
+    "structured": np.zeros((2, 3, 8, 8), dtype=[("a", "f4"), ("b", "i4")]),
+    "raw": np.zeros((2, 3, 8, 8), dtype="V4"),
+    "dates": np.zeros((2, 3, 8, 8), dtype="datetime64[s]"),
+    "time_spans": np.zeros((2, 3, 8, 8), dtype="timedelta64[s]"),
+}
+NOT_TORCH_INPUTS = {"complex": np.zeros((2, 3, 8, 8), dtype="complex64"), "single_number": np.array(1.0, "float32")}
+ARRAY_COMMANDS = {
+    "onnx_verify": ["verify", "{onnx}", "{onnx}", "--data", "{d}"],
+    "torch_verify": ["verify", "m.pt", "m.pt", "--trust-pickle", "--data", "{d}"],
+    "torch_example_input": ["fuse", "m.pt", "--trust-pickle", "--to", "onnx", "--example-input", "{d}", "-o",
+                            "{out}"],
+    "torch_calibrate": ["calibrate", "m.pt", "--trust-pickle", "--data", "{d}", "--batch-size", "2", "-o", "{out}"],
+}
+
+
+# A graph declares its inputs' dtype and rank, so only torch needs the second group refused.
+ARRAY_CASES = [(kind, command) for command in ARRAY_COMMANDS for kind in NOT_NUMBERS] + \
+    [(kind, command) for command in ARRAY_COMMANDS if command != "onnx_verify" for kind in NOT_TORCH_INPUTS]
+
+
+@pytest.mark.parametrize("kind,command", ARRAY_CASES)
+def test_arrays_a_model_input_cannot_be_are_refused_naming_file_and_input(torch_files, tmp_path, monkeypatch,
+                                                                          capsys, kind, command):
+    monkeypatch.chdir(torch_files)
+    np.save(tmp_path / "d.npy", {**NOT_NUMBERS, **NOT_TORCH_INPUTS}[kind])
+    onnx.save(dynamic_model(["N", 3, 6, 6]), str(tmp_path / "m.onnx"))
+    out = tmp_path / ("o.onnx" if command == "torch_example_input" else "o.pt")
+    args = [a.format(onnx=tmp_path / "m.onnx", d=tmp_path / "d.npy", out=out) for a in ARRAY_COMMANDS[command]]
+    code, err, _ = cli_result(args, capsys)
+    assert code == 2 and len(err) == 1 and "d.npy" in err[0] and "input '" in err[0], (code, err)
+    assert not out.exists()
+
+
+def test_big_endian_arrays_are_read_as_the_numbers_they_hold(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(dynamic_model(["N", 3, 6, 6]), str(src))
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(">f4")
+    np.save(tmp_path / "d.npy", x)
+    code, err, out = cli_result(["verify", str(src), str(src), "--data", str(tmp_path / "d.npy"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["inputs"][0]["dtype"] == "float32"
