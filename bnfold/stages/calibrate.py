@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import detect
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..report import CalibrationReport
-from .staging import Staging, move_into_place, remove_replaced, resolve_output
+from .staging import Staging, data_name, move_into_place, remove_replaced, resolve_output
 
 
 def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Path | None = None,
@@ -20,19 +20,21 @@ def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Pat
     variance, load = variance or VarianceOptions(), load or LoadOptions()
     onnx_input = detect.detect_format(src) == detect.ONNX
     used = _input_files(src) if onnx_input else {src.resolve()}
-    dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated", protected=used)
+    dst = resolve_output(src, output, in_place, tag="calibrated", protected=used)
+    data, why = data_name(dst, used)
     with Staging(dst) as stage:
         staged = stage.output()
         if onnx_input:
             from ..onnxfold.calibrate import calibrate_onnx_file
-            from ..onnxfold.io import free_data_name
 
-            report = calibrate_onnx_file(src, staged, options, variance, progress, free_data_name(dst, used))
+            report = calibrate_onnx_file(src, staged, options, variance, progress, data)
         else:
             from ..torchfold.calibrate import calibrate_torch_file  # torch only on the torch path
 
             report = calibrate_torch_file(src, staged, options, variance, load, progress)
         written = move_into_place(staged, dst)
+    if why is not None and any(p.name == data for p in written):
+        report.notes.append(why)
     if in_place:
         remove_replaced(used, written, dst)
     report.input, report.output = str(src), str(dst)

@@ -17,14 +17,28 @@ def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused"
     return src.with_name(f"{src.stem}.{tag}{ext}")
 
 
-def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
+def names_folder(output: str | Path | None) -> bool:
+    """-o names a folder: it ends in a path separator, or is an existing folder."""
+    if output is None:
+        return False
+    text = os.fspath(output)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def resolve_output(src: Path, output: str | Path | None, in_place: bool, suffix: str | None = None,
                    tag: str = "fused", protected: set[Path] = frozenset()) -> Path:
     """Where to write. `protected`: resolved files the input uses (its external data), which
-    no output may replace; only --in-place may replace the input itself."""
+    no output may replace; only --in-place may replace the input itself. An `output` that
+    names a folder (names_folder) gets NAME.<tag>.EXT inside it; a folder that does not exist
+    is refused rather than made (a mistyped folder is not one to create)."""
     if in_place:
         if output is not None and Path(output).resolve() != Path(src).resolve():
             raise UsageError("--in-place and -o name different files; give one of them", output)
         return Path(src)
+    if names_folder(output):
+        if not Path(output).is_dir():
+            raise UsageError("output folder does not exist (a path ending in / names a folder)", output)
+        output = Path(output) / default_output_path(Path(src), suffix, tag).name
     dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise OutputExists("output would overwrite the input; pass --in-place to allow it", dst)
@@ -82,6 +96,19 @@ def move_into_place(staged: Path, dst: Path) -> list[Path]:
                 os.replace(part, written[-1])
         os.replace(staged, dst)
     return [*written, dst]
+
+
+def data_name(dst: Path, protected: set[Path]) -> tuple[str, str | None]:
+    """The name of the output's external data file beside `dst` (onnxfold.io.free_data_name:
+    never a file the output does not own), and why it is not the usual NAME.data, if not."""
+    from ..onnxfold.io import free_data_name
+
+    name, usual = free_data_name(dst, protected), f"{Path(dst).name}.data"
+    if name == usual:
+        return name, None
+    why = "is read by the input" if Path(dst).parent.resolve() / usual in protected else \
+        "exists and is not this output's (another model may read it)"
+    return name, f"external data went to {name}: {usual} {why}"
 
 
 def remove_replaced(used: set[Path], written: list[Path], keep: Path) -> list[Path]:

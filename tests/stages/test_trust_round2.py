@@ -447,3 +447,78 @@ def test_big_endian_arrays_are_read_as_the_numbers_they_hold(tmp_path, capsys):
     code, err, out = cli_result(["verify", str(src), str(src), "--data", str(tmp_path / "d.npy"), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["inputs"][0]["dtype"] == "float32"
+
+
+# -- 7. Files the output does not own ------------------------------------------------------------
+
+def _external(folder: Path, name: str, data: str, channels: int) -> Path:
+    """conv_bn_model with its weight (over the 1 KB inline threshold at 16 channels) in `data`."""
+    onnx.save(conv_bn_model(channels=channels), str(folder / name), save_as_external_data=True, location=data,
+              size_threshold=0)
+    return folder / name
+
+
+def test_an_output_never_replaces_another_models_data(tmp_path, capsys):
+    """other.onnx reads b.onnx.data and something else sits in b.onnx.1.data: `-o b.onnx` must
+    leave both alone, take the next free name and say so; run again, it reuses its own."""
+    from test_trust import snapshot
+
+    src = _external(tmp_path, "m.onnx", "m.onnx.data", 16)
+    other = _external(tmp_path, "other.onnx", "b.onnx.data", 5)
+    (tmp_path / "b.onnx.1.data").write_bytes(b"not ours either")
+    before = snapshot(tmp_path)
+    for _ in range(2):
+        code, err, out = cli_result(["fuse", str(src), "-o", str(tmp_path / "b.onnx"), "--json"], capsys)
+        assert code == 0, err
+        assert any("b.onnx.2.data" in n and "b.onnx.data" in n for n in json.loads(out)["notes"])
+        after = snapshot(tmp_path)
+        assert {k: after[k] for k in before} == before
+        assert sorted(set(after) - set(before)) == ["b.onnx", "b.onnx.2.data"]
+    x = {"x": np.random.default_rng(0).normal(size=(1, 3, 6, 6)).astype(np.float32)}
+    from onnx_builders import run
+
+    np.testing.assert_allclose(run(onnx.load(str(tmp_path / "b.onnx")), x)[0], run(onnx.load(str(src)), x)[0],
+                               rtol=1e-4, atol=1e-5)
+    assert cli(["verify", str(other), str(other)]) == 0  # the other model still reads its data
+
+
+def test_a_model_whose_weights_stay_inline_writes_no_data_file(tmp_path, capsys):
+    """An input with external data whose output keeps every tensor inline used to write an
+    empty b.onnx.data over another model's data."""
+    from test_trust import snapshot
+
+    src = _external(tmp_path, "m.onnx", "m.onnx.data", 4)  # 432-byte weight: inline in the output
+    _external(tmp_path, "other.onnx", "b.onnx.data", 5)
+    before = snapshot(tmp_path)
+    code, err, _ = cli_result(["fuse", str(src), "-o", str(tmp_path / "b.onnx")], capsys)
+    assert code == 0, err
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before and sorted(set(after) - set(before)) == ["b.onnx"]
+
+
+@pytest.mark.parametrize("how", ["trailing_slash", "existing_folder"])
+def test_an_output_naming_a_folder_writes_inside_it(tmp_path, capsys, how):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), str(src))
+    (tmp_path / "out").mkdir()
+    target = str(tmp_path / "out") + ("/" if how == "trailing_slash" else "")
+    code, err, _ = cli_result(["fuse", str(src), "-o", target], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.fused.onnx"]
+
+
+@pytest.mark.parametrize("command", ["fuse", "calibrate"])
+def test_an_output_folder_that_does_not_exist_is_refused(tmp_path, capsys, command):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), str(src))
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).normal(size=(4, 3, 6, 6)).astype(np.float32))
+    extra = ["--data", str(tmp_path / "d.npy"), "--batch-size", "2"] if command == "calibrate" else []
+    code, err, _ = cli_result([command, str(src), *extra, "-o", str(tmp_path / "newdir") + "/"], capsys)
+    assert code == 2 and len(err) == 1 and "newdir" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "m.onnx"]  # no file named newdir
+
+
+def test_a_torch_output_folder_gets_the_default_name(torch_files, tmp_path, capsys):
+    code, err, _ = cli_result(["fuse", str(torch_files / "m.pt"), "--trust-pickle", "-o", f"{tmp_path}/"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fused.pt"]
