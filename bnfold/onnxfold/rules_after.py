@@ -18,6 +18,7 @@ import numpy as np
 from ..fold_math import cast_exact
 from ..errors import Skip
 from .rules_before import BiasSlot, FoldSite, Rewrite
+from .validity import broadcast_bias, layer_bias
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def plan_next_gemm(site: FoldSite) -> Rewrite:
     alpha, beta = float(site.attr("alpha", 1.0)), float(site.attr("beta", 1.0))
     scaled = b_kn * s[:, None]
     weight = cast_exact(scaled.T if trans_b else scaled, b.dtype, "weight")
-    c = site.optional_const(gemm, 2, "C")
+    c = broadcast_bias(gemm, site.optional_const(gemm, 2, "C"), (1, b_kn.shape[1]), "C")
     c64 = alpha * (t @ b_kn) + (beta * c.astype(np.float64) if c is not None else 0.0)
     attributes = {"beta": 1.0}
     if site.index.opset < 7:
@@ -100,7 +101,7 @@ def plan_next_conv(site: FoldSite) -> Rewrite:
     grouped = w.astype(np.float64).reshape(groups, c_out // groups, c_in_per_group, *w.shape[2:])
     weight = (grouped * s).reshape(w.shape)
     shift = (grouped * t).reshape(c_out, -1).sum(axis=1)
-    b = site.optional_const(conv, 2, "bias")
+    b = layer_bias(conv, site.optional_const(conv, 2, "bias"), c_out)
     bias = shift + (b.astype(np.float64) if b is not None else 0.0)
     return Rewrite(1, cast_exact(weight, w.dtype, "weight"),
                    cast_exact(bias, b.dtype if b is not None else w.dtype, "bias"))

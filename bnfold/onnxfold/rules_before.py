@@ -21,6 +21,7 @@ from ..fold_math import Affine, cast_exact, channel_view, fold_bias, scale_weigh
 from .affine import node_attr
 from .index import ModelIndex, NotConstant, Scope
 from .readers import require_sole_use
+from .validity import broadcast_bias, layer_bias
 
 
 @dataclass
@@ -96,7 +97,7 @@ def plan_conv(site: FoldSite) -> Rewrite:
     if w.ndim < 3:
         raise Skip(f"Conv weight has rank {w.ndim}, expected ≥ 3")
     site.require_channels(w.shape[0], "the Conv output")
-    b = site.optional_const(site.producer, 2, "bias")
+    b = layer_bias(site.producer, site.optional_const(site.producer, 2, "bias"), w.shape[0])
     weight, bias = _weight_and_bias(site, w, b, scale_weight(w, site.affine.scale, axis=0))
     return Rewrite(weight_input=1, weight=weight, bias=bias)
 
@@ -110,7 +111,7 @@ def plan_conv_transpose(site: FoldSite) -> Rewrite:
     if w.shape[0] % groups:
         raise Skip(f"ConvTranspose weight rows {w.shape[0]} not divisible by group={groups}")
     site.require_channels(groups * w.shape[1], "the ConvTranspose output")
-    b = site.optional_const(site.producer, 2, "bias")
+    b = layer_bias(site.producer, site.optional_const(site.producer, 2, "bias"), groups * w.shape[1])
     w64 = scale_weight(w, site.affine.scale, axis=1, groups=groups)
     weight, bias = _weight_and_bias(site, w, b, w64)
     return Rewrite(weight_input=1, weight=weight, bias=bias)
@@ -126,7 +127,7 @@ def plan_gemm(site: FoldSite) -> Rewrite:
         raise Skip(f"Gemm B has rank {b_mat.ndim}, expected 2")
     axis = 0 if int(site.attr("transB", 0)) else 1
     site.require_channels(b_mat.shape[axis], "the Gemm output")
-    c = site.optional_const(site.producer, 2, "C")
+    c = broadcast_bias(site.producer, site.optional_const(site.producer, 2, "C"), (1, b_mat.shape[axis]), "C")
     beta = float(site.attr("beta", 1.0))
     s, t = site.affine.scale, site.affine.shift
     weight = cast_exact(scale_weight(b_mat, s, axis=axis), b_mat.dtype, "weight")
@@ -197,6 +198,7 @@ def plan_matmul(site: FoldSite, add_bias: np.ndarray | None = None) -> Rewrite:
         b64 = site.affine.scale * _legacy_channel_bias(site, add_bias, rank) + site.affine.shift
         add_attrs = {"broadcast": 1, "axis": 1}
     else:
+        broadcast_bias(site.add, add_bias, (1, site.channels) if rank == 2 else (1, site.channels, 1), "bias")
         b64 = add_bias.astype(np.float64) * s_view + t_view
         if b64.ndim > rank:
             raise Skip(f"bias of rank {add_bias.ndim} does not broadcast to the rank-{rank} output")

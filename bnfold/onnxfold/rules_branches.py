@@ -32,6 +32,7 @@ from ..fold_math import Affine, BrokenStatistics, FoldOverflow, cast_exact
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .affine import BN, bn_op, is_standard, node_attr
 from .index import ModelIndex, NotConstant, Scope
+from .validity import layer_bias
 
 SUM_OPS = ("Add", "Sum")
 MERGED_PATTERN = "merged branches"
@@ -145,6 +146,7 @@ def _conv_branch(index: ModelIndex, scope: Scope, conv: onnx.NodeProto, name: st
         raise Skip(f"Conv {name!r} has a parameter that is not constant: {exc}") from None
     if weight.ndim < 3:
         raise Skip(f"Conv {name!r} weight has rank {weight.ndim}")
+    layer_bias(conv, bias, weight.shape[0])
     window = _window(index, conv, weight.shape[2:])
     label = f"Conv {name!r} {'×'.join(map(str, weight.shape[2:]))}"
     return Branch(label, conv, window, weight, bias, int(node_attr(conv, "group", 1)))

@@ -8,7 +8,7 @@ import torch
 from ..errors import BadInput
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
-from .inputs import dynamic_dims, example_for
+from .inputs import dynamic_dims, example_for, shape_hint
 from .io import (EXPORT, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, program_bytes, save_bytes, script_bytes,
                  torch_bytes)
 from .onnx_export import onnx_dynamic_axes, write_onnx
@@ -26,10 +26,10 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
     if to == "onnx":
         write_onnx(module, example, dst, onnx_dynamic_axes(source), notes, source.path)
     elif to == "torchscript":
-        traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
+        traced = module if isinstance(module, torch.jit.ScriptModule) else trace_script(module, example, source.path)
         save_bytes(dst, script_bytes(traced))
     else:
-        save_bytes(dst, program_bytes(export_program(module, example, {})))
+        save_bytes(dst, program_bytes(export_program(module, example, {}, path=source.path)))
     return notes
 
 
@@ -41,7 +41,8 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
         save_bytes(dst, script_bytes(module))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
-        save_bytes(dst, program_bytes(export_program(module, args, kwargs, dynamic_dims(source.module))))
+        save_bytes(dst, program_bytes(export_program(module, args, kwargs, dynamic_dims(source.module),
+                                                     source.path)))
     elif source.kind == SAFETENSORS:
         from .safetensors_io import safetensors_bytes
 
@@ -54,9 +55,17 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
         save_bytes(dst, torch_bytes(state_out(source.sets[0].layout, module)))
 
 
-def export_program(module, args, kwargs, dynamic_shapes=None):
+def trace_script(module, example, path: Path | None = None):
+    try:
+        return torch.jit.trace(module, tuple(example))
+    except Exception as exc:  # noqa: BLE001 — tracing runs the model: anything it raises
+        raise BadInput(f"torch.jit.trace cannot trace the fused model ({type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0][:160]}); {shape_hint(example)}", path) from None
+
+
+def export_program(module, args, kwargs, dynamic_shapes=None, path: Path | None = None):
     try:
         return torch.export.export(module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 — export failures are many and varied
         raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:160]})") from None
+                       f"{(str(exc).splitlines() or [''])[0][:160]}); {shape_hint(args)}", path) from None

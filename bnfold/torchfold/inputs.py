@@ -81,6 +81,13 @@ def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | N
     return guess_example(module) if isinstance(module, nn.Module) else None
 
 
+def shape_hint(example) -> str:
+    """What to pass when the model could not run on `example` (a guess, or the user's)."""
+    shapes = ", ".join(str(list(t.shape)) for t in example if isinstance(t, torch.Tensor))
+    return (f"it ran on inputs of shape {shapes}: if the model takes another, pass --shape NAME=D0,D1,… "
+            "or --example-input")
+
+
 def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:
     if source.kind == EXPORT and not options.shapes and not options.example_input:
         return tuple(source.module.example_inputs[0])

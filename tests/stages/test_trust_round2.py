@@ -522,3 +522,67 @@ def test_a_torch_output_folder_gets_the_default_name(torch_files, tmp_path, caps
     code, err, _ = cli_result(["fuse", str(torch_files / "m.pt"), "--trust-pickle", "-o", f"{tmp_path}/"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fused.pt"]
+
+
+# -- 9. Bad input reported as a bug --------------------------------------------------------------
+
+def _layer_with_bad_bias(layer: str) -> onnx.ModelProto:
+    """A layer whose bias does not fit its output (5 values for 8 channels), next to a BN."""
+    from onnx import helper, numpy_helper
+    from onnx_builders import bn_inits, bn_node, make_model, vi
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f32(5), "b"), *bn_inits("bn", 8, rng)]
+    if layer == "conv":
+        inits.append(numpy_helper.from_array(f32(8, 3, 3, 3), "W"))
+        nodes, x = [helper.make_node("Conv", ["x", "W", "b"], ["z"], name="layer"), bn_node("z", "y")], [1, 3, 6, 6]
+    elif layer == "conv_transpose":
+        inits.append(numpy_helper.from_array(f32(3, 8, 3, 3), "W"))
+        nodes, x = [helper.make_node("ConvTranspose", ["x", "W", "b"], ["z"], name="layer"), bn_node("z", "y")], \
+            [1, 3, 6, 6]
+    elif layer == "gemm":
+        inits.append(numpy_helper.from_array(f32(4, 8), "W"))
+        nodes, x = [helper.make_node("Gemm", ["x", "W", "b"], ["z"], name="layer"), bn_node("z", "y")], [2, 4]
+    elif layer == "matmul_add":
+        inits.append(numpy_helper.from_array(f32(4, 8), "W"))
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+                 helper.make_node("Add", ["m", "b"], ["z"], name="layer"), bn_node("z", "y")]
+        x = [2, 4]
+    else:  # BN, then a Conv whose bias does not fit: the fold into the next layer reads it
+        inits = [numpy_helper.from_array(f32(5), "b"), *bn_inits("bn", 3, rng),
+                 numpy_helper.from_array(f32(8, 3, 1, 1), "W")]
+        nodes, x = [bn_node("x", "n"), helper.make_node("Conv", ["n", "W", "b"], ["y"], name="layer")], [1, 3, 6, 6]
+    y = [2, 8] if layer == "matmul_add" else None  # onnxruntime cannot run it to find out
+    return make_model(nodes, [vi("x", x)], [vi("y", y)], inits)
+
+
+@pytest.mark.parametrize("layer", ["conv", "conv_transpose", "gemm", "matmul_add", "next_conv"])
+def test_a_bias_that_does_not_fit_its_layer_is_bad_input(tmp_path, capsys, layer):
+    src = tmp_path / "m.onnx"
+    onnx.save(_layer_with_bad_bias(layer), str(src))
+    code, err, _ = cli_result(["fuse", str(src)], capsys)
+    assert code == 2 and len(err) == 1 and "m.onnx" in err[0] and "'layer'" in err[0] and "[5]" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.fixture(scope="module")
+def long_kernel(tmp_path_factory) -> Path:
+    """A Conv1d whose kernel (64) is longer than the input bnfold guesses (32)."""
+    import torch
+    from torch import nn
+
+    path = tmp_path_factory.mktemp("long") / "long.pt"
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Conv1d(3, 4, 64), nn.BatchNorm1d(4)).eval(), path)
+    return path
+
+
+@pytest.mark.parametrize("to", ["onnx", "pt2", "torchscript"])
+def test_a_guessed_input_the_model_cannot_take_says_what_to_pass(long_kernel, tmp_path, capsys, to):
+    out = tmp_path / f"f.{'pt' if to == 'torchscript' else to}"
+    code, err, _ = cli_result(["fuse", str(long_kernel), "--trust-pickle", "--to", to, "-o", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "long.pt" in err[0] and "--shape" in err[0], err
+    code, err, _ = cli_result(["fuse", str(long_kernel), "--trust-pickle", "--to", to, "-o", str(out),
+                               "--shape", "input=2,3,80"], capsys)
+    assert code == 0 and out.is_file(), err
