@@ -2,7 +2,7 @@
 
 | kind          | recognised by                               | loaded with                                  |
 |---------------|---------------------------------------------|----------------------------------------------|
-| torchscript   | zip with code/ and constants.pkl            | torch.jit.load (TorchScript's own unpickler) |
+| torchscript   | zip with code/ and constants.pkl            | torch.jit.load, after its tensors are checked |
 | torch-export  | zip with archive_format (torch.export.save) | torch.export.load, after its pickles are checked |
 | safetensors   | 8-byte header length + JSON header          | safetensors, after the header is checked; + --arch |
 | state_dict    | torch.load(weights_only=True) → tensors     | + --arch factory, strict load                |
@@ -79,8 +79,10 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
     path = check_readable(Path(path))
     kind = sniff(path)
     if kind == TORCHSCRIPT:
-        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.jit.load, str(path), map_location="cpu"),
-                                                  TORCHSCRIPT)])
+        from .script_archive import check_script_archive
+
+        check_script_archive(path)
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, _load_script, path), TORCHSCRIPT)])
     if kind == EXPORT:
         check_pt2(path, options.trust_pickle)
         return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.export.load, str(path)), EXPORT)])
@@ -117,6 +119,15 @@ class SavedDevices:
     def notes(self) -> list[str]:
         other = sorted(d for d in self.seen if not d.startswith("cpu"))
         return [f"tensors saved on {', '.join(other)} were loaded, folded and written on the CPU"] if other else []
+
+
+def _load_script(path: Path):
+    """torch.jit.load, then one save in memory: torch reads some parts only when it needs them
+    (the debug info, on the next save), so a malformed one fails here, as bad input, and not in
+    the middle of the fold."""
+    module = torch.jit.load(str(path), map_location="cpu")
+    script_bytes(module)
+    return module
 
 
 def _guard(path: Path, loader, *args, **kwargs):
