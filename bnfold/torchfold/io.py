@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..detect import check_readable, looks_like_safetensors
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, BnfoldError, UsageError
 from ..json_reader import read_json
 from ..options import LoadOptions
 from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
@@ -85,7 +85,7 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
         return TorchSource(kind, path, [WeightSet(None, _guard(path, _load_script, path), TORCHSCRIPT)])
     if kind == EXPORT:
         check_pt2(path, options.trust_pickle)
-        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.export.load, str(path)), EXPORT)])
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, _load_program, path), EXPORT)])
     if kind == SAFETENSORS:
         from .safetensors_io import load_safetensors
 
@@ -130,9 +130,52 @@ def _load_script(path: Path):
     return module
 
 
+def _load_program(path: Path):
+    """torch.export.load, then the checks torch leaves to first use: every weight has the shape
+    and dtype the graph was traced with (a mutated config can load weights of other shapes),
+    and the program unlifts into a module (which reads its whole signature)."""
+    program = torch.export.load(str(path))
+    _check_weights(program, path)
+    program.module()
+    return program
+
+
+def _check_weights(program, path: Path) -> None:
+    kinds = torch.export.graph_signature.InputKind
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind not in (kinds.PARAMETER, kinds.BUFFER, kinds.CONSTANT_TENSOR):
+            continue
+        table = program.constants if spec.kind == kinds.CONSTANT_TENSOR else program.state_dict
+        value, traced = table.get(spec.target), placeholders[spec.arg.name].meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(traced, torch.Tensor) or \
+                not all(isinstance(d, int) for d in traced.shape):  # a symbolic size: nothing fixed to compare
+            continue
+        if tuple(value.shape) != tuple(traced.shape) or value.dtype != traced.dtype:
+            raise BadInput(f"weight {spec.target!r} is {value.dtype} {list(value.shape)}, but the program's graph "
+                           f"was traced with {traced.dtype} {list(traced.shape)}", path)
+        if _overlaps(value):  # a config can give a weight strides that make its elements share memory
+            raise BadInput(f"weight {spec.target!r} has strides {list(value.stride())} under which its elements "
+                           "overlap", path)
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements may share memory: with the dims of more than one element ordered by
+    stride, each stride must step over everything the smaller ones reach (true of any layout
+    torch makes for a parameter, transposed or not)."""
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _guard(path: Path, loader, *args, **kwargs):
     try:
         return loader(*args, **kwargs)
+    except BnfoldError:
+        raise
     except Exception as exc:  # noqa: BLE001 — torch raises many types for a bad archive
         why = (str(exc).splitlines() or [""])[0][:120]
         if "warnings above" in why:  # torch.export.load logged the cause, which bnfold does not show

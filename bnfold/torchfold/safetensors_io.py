@@ -41,12 +41,12 @@ def read_header(path: Path) -> dict:
 
 
 def _check_entry(name: str, entry, data_size: int, path: Path) -> None:
-    if not isinstance(entry, dict) or entry.get("dtype") not in ITEM_SIZE:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in ITEM_SIZE:
         raise BadInput(f"safetensors tensor {name!r} has no known dtype", path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadInput(f"safetensors tensor {name!r} has a bad shape {shape!r}", path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise BadInput(f"safetensors tensor {name!r}: data offsets {offsets!r} do not fit the file's "
                        f"{data_size} data bytes", path)
