@@ -13,6 +13,14 @@ STANDALONE = ("keep", "affine")
 VARIANCE = ("unbiased", "biased")
 UPSTREAM = ("batch", "population")
 TO = ("same", "onnx", "pt2", "torchscript")
+# The most elements bnfold feeds one input: 2^40 (4 TiB of float32) is more than any machine
+# holds, and keeps every size, and its product with an item size, inside int64, which numpy,
+# torch and onnxruntime can represent. Below it, a request too big for this machine's memory
+# is "out of memory"; above it, the numbers themselves break (numpy: "maximum allowed
+# dimension exceeded", torch: "overflow when unpacking long").
+MAX_ELEMENTS = 2**40
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
+MAX_THREADS = 4096  # more threads than any machine has cores is a typo, not a request
 
 
 def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> None:
@@ -20,9 +28,25 @@ def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> None:
         raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
 
 
-def _at_least(value: int | None, low: int, flag: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise UsageError(f"{flag} must be an integer ≥ {low}, not {value!r}")
+def _at_least(value: int | None, low: int, flag: str, high: int = MAX_ELEMENTS) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise UsageError(f"{flag} must be an integer from {low} to {high}, not {value!r}")
+
+
+def check_shapes(shapes: dict[str, list[int]]) -> None:
+    """--shape NAME=D0,D1,…: positive dims whose product is at most MAX_ELEMENTS."""
+    for name, dims in shapes.items():
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise UsageError(f"--shape {name}={','.join(map(str, dims))}: dimensions must be positive integers")
+        check_elements(f"--shape {name}", dims)
+
+
+def check_elements(what: str, dims: list[int]) -> None:
+    """An input of shape `dims` is one bnfold can make: at most MAX_ELEMENTS elements."""
+    elements = math.prod(dims)
+    if elements > MAX_ELEMENTS:
+        raise UsageError(f"{what} {list(dims)} would hold {elements:.3g} elements; bnfold makes inputs of at most "
+                         f"2^40 ({MAX_ELEMENTS}) elements")
 
 
 def _finite(value: float | None, flag: str, *, positive: bool = False) -> None:
@@ -41,6 +65,9 @@ class LoadOptions:
     arch_kwargs: dict = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     example_input: Path | None = None
+
+    def __post_init__(self):
+        check_shapes(self.shapes)
 
 
 @dataclass(frozen=True)
@@ -92,8 +119,10 @@ class VerifyOptions:
     provider: str = "cpu"
 
     def __post_init__(self):
+        check_shapes(self.shapes)
         _at_least(self.batch_size, 1, "--batch-size")
-        _at_least(self.batches, 1, "--batches")
+        _at_least(self.seed, 0, "--seed", MAX_SEED)
+        _at_least(self.batches, 1, "--batches", MAX_SEED)
         _finite(self.atol, "--atol")
         _finite(self.rtol, "--rtol")
 
@@ -156,12 +185,14 @@ class BenchOptions:
         return self.aa_check if self.aa_check is not None else self.fail_below is not None
 
     def __post_init__(self):
+        check_shapes(self.shapes)
         for n in self.batch_sizes or ():
             _at_least(n, 1, "--batch-size")
-        _at_least(self.threads, 1, "--threads")
-        _at_least(self.warmup, 0, "--warmup")
-        _at_least(self.runs, 1, "--runs")
-        _at_least(self.blocks, 6, "--blocks (fewer cannot give a 95 % interval)")
+        _at_least(self.threads, 1, "--threads", MAX_THREADS)
+        _at_least(self.seed, 0, "--seed", MAX_SEED)
+        _at_least(self.warmup, 0, "--warmup", MAX_SEED)
+        _at_least(self.runs, 1, "--runs", MAX_SEED)
+        _at_least(self.blocks, 6, "--blocks (fewer cannot give a 95 % interval)", MAX_SEED)
         _finite(self.seconds, "--seconds", positive=True)
         if self.fail_below is not None and not (math.isfinite(self.fail_below) and self.fail_below > 0):
             raise UsageError(f"--fail-below must be a finite number > 0, not {self.fail_below}")

@@ -376,6 +376,7 @@ class CalibrationReport:
     bns: list[BNStatistics] = field(default_factory=list)
     variance: list[VarianceCorrection] = field(default_factory=list)  # m/(m−1) applied first
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bnfold"
 # Lower number = lower layer; a module may import only from its own layer or below.
-LAYERS = {"errors": 0, "options": 1, "report": 1, "fold_math": 1, "reparam": 1, "detect": 1, "population": 2,
+LAYERS = {"errors": 0, "interrupts": 0, "json_reader": 1, "options": 1, "report": 1, "fold_math": 1, "reparam": 1,
+          "detect": 1, "population": 2,
           "check": 3, "onnxfold": 4, "torchfold": 5, "stages": 6, "render": 6, "cli": 7, "__init__": 8,
           "__main__": 9}
 

@@ -1,6 +1,8 @@
 """The one reader of user arrays: `.npz` (one array per input name), `.npy` (a one-input
 model), or, for calibration data (samples on axis 0), a folder of them read in batches of N
-one file at a time. Nothing is unpickled: object arrays are refused."""
+one file at a time. Nothing is unpickled: object arrays are refused, and so is anything else a
+model input cannot hold (strings, structured records, dates); big-endian numbers are read in
+the machine's byte order."""
 from __future__ import annotations
 
 import zipfile
@@ -26,6 +28,32 @@ def data_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+NUMERIC_KINDS = {"b": "bool", "i": "integer", "u": "unsigned integer", "f": "float", "c": "complex"}
+
+
+def numeric(name: str, array: np.ndarray, path: Path | None) -> np.ndarray:
+    """`array` if it holds numbers (in native byte order), else BadInput naming the input."""
+    if array.dtype.kind not in NUMERIC_KINDS or array.dtype.fields is not None:
+        raise BadInput(f"input {name!r} holds {array.dtype} values ({_kind_name(array.dtype)}); a model input holds "
+                       "numbers: bool, integer or float", path)
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    names = {"U": "text", "S": "bytes", "V": "raw or structured records", "M": "dates", "m": "time spans",
+             "O": "Python objects"}
+    return names.get(dtype.kind, "not numbers")
+
+
+def require_real_batch(name: str, array: np.ndarray, path: Path | None) -> None:
+    """Where no graph declares what an input is (a torch module): real numbers with a batch axis.
+    A complex array or a single number would reach the model's first layer and fail there."""
+    if array.dtype.kind == "c":
+        raise BadInput(f"input {name!r} holds {array.dtype} values; a torch model here takes real numbers", path)
+    if array.ndim == 0:
+        raise BadInput(f"input {name!r} is a single number (a 0-d array); a model input has a batch axis", path)
+
+
 def check_array(name: str, array: np.ndarray, dtype: np.dtype, dims: list, path: Path | None,
                 from_axis: int = 0) -> None:
     """dtype, rank and the fixed dims from `from_axis` on (1: a data set's samples) against the graph."""
@@ -47,11 +75,13 @@ def read_file(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
         if path.suffix == ".npy":
             if len(input_names) != 1:
                 raise BadInput(f".npy holds one array but the model has inputs {input_names}; use .npz", path)
-            return {input_names[0]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            arrays = {input_names[0]: np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInput(f"cannot read arrays ({exc})", path) from None
+    return {name: numeric(name, array, path) for name, array in arrays.items()}
 
 
 def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[np.dtype, list]], path: Path) -> int:
@@ -63,8 +93,10 @@ def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[np.dty
         raise BadInput("inputs hold different numbers of samples", path)
     for name, array in arrays.items():
         dtype, dims = expected[name]
-        if dtype is not None:  # None: a torch module, nothing declared to check against
+        if dtype is not None:
             check_array(name, array, dtype, dims, path, from_axis=1)
+        else:  # a torch module: nothing declared to check against
+            require_real_batch(name, array, path)
         _require_finite(name, array, path)
     return counts.pop()
 

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from ..errors import BadInput, UsageError
+from ..options import check_elements, check_shapes
 from ..report import InputInfo
 from .arrays import check_array, read_file
 
@@ -31,8 +32,7 @@ def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
             shapes[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"--shape expects NAME=D0,D1,… with integer dims, got {spec!r}") from None
-        if not shapes[name] or any(d <= 0 for d in shapes[name]):
-            raise UsageError(f"--shape {spec!r}: dimensions must be positive integers")
+    check_shapes(shapes)
     return shapes
 
 
@@ -63,6 +63,7 @@ def resolve_shape(value: onnx.ValueInfoProto, shapes: dict[str, list[int]], batc
             out.append(batch_size or DEFAULT_BATCH)
         else:
             out.append(DEFAULT_SPATIAL if len(dims) >= 3 else 1)
+    check_elements(f"input {value.name!r} of shape", out)  # the model's own dims times --batch-size
     return out
 
 

@@ -31,17 +31,26 @@ PROVIDERS = {
     "vitisai": "VitisAIExecutionProvider",
     "webgpu": "WebGpuExecutionProvider",
 }
+
+
+def _replacing(dist: str, extra: str = "") -> str:
+    """Each of these wheels installs the same `onnxruntime` package as the plain CPU one: beside
+    it, the two share one folder, and uninstalling either breaks the other."""
+    return (f"{dist} in place of onnxruntime{extra}: pip uninstall onnxruntime, then pip install {dist} "
+            "(installed side by side, the two share one package folder and removing either breaks the other)")
+
+
 # What to install for a provider this onnxruntime lacks.
 INSTALL_HINT = {
-    "CUDAExecutionProvider": "pip install onnxruntime-gpu (and a CUDA driver and cuDNN)",
-    "TensorrtExecutionProvider": "pip install onnxruntime-gpu, with TensorRT's libraries on the library path",
+    "CUDAExecutionProvider": _replacing("onnxruntime-gpu", " (and a CUDA driver and cuDNN)"),
+    "TensorrtExecutionProvider": _replacing("onnxruntime-gpu", ", with TensorRT's libraries on the library path"),
     "NvTensorRTRTXExecutionProvider": "an onnxruntime build with TensorRT RTX",
-    "OpenVINOExecutionProvider": "pip install onnxruntime-openvino",
-    "DmlExecutionProvider": "pip install onnxruntime-directml (Windows)",
+    "OpenVINOExecutionProvider": _replacing("onnxruntime-openvino"),
+    "DmlExecutionProvider": _replacing("onnxruntime-directml", " (Windows)"),
     "ROCMExecutionProvider": "an onnxruntime build with ROCm (AMD's onnxruntime-rocm wheels)",
-    "MIGraphXExecutionProvider": "pip install onnxruntime-migraphx (AMD)",
+    "MIGraphXExecutionProvider": _replacing("onnxruntime-migraphx", " (AMD)"),
     "CoreMLExecutionProvider": "onnxruntime on macOS (pip install onnxruntime)",
-    "QNNExecutionProvider": "pip install onnxruntime-qnn (Qualcomm)",
+    "QNNExecutionProvider": _replacing("onnxruntime-qnn", " (Qualcomm)"),
     "DnnlExecutionProvider": "an onnxruntime build with oneDNN",
     "XnnpackExecutionProvider": "an onnxruntime build with XNNPACK",
 }

@@ -11,6 +11,7 @@ from ..errors import EXIT_FAILED, CannotTell, UsageError
 from ..options import BenchOptions
 from ..render import Output
 from ..render.bench import render_bench
+from ..render.terminal import printable
 from ..stages.bench import bench as run_bench
 from .app import app
 from .options import Arch, ArchKwargs, Json, Shape, TrustPickle, load_options
@@ -92,8 +93,8 @@ def bench(
                            progress=tick)
     render_bench(report, out)
     if report.fail_below_outcome == "fail":
-        out.err.print(f"bnfold: below --fail-below {fail_below:g}: {report.fail_below_why}", highlight=False,
-                      markup=False, soft_wrap=True)
+        out.err.print(printable(f"bnfold: below --fail-below {fail_below:g}: {report.fail_below_why}"),
+                      highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILED)
     if report.fail_below_outcome == "cannot tell":
         raise CannotTell(f"cannot tell whether the speed-up is at least {fail_below:g}: {report.fail_below_why}")

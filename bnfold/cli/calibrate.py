@@ -21,7 +21,9 @@ def calibrate(
                                show_default=False),
     data: Path = typer.Option(..., help=".npz (arrays by input name, samples on axis 0), .npy, or a folder."),
     batch_size: int = typer.Option(..., help="Samples per batch N (≥ 2): statistics are taken per batch."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.calibrated.EXT)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.calibrated.EXT; "
+                                                                       "a folder, or a path ending in /: "
+                                                                       "NAME.calibrated.EXT in it)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
     upstream: str = typer.Option("batch", help="'batch': every BN normalizes with its batch statistics (Alg. 2); "
                                                "'population': BNs keep their stored statistics while measured."),

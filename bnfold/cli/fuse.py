@@ -19,7 +19,9 @@ from .options import (Arch, ArchKwargs, Atol, Batches, Data, ExampleInput, Json,
 @app.command(short_help="Fold every foldable BN and write the fused model.")
 def fuse(
     src: Path = typer.Argument(..., help="Model to fuse: .onnx or a PyTorch checkpoint.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Where to write (default NAME.fused.EXT; "
+                                                                       "a folder, or a path ending in /: "
+                                                                       "NAME.fused.EXT in it)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow overwriting the input."),
     standalone: str = typer.Option("keep", help="BNs that cannot fold: 'keep', or 'affine' to rewrite as Mul+Add."),
     variance: Variance = "unbiased",

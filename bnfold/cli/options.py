@@ -1,7 +1,6 @@
 """Options several commands share, declared once, and how they become typed option objects."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +8,7 @@ import typer
 
 from ..check.inputs import parse_shapes
 from ..errors import UsageError
+from ..json_reader import read_json
 from ..options import LoadOptions, VarianceOptions, VerifyOptions
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -29,13 +29,13 @@ Atol = Annotated[Optional[float], typer.Option(help="Absolute tolerance (default
 Rtol = Annotated[Optional[float], typer.Option(help="Relative tolerance (default: by output dtype).")]
 
 
+ARCH_KWARGS_LIMIT = 2**20  # bytes: keyword arguments, not data
+
+
 def json_kwargs(text: str | None) -> dict:
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    value = read_json(text, "--arch-kwargs", max_bytes=ARCH_KWARGS_LIMIT, error=UsageError)
     if not isinstance(value, dict):
         raise UsageError("--arch-kwargs must be a JSON object")
     return value

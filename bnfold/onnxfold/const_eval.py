@@ -7,13 +7,21 @@ constant when every leaf it is computed from is an initializer or a Constant, th
 tensor whose shape is static (Shape, Size), or the dtype of a tensor whose dtype is known
 (CastLike's second input). Such a value is computed with onnx's reference evaluator (numpy;
 never onnxruntime, whose optimizer would fold the BNs it is meant to check) one node at a
-time, each node's output size predicted by shape inference before it runs, within MAX_NODES
-nodes and MAX_ELEMENTS elements per value. The pass asks for a value only where a fold reads
-it; `prune` then drops the nodes that computed it once nothing reads them, and every other
-constant subgraph of the model stays as it was.
+time, each node's output size predicted by shape inference before it runs.
+
+Bounds, so that a small hostile file cannot make bnfold compute for minutes: MAX_NODES nodes
+behind one value, MAX_ELEMENTS elements per value, and for the whole model together
+MAX_TOTAL_ELEMENTS elements computed (counted from the predicted sizes, before anything is
+allocated) and MAX_SECONDS of evaluation. Values kept for reuse take at most MAX_REMEMBERED
+bytes, so memory stays below MAX_REMEMBERED plus one node's inputs and outputs. A value past a
+bound is not evaluated: the BN that needed it is kept, with the bound as its reason. The pass
+asks for a value only where a fold reads it; `prune` then drops the nodes that computed it
+once nothing reads them, and every other constant subgraph of the model stays as it was.
 """
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 
 import numpy as np
@@ -32,7 +40,13 @@ EVALUATED_OPS = frozenset({
 })
 MAX_NODES = 64  # nodes in the subgraph behind one value
 MAX_ELEMENTS = 1 << 24  # elements of any value computed on the way (64 MB in float32)
+# For the whole model: four values of the largest size. What exporters compute is far less (a
+# dynamo-exported ResNet-50's 53 Conv biases: 26,560 elements; a Linear(4096, 4096) weight
+# transposed: 2^24).
+MAX_TOTAL_ELEMENTS = 1 << 26
+MAX_SECONDS = 10.0  # of evaluation for the whole model: a backstop, the element bound comes first
 MAX_REMEMBERED = 1 << 28  # bytes of values kept for reuse; the oldest go first, to be recomputed if asked again
+SMALL = 1024  # elements: inputs this small reach shape inference as values (shapes, axes, repeats)
 
 Defined = tuple[Scope, onnx.NodeProto]
 
@@ -44,6 +58,8 @@ class ConstantEvaluator:
         self.index = index
         self.max_nodes = max_nodes
         self.max_elements = max_elements
+        self.spent_elements = 0  # by every node evaluated so far, for the whole model
+        self.spent_seconds = 0.0
         self.values: dict[tuple[int, str], np.ndarray] = {}
         self.failures: dict[tuple[int, str], str] = {}
         self.evaluated: list[Defined] = []  # in evaluation order: producers before consumers
@@ -126,14 +142,26 @@ class ConstantEvaluator:
         if node.op_type in ("Shape", "Size") and _static_shape(self.index, scope, node.input[0]) is not None:
             outputs = [_shape_value(node, _static_shape(self.index, scope, node.input[0]))]
         else:
-            model = self._single_node_model(scope, node)
-            self._check_sizes(model, node)
+            inputs = [self._input_value(scope, node, i) if name else None for i, name in enumerate(node.input)]
+            model = self._single_node_model(node, inputs)
+            self._spend(_predicted_elements(model, node, self.max_elements), node)
             from onnx.reference import ReferenceEvaluator  # numpy only; imported when first needed
 
-            outputs = ReferenceEvaluator(model).run(None, {})
+            start = time.perf_counter()
+            feeds = {f"in{i}": a for i, a in enumerate(inputs) if a is not None and not _is_small(a)}
+            outputs = ReferenceEvaluator(model).run(None, feeds)
+            self.spent_seconds += time.perf_counter() - start
         for name, value in zip([o for o in node.output if o], outputs):
             self._remember((id(scope), name), np.asarray(value))
         self.evaluated.append((scope, node))
+
+    def _spend(self, elements: int, node: onnx.NodeProto) -> None:
+        """The whole model's bounds, checked before the node runs."""
+        if self.spent_elements + elements > MAX_TOTAL_ELEMENTS or self.spent_seconds > MAX_SECONDS:
+            raise NotConstant(f"{node.op_type} {node.name!r} is past the bound on evaluating constants for the whole "
+                              f"model ({MAX_TOTAL_ELEMENTS} elements in {MAX_SECONDS:g} s; "
+                              f"{self.spent_elements} spent, this node needs {elements})")
+        self.spent_elements += elements
 
     def _remember(self, key: tuple[int, str], value: np.ndarray) -> None:
         self.values[key] = value
@@ -153,9 +181,13 @@ class ConstantEvaluator:
         cached = self._cached(scope, name)
         return cached if cached is not None else self.index.constant(scope, name)
 
-    def _single_node_model(self, scope: Scope, node: onnx.NodeProto) -> onnx.ModelProto:
-        inits = [numpy_helper.from_array(self._input_value(scope, node, i), f"in{i}")
-                 for i, name in enumerate(node.input) if name]
+    def _single_node_model(self, node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> onnx.ModelProto:
+        """`node` alone, reading in0, in1, …: small inputs as initializers (shape inference reads
+        their values: a Reshape's shape, a Slice's starts), large ones as typed graph inputs fed
+        at run time, so no payload is copied into a protobuf."""
+        inits = [numpy_helper.from_array(a, f"in{i}") for i, a in enumerate(inputs) if a is not None and _is_small(a)]
+        graph_inputs = [helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                        for i, a in enumerate(inputs) if a is not None and not _is_small(a)]
         renamed = onnx.NodeProto()
         renamed.CopyFrom(node)
         del renamed.input[:]
@@ -163,24 +195,9 @@ class ConstantEvaluator:
         del renamed.output[:]
         renamed.output.extend(f"out{i}" if name else "" for i, name in enumerate(node.output))
         outputs = [helper.make_value_info(f"out{i}", onnx.TypeProto()) for i, name in enumerate(node.output) if name]
-        graph = helper.make_graph([renamed], "constant", [], outputs, inits)
+        graph = helper.make_graph([renamed], "constant", graph_inputs, outputs, inits)
         return helper.make_model(graph, opset_imports=list(self.index.model.opset_import),
                                  ir_version=max(self.index.model.ir_version, 4))
-
-    def _check_sizes(self, model: onnx.ModelProto, node: onnx.NodeProto) -> None:
-        """The bound holds before anything is allocated: sizes come from shape inference."""
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-        except Exception as exc:  # noqa: BLE001 — any inference failure means "do not evaluate"
-            raise NotConstant(f"{node.op_type} {node.name!r} cannot be evaluated: {str(exc)[:100]}") from None
-        for out in inferred.graph.output:
-            dims = out.type.tensor_type.shape.dim if out.type.tensor_type.HasField("shape") else None
-            if dims is None or any(not d.HasField("dim_value") for d in dims):
-                raise NotConstant(f"the size of {node.op_type} {node.name!r}'s output is unknown before evaluating it")
-            elements = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
-            if elements > self.max_elements:
-                raise NotConstant(f"{node.op_type} {node.name!r} would compute {elements} elements "
-                                  f"(bound: {self.max_elements})")
 
     # -- after folding ----------------------------------------------------------------------
 
@@ -195,6 +212,31 @@ class ConstantEvaluator:
             scope.dead_names.update(outputs)
             dropped[node.op_type] += 1
         return dropped
+
+
+def _is_small(array: np.ndarray) -> bool:
+    return array.size <= SMALL or array.dtype == object  # strings have no typed-input form here
+
+
+def _predicted_elements(model: onnx.ModelProto, node: onnx.NodeProto, max_elements: int) -> int:
+    """The elements `node` will compute, from shape inference, before anything is allocated;
+    NotConstant if a size is unknown or one value is over `max_elements`."""
+    try:
+        # one node whose inputs are values or typed: nothing to propagate (data_prop costs 1.8 s on a
+        # 2^24-element input)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001 — any inference failure means "do not evaluate"
+        raise NotConstant(f"{node.op_type} {node.name!r} cannot be evaluated: {str(exc)[:100]}") from None
+    total = 0
+    for out in inferred.graph.output:
+        dims = out.type.tensor_type.shape.dim if out.type.tensor_type.HasField("shape") else None
+        if dims is None or any(not d.HasField("dim_value") or d.dim_value < 0 for d in dims):
+            raise NotConstant(f"the size of {node.op_type} {node.name!r}'s output is unknown before evaluating it")
+        elements = math.prod(d.dim_value for d in dims)  # Python ints: no int64 overflow
+        if elements > max_elements:
+            raise NotConstant(f"{node.op_type} {node.name!r} would compute {elements} elements (bound: {max_elements})")
+        total += elements
+    return total
 
 
 def _require_evaluable(node: onnx.NodeProto) -> None:

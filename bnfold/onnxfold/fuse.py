@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 
 from ..detect import ONNX
+from ..errors import BnfoldError
 from ..options import FuseOptions, VarianceOptions
 from ..report import CalibrationReport, FoldReport
 from .calibrate import calibrate
@@ -56,8 +57,8 @@ def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Pat
     with tempfile.TemporaryDirectory(prefix=".bnfold-scratch-", dir=target.parent) as scratch:
         spill = TensorSpill(scratch)
         try:
-            model, report = fuse_onnx(source.model, options, base_dir=source.base_dir, spill=spill,
-                                      reference=reference)
+            model, report = _named(src, fuse_onnx, source.model, options, base_dir=source.base_dir, spill=spill,
+                                   reference=reference)
             report.input = str(src)
             if calibration is not None:
                 report.calibration, report.variance = calibration, calibration.variance
@@ -68,6 +69,16 @@ def fuse_onnx_file(src: Path, target: Path, options: FuseOptions, reference: Pat
     report.size_before = size_before
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _named(src: Path, fold, *args, **kwargs):
+    """fold(*args, **kwargs), its errors naming `src`: the model was handed over in memory."""
+    try:
+        return fold(*args, **kwargs)
+    except BnfoldError as exc:
+        if exc.path not in (None, "<memory>"):
+            raise
+        raise type(exc)(exc.problem, src) from None
 
 
 def _calibrate_first(source: OnnxSource, options: FuseOptions) -> CalibrationReport | None:

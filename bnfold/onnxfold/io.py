@@ -225,7 +225,7 @@ def save_onnx(model: onnx.ModelProto, dst: Path, base_dir: Path | None = None, e
         else:
             check_path = _write_inline(model, base_dir, tmp_model)
         _check(check_path, accept_invalid)
-        if external:
+        if external and (tmp_dir / data_name).stat().st_size:  # every payload small enough to stay inline: no file
             os.replace(tmp_dir / data_name, dst.parent / data_name)
         os.replace(tmp_model, dst)
     finally:
@@ -247,13 +247,25 @@ def input_files(path: Path) -> set[Path]:
 
 
 def free_data_name(dst: Path, protected: set[Path]) -> str:
-    """`NAME.data` beside `dst`, or `NAME.1.data`, … if that file is one the input uses."""
+    """`NAME.data` beside `dst`, or `NAME.1.data`, … if that file is one `protected` holds or
+    one that exists and the file at `dst` does not read: an output replaces only its own data."""
     folder = Path(dst).parent.resolve()
+    owned = files_read_by(dst)
     name, k = f"{Path(dst).name}.data", 0
-    while folder / name in protected:
+    while folder / name in protected or (os.path.lexists(folder / name) and folder / name not in owned):
         k += 1
         name = f"{Path(dst).name}.{k}.data"
     return name
+
+
+def files_read_by(path: Path) -> set[Path]:
+    """The data files an existing ONNX model at `path` reads (nothing, if it is not one)."""
+    if not Path(path).is_file():
+        return set()
+    try:
+        return input_files(path) - {Path(path).resolve()}
+    except (BadInput, OSError):
+        return set()
 
 
 def input_also_invalid(src: Path, warnings: list[str], error: Exception) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import Skip
 from ..fold_math import scale_weight
 from .site import FoldSite, NewValue, Rewrite, Scaling
+from .validity import broadcast_bias, layer_bias
 
 
 def _input_rank(site: FoldSite) -> int | None:
@@ -39,7 +40,7 @@ def plan_next_gemm(site: FoldSite) -> Rewrite:
     site.require_channels(b_kn.shape[0], "the Gemm reduction axis")
     t = site.affine.shift
     alpha, beta = float(site.attr("alpha", 1.0)), float(site.attr("beta", 1.0))
-    c = site.optional_const(gemm, 2, "C")
+    c = broadcast_bias(gemm, site.optional_const(gemm, 2, "C"), (1, b_kn.shape[1]), "C")
     c64 = alpha * (t @ b_kn) + (beta * c.astype(np.float64) if c is not None else 0.0)
     attributes = [(None, "beta", 1.0)]
     if site.index.opset < 7:
@@ -88,7 +89,7 @@ def plan_next_conv(site: FoldSite) -> Rewrite:
     t = site.affine.shift.reshape(groups, 1, c_in_per_group, *([1] * (w.ndim - 2)))
     grouped = w.astype(np.float64).reshape(groups, c_out // groups, c_in_per_group, *w.shape[2:])
     shift = (grouped * t).reshape(c_out, -1).sum(axis=1)
-    b = site.optional_const(conv, 2, "bias")
+    b = layer_bias(conv, site.optional_const(conv, 2, "bias"), c_out)
     bias = shift + (b.astype(np.float64) if b is not None else 0.0)
     return Rewrite([_scaled_input_channels(site, 1, w, axis=1, groups=groups),
                     NewValue(2, bias, b.dtype if b is not None else w.dtype, "bias")])

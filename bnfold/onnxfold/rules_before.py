@@ -17,6 +17,7 @@ from .affine import ChannelAxis
 from .index import ModelIndex, NotConstant, Scope
 from .readers import require_sole_use
 from .site import FoldSite, NewValue, Rewrite, Scaling
+from .validity import broadcast_bias, layer_bias
 
 
 def scaled_weight(site: FoldSite, i: int, w: np.ndarray, axis: int, groups: int = 1) -> NewValue:
@@ -32,7 +33,7 @@ def plan_conv(site: FoldSite) -> Rewrite:
     if w.ndim < 3:
         raise Skip(f"Conv weight has rank {w.ndim}, expected ≥ 3")
     site.require_channels(w.shape[0], "the Conv output")
-    return Rewrite([scaled_weight(site, 1, w, axis=0), _folded_bias(site, w)])
+    return Rewrite([scaled_weight(site, 1, w, axis=0), _folded_bias(site, w, w.shape[0])])
 
 
 def plan_conv_transpose(site: FoldSite) -> Rewrite:
@@ -44,12 +45,12 @@ def plan_conv_transpose(site: FoldSite) -> Rewrite:
     if w.shape[0] % groups:
         raise Skip(f"ConvTranspose weight rows {w.shape[0]} not divisible by group={groups}")
     site.require_channels(groups * w.shape[1], "the ConvTranspose output")
-    return Rewrite([scaled_weight(site, 1, w, axis=1, groups=groups), _folded_bias(site, w)])
+    return Rewrite([scaled_weight(site, 1, w, axis=1, groups=groups), _folded_bias(site, w, groups * w.shape[1])])
 
 
-def _folded_bias(site: FoldSite, w: np.ndarray) -> NewValue:
+def _folded_bias(site: FoldSite, w: np.ndarray, channels: int) -> NewValue:
     """The Conv/ConvTranspose bias input: b' = s·b + t (t alone where there was none)."""
-    b = site.optional_const(site.layer, 2, "bias")
+    b = layer_bias(site.layer, site.optional_const(site.layer, 2, "bias"), channels)
     dtype = b.dtype if b is not None else w.dtype
     return NewValue(2, fold_bias(b, site.affine), dtype, "bias", scaling=Scaling(0, site.affine.scale))
 
@@ -68,7 +69,7 @@ def plan_gemm(site: FoldSite) -> Rewrite:
         raise Skip(f"Gemm B has rank {b_mat.ndim}, expected 2")
     axis = 0 if int(site.attr("transB", 0)) else 1
     site.require_channels(b_mat.shape[axis], "the Gemm output")
-    c = site.optional_const(site.layer, 2, "C")
+    c = broadcast_bias(site.layer, site.optional_const(site.layer, 2, "C"), (1, b_mat.shape[axis]), "C")
     beta = float(site.attr("beta", 1.0))
     s, t = site.affine.scale, site.affine.shift
     scaling = Scaling(0, beta * s)
@@ -111,6 +112,9 @@ def plan_matmul(site: FoldSite) -> Rewrite:
     if legacy:
         b64 = s * _legacy_channel_bias(site, add_bias, site.at.rank) + t
     else:
+        rank = site.at.rank or 2
+        out = (1,) * (rank - 1) + (site.channels,) if w_index == 1 else (1,) * (rank - 2) + (site.channels, 1)
+        broadcast_bias(site.add, add_bias, out, "bias")
         b64 = add_bias.astype(np.float64) * s.reshape(view) + t.reshape(view)
         if b64.ndim > site.at.rank:
             raise Skip(f"bias of shape {add_bias.shape} does not broadcast along the MatMul's channel axis")

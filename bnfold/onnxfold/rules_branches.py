@@ -19,6 +19,7 @@ from ..reparam import AffineBranch, ConvBranch, Window, merge
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .affine import BN, bn_op, is_standard, node_attr
 from .index import ModelIndex, NotConstant, Scope
+from .validity import layer_bias
 
 SUM_OPS = ("Add", "Sum")
 MERGED_PATTERN = "merged branches"
@@ -116,8 +117,7 @@ def _conv_branch(index: ModelIndex, scope: Scope, conv: onnx.NodeProto, name: st
         raise Skip(f"Conv {name!r} has a parameter that is not constant: {exc}") from None
     if weight.ndim < 3:
         raise Skip(f"Conv {name!r} weight has rank {weight.ndim}")
-    if bias is not None and bias.size != weight.shape[0]:
-        raise Skip(f"Conv {name!r} has {bias.size} biases for {weight.shape[0]} output channels")
+    layer_bias(conv, bias, weight.shape[0])
     window = _window(index, conv, name, weight.shape[2:])
     label = f"Conv {name!r} {'×'.join(map(str, weight.shape[2:]))}"
     term = ConvBranch(label, weight, bias, window, int(node_attr(conv, "group", 1)), storage=str(weight.dtype))

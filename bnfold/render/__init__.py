@@ -17,13 +17,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..report import to_plain
+from .terminal import own_stderr, printable
 
 
 class Output:
     def __init__(self, as_json: bool = False):
         self.as_json = as_json
-        self.out = Console(highlight=False, soft_wrap=False)
-        self.err = Console(stderr=True, highlight=False)
+        # emoji off: a node named ":fire:" is shown as written
+        self.out = Console(highlight=False, soft_wrap=False, emoji=False)
+        self.err = Console(file=own_stderr(), highlight=False, emoji=False)
 
     def json(self, report: Any) -> None:
         data = report.to_dict() if hasattr(report, "to_dict") else to_plain(report)
@@ -40,13 +42,13 @@ class Output:
         return self.as_json
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+        self.err.print(f"[yellow]warning:[/] {plain(message)}", highlight=False)
 
     @contextmanager
     def status(self, message: str) -> Iterator[None]:
         """A spinner on stderr for work without countable steps; silent off a terminal or with --json."""
         if self.err.is_terminal and not self.as_json:
-            with self.err.status(message):
+            with self.err.status(plain(message)):
                 yield
         else:
             yield
@@ -85,14 +87,15 @@ def human_size(n: int | None) -> str:
 
 
 def plain(value) -> str:
-    """Text from a model or the user (names, paths, reasons), safe to print: rich markup in it
-    is escaped, so a node named "[/]" is shown, not interpreted."""
-    return escape(str(value))
+    """Text from a model or the user (names, paths, reasons), safe to print in rich markup:
+    control characters are shown as escapes (terminal.printable) and rich markup is escaped,
+    so a node named "[/]" or "\x1b[2J" is shown, not interpreted."""
+    return escape(printable(value))
 
 
 def table(title: str, columns: tuple[str, ...], rows) -> Table:
     """A table whose string cells are plain text; styled cells are passed as rich Text."""
-    t = Table(title=escape(title), title_justify="left")
+    t = Table(title=plain(title), title_justify="left")
     for col in columns:
         t.add_column(col)
     for row in rows:

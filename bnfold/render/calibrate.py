@@ -19,5 +19,7 @@ def render_calibrate(report: CalibrationReport, out: Output) -> None:
                       f"{b.mean_max_abs_change:.3g} ({b.mean_max_change_in_std:.2f}σ)",
                       f"{b.var_old:.4g} → {b.var_new:.4g}", f"{b.var_max_change:.2%}")
                      for b in report.bns)))
+    for note in report.notes:
+        con.print(f"[dim]note:[/] {plain(note)}")
     if report.output:
         con.print(f"wrote {plain(report.output)}")

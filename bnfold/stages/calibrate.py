@@ -9,8 +9,8 @@ from pathlib import Path
 from .. import detect
 from ..options import CalibrateOptions, LoadOptions, VarianceOptions
 from ..report import CalibrationReport
-from .staging import (Staging, move_folder_into_place, move_into_place, remove_replaced, resolve_folder_output,
-                      resolve_output)
+from .staging import (Staging, data_name, move_folder_into_place, move_into_place, remove_replaced,
+                      resolve_folder_output, resolve_output)
 
 
 def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Path | None = None,
@@ -24,20 +24,23 @@ def calibrate_file(src: str | Path, options: CalibrateOptions, output: str | Pat
     folder = detect.is_hf_folder(src)  # a Hugging Face folder is written as a folder
     if folder:
         dst = resolve_folder_output(src, Path(output) if output else None, in_place, tag="calibrated")
+        data, why = None, None
     else:
-        dst = resolve_output(src, Path(output) if output else None, in_place, tag="calibrated", protected=used)
+        dst = resolve_output(src, output, in_place, tag="calibrated", protected=used)
+        data, why = data_name(dst, used)
     with Staging(dst) as stage:
         staged = stage.output()
         if onnx_input:
             from ..onnxfold.calibrate import calibrate_onnx_file
-            from ..onnxfold.io import free_data_name
 
-            report = calibrate_onnx_file(src, staged, options, variance, progress, free_data_name(dst, used))
+            report = calibrate_onnx_file(src, staged, options, variance, progress, data)
         else:
             from ..torchfold.calibrate import calibrate_torch_file  # torch only on the torch path
 
             report = calibrate_torch_file(src, staged, options, variance, load, progress)
         written = move_folder_into_place(staged, dst, stage) if folder else move_into_place(staged, dst)
+    if why is not None and any(p.name == data for p in written):
+        report.notes.append(why)
     if in_place:
         remove_replaced(used, written, dst)
     report.input, report.output = str(src), str(dst)

@@ -14,8 +14,8 @@ from .. import detect
 from ..errors import UsageError
 from ..options import FuseOptions
 from ..report import FoldReport
-from .staging import (Staging, move_folder_into_place, move_into_place, remove_replaced, resolve_folder_output,
-                      resolve_output)
+from .staging import (Staging, data_name, move_folder_into_place, move_into_place, names_folder, remove_replaced,
+                      resolve_folder_output, resolve_output)
 from .verify import verify
 
 TORCH_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -36,19 +36,21 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
     folder_out = detect.is_hf_folder(src) and options.to == "same"  # a Hugging Face folder, written as one
     if folder_out:
         dst = resolve_folder_output(src, Path(output) if output else None, in_place)
+        data, why = None, None
     else:
-        dst = resolve_output(src, Path(output) if output else None, in_place, suffix, protected=used)
+        dst = resolve_output(src, output, in_place, suffix, protected=used)
+        data, why = data_name(dst, used)
     with Staging(dst) as stage:
         staged = stage.output()
         reference = None
         if options.verify is not None and options.changes_statistics:
             reference = stage.path("reference.onnx" if kind == detect.ONNX else "reference.pt")
-        notes: list[str] = []
-        report = _fuse(kind, src, staged, options, reference, _data_name(dst, used, notes))
-        report.notes += notes
+        report = _fuse(kind, src, staged, options, reference, data)
         if options.verify is not None and not _verified(src, reference, staged, options, report):
             return report
         written = move_folder_into_place(staged, dst, stage) if folder_out else move_into_place(staged, dst)
+    if why is not None and any(p.name == data for p in written):
+        report.notes.append(why)
     if in_place:
         report.notes += [f"removed {p.name}: the input's data, replaced" for p in remove_replaced(used, written, dst)]
     report.output = str(dst)
@@ -59,7 +61,7 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
 def _format_of_output(output: str | Path | None, options: FuseOptions) -> FuseOptions:
     """An output never claims a format it is not in: -o NAME.onnx is --to onnx, NAME.pt2 --to pt2,
     and a --to that contradicts the name is a usage error."""
-    if output is None:
+    if output is None or names_folder(output):
         return options
     implied = SUFFIX_FORMAT.get(Path(output).suffix.lower())
     if implied is None and options.to in SUFFIX_FORMAT.values():
@@ -80,15 +82,6 @@ def _input_files(kind: str, src: Path) -> set[Path]:
     if src.is_dir():  # a Hugging Face folder: no output replaces any file in it
         return {src.resolve(), *(p.resolve() for p in src.iterdir())}
     return {src.resolve()}
-
-
-def _data_name(dst: Path, used: set[Path], notes: list[str]) -> str:
-    from ..onnxfold.io import free_data_name
-
-    name = free_data_name(dst, used)
-    if name != f"{dst.name}.data":
-        notes.append(f"external data goes to {name}: {dst.name}.data is read by the input")
-    return name
 
 
 def _fuse(kind: str, src: Path, staged: Path, options: FuseOptions, reference: Path | None,

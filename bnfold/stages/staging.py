@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputExists, UsageError
+from ..interrupts import held
 
 
 def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused") -> Path:
@@ -16,15 +17,29 @@ def default_output_path(src: Path, suffix: str | None = None, tag: str = "fused"
     return src.with_name(f"{src.stem}.{tag}{ext}")
 
 
-def resolve_output(src: Path, output: Path | None, in_place: bool, suffix: str | None = None,
+def names_folder(output: str | Path | None) -> bool:
+    """-o names a folder: it ends in a path separator, or is an existing folder."""
+    if output is None:
+        return False
+    text = os.fspath(output)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def resolve_output(src: Path, output: str | Path | None, in_place: bool, suffix: str | None = None,
                    tag: str = "fused", protected: set[Path] = frozenset()) -> Path:
     """Where to write. `protected`: resolved files the input uses (its external data), which
-    no output may replace; only --in-place may replace the input itself."""
+    no output may replace; only --in-place may replace the input itself. An `output` that
+    names a folder (names_folder) gets NAME.<tag>.EXT inside it; a folder that does not exist
+    is refused rather than made (a mistyped folder is not one to create)."""
     _refuse_folder_in_place(src, in_place)
     if in_place:
         if output is not None and Path(output).resolve() != Path(src).resolve():
             raise UsageError("--in-place and -o name different files; give one of them", output)
         return Path(src)
+    if names_folder(output):
+        if not Path(output).is_dir():
+            raise UsageError("output folder does not exist (a path ending in / names a folder)", output)
+        output = Path(output) / default_output_path(Path(src), suffix, tag).name
     dst = Path(output) if output is not None else default_output_path(Path(src), suffix, tag)
     if Path(src).is_dir() and Path(src).resolve() in dst.resolve().parents:
         raise OutputExists("output would be written inside the input folder; write it beside the folder", dst)
@@ -69,12 +84,19 @@ class Staging:
         self.dir: Path | None = None
 
     def __enter__(self) -> "Staging":
-        self.dir = Path(tempfile.mkdtemp(prefix=".bnfold-stage-", dir=self.dst.parent))
+        try:
+            with held():  # a signal between mkdtemp and the assignment would leave the folder behind
+                self.dir = Path(tempfile.mkdtemp(prefix=".bnfold-stage-", dir=self.dst.parent))
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        with held():
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
 
     def path(self, name: str) -> Path:
         """A private file (a reference model, …), in a subfolder so it can never be taken for
@@ -90,11 +112,12 @@ def move_into_place(staged: Path, dst: Path) -> list[Path]:
     """The staged file and its data files (named after it) renamed beside `dst`, data first so
     the model never points at a missing file; returns the paths written."""
     written = []
-    for part in sorted(staged.parent.iterdir()):
-        if part.is_file() and part.name.startswith(staged.name + "."):
-            written.append(dst.with_name(part.name))
-            os.replace(part, written[-1])
-    os.replace(staged, dst)
+    with held():  # the model and its data move together
+        for part in sorted(staged.parent.iterdir()):
+            if part.is_file() and part.name.startswith(staged.name + "."):
+                written.append(dst.with_name(part.name))
+                os.replace(part, written[-1])
+        os.replace(staged, dst)
     return [*written, dst]
 
 
@@ -102,6 +125,11 @@ def move_folder_into_place(staged: Path, dst: Path, stage: Staging) -> list[Path
     """The staged folder renamed to `dst`. An existing `dst` is replaced only when it holds
     nothing but files the new folder writes (an earlier run's output); it is moved into the
     staging folder first, and removed with it."""
+    with held():  # the old folder goes and the new one comes together
+        return _swap_folder(staged, dst, stage)
+
+
+def _swap_folder(staged: Path, dst: Path, stage: "Staging") -> list[Path]:
     if dst.exists():
         ours = {p.name for p in staged.iterdir()}
         foreign = sorted(p.name for p in dst.iterdir() if p.is_symlink() or not p.is_file() or p.name not in ours)
@@ -112,6 +140,19 @@ def move_folder_into_place(staged: Path, dst: Path, stage: Staging) -> list[Path
         os.replace(dst, stage.path("replaced"))
     os.replace(staged, dst)
     return [dst / p.name for p in dst.iterdir()]
+
+
+def data_name(dst: Path, protected: set[Path]) -> tuple[str, str | None]:
+    """The name of the output's external data file beside `dst` (onnxfold.io.free_data_name:
+    never a file the output does not own), and why it is not the usual NAME.data, if not."""
+    from ..onnxfold.io import free_data_name
+
+    name, usual = free_data_name(dst, protected), f"{Path(dst).name}.data"
+    if name == usual:
+        return name, None
+    why = "is read by the input" if Path(dst).parent.resolve() / usual in protected else \
+        "exists and is not this output's (another model may read it)"
+    return name, f"external data went to {name}: {usual} {why}"
 
 
 def remove_replaced(used: set[Path], written: list[Path], keep: Path) -> list[Path]:

@@ -57,11 +57,21 @@ def _measure(module: nn.Module, bns, options: CalibrateOptions, totals: BatchAcc
         m.train(options.upstream == "batch")
     for batch in positional_batches(options):
         with torch.no_grad():
-            module(*(torch.from_numpy(a) for a in batch))
+            _run_on_data(module, batch, options.data)
         totals.add([captured[k] for k in range(len(bns))])
         report.samples += len(batch[0])
         if progress is not None:
             progress(totals.batches + totals.dropped, 0)
+
+
+def _run_on_data(module, batch: list[np.ndarray], data: Path) -> None:
+    """One forward pass on the user's arrays; arrays the model cannot take are bad data."""
+    try:
+        module(*(torch.from_numpy(a) for a in batch))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in batch)
+        raise BadInput(f"torch cannot run the model on these arrays ({shapes}): {type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0][:160]}", data) from None
 
 
 def _as_numpy(args: tuple) -> np.ndarray:

@@ -8,12 +8,10 @@ import torch
 from ..errors import BadInput
 from ..options import LoadOptions
 from .checkpoint import container_out, state_out
-from .inputs import dynamic_dims, example_for
-from .io import EXPORT, HF_FOLDER, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, atomic_write, save_bytes, torch_bytes
+from .inputs import dynamic_dims, example_for, shape_hint
+from .io import (EXPORT, HF_FOLDER, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, program_bytes, save_bytes,
+                 script_bytes, torch_bytes)
 from .onnx_export import onnx_dynamic_axes, write_onnx
-
-
-SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
 
 def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> list[str]:
@@ -28,11 +26,10 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
     if to == "onnx":
         write_onnx(module, example, dst, onnx_dynamic_axes(source), notes, source.path)
     elif to == "torchscript":
-        traced = torch.jit.trace(module, example) if not isinstance(module, torch.jit.ScriptModule) else module
-        atomic_write(dst, lambda p: torch.jit.save(traced, str(p)))
+        traced = module if isinstance(module, torch.jit.ScriptModule) else trace_script(module, example, source.path)
+        save_bytes(dst, script_bytes(traced))
     else:
-        program = export_program(module, example, {})
-        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+        save_bytes(dst, program_bytes(export_program(module, example, {}, path=source.path)))
     return notes
 
 
@@ -42,11 +39,11 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
     Hugging Face folder its files and sharding (`dst` is then a folder)."""
     module = folded[0]
     if source.kind == TORCHSCRIPT:
-        atomic_write(dst, lambda p: torch.jit.save(module, str(p)))
+        save_bytes(dst, script_bytes(module))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
-        program = export_program(module, args, kwargs, dynamic_dims(source.module))
-        atomic_write(dst, lambda p: torch.export.save(program, str(p)))
+        save_bytes(dst, program_bytes(export_program(module, args, kwargs, dynamic_dims(source.module),
+                                                     source.path)))
     elif source.kind == HF_FOLDER:
         from .hf import write_folder
 
@@ -63,9 +60,17 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
         save_bytes(dst, torch_bytes(state_out(source.sets[0].layout, module)))
 
 
-def export_program(module, args, kwargs, dynamic_shapes=None):
+def trace_script(module, example, path: Path | None = None):
+    try:
+        return torch.jit.trace(module, tuple(example))
+    except Exception as exc:  # noqa: BLE001 — tracing runs the model: anything it raises
+        raise BadInput(f"torch.jit.trace cannot trace the fused model ({type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0][:160]}); {shape_hint(example)}", path) from None
+
+
+def export_program(module, args, kwargs, dynamic_shapes=None, path: Path | None = None):
     try:
         return torch.export.export(module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 — export failures are many and varied
         raise BadInput(f"torch.export cannot export the fused model ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:160]})") from None
+                       f"{(str(exc).splitlines() or [''])[0][:160]}); {shape_hint(args)}", path) from None

@@ -21,7 +21,7 @@ from .inputs import example_inputs
 from .branches import merge_exported, merge_module
 from .apply import fold_module
 from .export import count_aten_bn, fold_exported
-from .io import EAGER, EXPORT, HF_FOLDER, TORCHSCRIPT, TorchSource, load_torch
+from .io import EAGER, EXPORT, HF_FOLDER, TORCHSCRIPT, TorchSource, load_torch, save_bytes, torch_bytes
 from .sites import copy_module
 from .variance import correct_torch_variance
 
@@ -91,7 +91,7 @@ def fuse_torch_file(src: Path, target: Path, options: FuseOptions, reference: Pa
     corrections = _correct_variance(source, options)
     calibration = _calibrate_first(source, options)
     if reference is not None:
-        torch.save(copy.deepcopy(source.module), reference)
+        save_bytes(reference, torch_bytes(copy.deepcopy(source.module)))
     report, folded = fold_source(source, options.to, options.load)
     if report.untraced and not report.folded:
         raise BadInput(f"{report.untraced[0]} cannot be traced and nothing in it could be folded "

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..check.arrays import read_file
+from ..check.arrays import read_file, require_real_batch
 from ..errors import UsageError
 from ..options import LoadOptions
 from .guess import guess_example
@@ -35,6 +35,8 @@ def data_inputs(path: Path, module) -> tuple[torch.Tensor, ...]:
     go to those, whatever their order in the file; unnamed ones (a .npy, np.savez's arr_0 …,
     input, input1 …) by position; any other name is a usage error naming the model's inputs."""
     arrays = read_file(Path(path), ["input"])
+    for name, array in arrays.items():
+        require_real_batch(name, array, path)
     if all(POSITIONAL_KEY.fullmatch(k) for k in arrays):
         return tuple(torch.from_numpy(a) for a in arrays.values())
     params = forward_params(module)
@@ -107,14 +109,21 @@ def export_shapes(shapes: dict[str, list[int]], module, path=None) -> dict[str, 
 
 def example_inputs(options: LoadOptions, module) -> tuple[torch.Tensor, ...] | None:
     """--example-input, else --shape (one per input, in order), else a guess from the first layer."""
-    if options.example_input:
-        return data_inputs(options.example_input, module)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32) \
+        if isinstance(module, nn.Module) else torch.float32
+    if options.example_input:  # floats in the model's own float dtype, as verify feeds them
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in data_inputs(options.example_input, module))
     if options.shapes:
-        dtype = next((p.dtype for p in module.parameters()), torch.float32) if isinstance(module, nn.Module) \
-            else torch.float32
         g = torch.Generator().manual_seed(0)
         return tuple(torch.randn(*dims, generator=g, dtype=dtype) for dims in ordered_shapes(options.shapes, module))
     return guess_example(module) if isinstance(module, nn.Module) else None
+
+
+def shape_hint(example) -> str:
+    """What to pass when the model could not run on `example` (a guess, or the user's)."""
+    shapes = ", ".join(str(list(t.shape)) for t in example if isinstance(t, torch.Tensor))
+    return (f"it ran on inputs of shape {shapes}: if the model takes another, pass --shape NAME=D0,D1,… "
+            "or --example-input")
 
 
 def example_for(source: TorchSource, options: LoadOptions, module) -> tuple[torch.Tensor, ...]:

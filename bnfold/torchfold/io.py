@@ -2,7 +2,7 @@
 
 | kind          | recognised by                               | loaded with                                  |
 |---------------|---------------------------------------------|----------------------------------------------|
-| torchscript   | zip with code/ and constants.pkl            | torch.jit.load (TorchScript's own unpickler) |
+| torchscript   | zip with code/ and constants.pkl            | torch.jit.load, after its tensors are checked |
 | torch-export  | zip with archive_format (torch.export.save) | torch.export.load, after its pickles are checked |
 | safetensors   | 8-byte header length + JSON header          | safetensors, after the header is checked; + --arch |
 | state_dict    | torch.load(weights_only=True) → tensors     | + --arch factory, strict load                |
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import importlib
 import io
-import json
 import os
 import pickle
 import sys
@@ -32,7 +31,8 @@ import torch
 from torch import nn
 
 from ..detect import CONFIG_NAME, check_readable, is_hf_folder, looks_like_safetensors
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, BnfoldError, UsageError
+from ..json_reader import read_json
 from ..options import LoadOptions
 from .checkpoint import STATE, FitError, WeightSet, fit_prefix, is_tensor_dict, load_into
 
@@ -90,11 +90,13 @@ def load_torch(path: str | Path, options: LoadOptions | None = None) -> TorchSou
     path = check_readable(Path(path))
     kind = sniff(path)
     if kind == TORCHSCRIPT:
-        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.jit.load, str(path), map_location="cpu"),
-                                                  TORCHSCRIPT)])
+        from .script_archive import check_script_archive
+
+        check_script_archive(path)
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, _load_script, path), TORCHSCRIPT)])
     if kind == EXPORT:
-        _refuse_pt2_pickles(path, options.trust_pickle)
-        return TorchSource(kind, path, [WeightSet(None, _guard(path, torch.export.load, str(path)), EXPORT)])
+        check_pt2(path, options.trust_pickle)
+        return TorchSource(kind, path, [WeightSet(None, _guard(path, _load_program, path), EXPORT)])
     if kind == SAFETENSORS:
         from .safetensors_io import load_safetensors
 
@@ -130,11 +132,66 @@ class SavedDevices:
         return [f"tensors saved on {', '.join(other)} were loaded, folded and written on the CPU"] if other else []
 
 
+def _load_script(path: Path):
+    """torch.jit.load, then one save in memory: torch reads some parts only when it needs them
+    (the debug info, on the next save), so a malformed one fails here, as bad input, and not in
+    the middle of the fold."""
+    module = torch.jit.load(str(path), map_location="cpu")
+    script_bytes(module)
+    return module
+
+
+def _load_program(path: Path):
+    """torch.export.load, then the checks torch leaves to first use: every weight has the shape
+    and dtype the graph was traced with (a mutated config can load weights of other shapes),
+    and the program unlifts into a module (which reads its whole signature)."""
+    program = torch.export.load(str(path))
+    _check_weights(program, path)
+    program.module()
+    return program
+
+
+def _check_weights(program, path: Path) -> None:
+    kinds = torch.export.graph_signature.InputKind
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind not in (kinds.PARAMETER, kinds.BUFFER, kinds.CONSTANT_TENSOR):
+            continue
+        table = program.constants if spec.kind == kinds.CONSTANT_TENSOR else program.state_dict
+        value, traced = table.get(spec.target), placeholders[spec.arg.name].meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(traced, torch.Tensor) or \
+                not all(isinstance(d, int) for d in traced.shape):  # a symbolic size: nothing fixed to compare
+            continue
+        if tuple(value.shape) != tuple(traced.shape) or value.dtype != traced.dtype:
+            raise BadInput(f"weight {spec.target!r} is {value.dtype} {list(value.shape)}, but the program's graph "
+                           f"was traced with {traced.dtype} {list(traced.shape)}", path)
+        if _overlaps(value):  # a config can give a weight strides that make its elements share memory
+            raise BadInput(f"weight {spec.target!r} has strides {list(value.stride())} under which its elements "
+                           "overlap", path)
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements may share memory: with the dims of more than one element ordered by
+    stride, each stride must step over everything the smaller ones reach (true of any layout
+    torch makes for a parameter, transposed or not)."""
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _guard(path: Path, loader, *args, **kwargs):
     try:
         return loader(*args, **kwargs)
+    except BnfoldError:
+        raise
     except Exception as exc:  # noqa: BLE001 — torch raises many types for a bad archive
-        raise BadInput(f"cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", path) from None
+        why = (str(exc).splitlines() or [""])[0][:120]
+        if "warnings above" in why:  # torch.export.load logged the cause, which bnfold does not show
+            why = "torch.export.load cannot deserialize it; BNFOLD_DEBUG=1 shows torch's log of why"
+        raise BadInput(f"cannot load ({type(exc).__name__}: {why})", path) from None
 
 
 def _load_pickled(path: Path, trust_pickle: bool, devices: SavedDevices):
@@ -218,33 +275,50 @@ def _state_set(path: Path, key: str | None, state: dict, arch: nn.Module, spec: 
     return WeightSet(key, module, STATE, layout)
 
 
-def _refuse_pt2_pickles(path: Path, trust_pickle: bool) -> None:
-    if trust_pickle:
-        return
-    entry = next(iter(pt2_pickles(path)), None)
+PT2_JSON_LIMIT = 256 * 2**20  # bytes of one JSON entry (efficientnet-b0's model.json is 0.6 MB)
+
+
+def check_pt2(path: Path, trust_pickle: bool) -> None:
+    """Before torch.export.load reads anything: every JSON entry parses within json_reader's
+    bounds (torch's own parser would recurse into a deep one), and, unless trusted, no entry is
+    a pickle torch would unpickle."""
+    with zipfile.ZipFile(path) as archive:
+        configs = {info.filename: _pt2_json(archive, info, path) for info in archive.infolist()
+                   if info.filename.endswith(".json")}
+        entry = None if trust_pickle else next(iter(pt2_pickles(archive, configs)), None)
     if entry is not None:
         raise BadInput(f"{entry} is a pickle torch.export.load would unpickle, which runs code from the file: "
                        "pass --trust-pickle if you trust it", path)
 
 
-def pt2_pickles(path: Path) -> list[str]:
+def _pt2_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+    what = f"archive entry {info.filename}"
+    if info.file_size > PT2_JSON_LIMIT:  # checked before it is inflated
+        raise BadInput(f"{what} is {info.file_size} bytes, more than the {PT2_JSON_LIMIT} bnfold reads", path)
+    try:
+        data = archive.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"{what} cannot be read ({exc})", path) from None
+    return read_json(data, what, path, max_bytes=PT2_JSON_LIMIT)
+
+
+def pt2_pickles(archive: zipfile.ZipFile, configs: dict[str, object]) -> list[str]:
     """Entries of a `.pt2` that torch.export.load would unpickle with more than weights_only allows:
     payloads its configs mark use_pickle (or custom/opaque objects), and pickled entries (sample
     inputs, legacy weights) that a weights_only load refuses — torch then falls back to a full one."""
     risky = []
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if name.endswith("_config.json"):
-                risky += [f"{name} ({fqn})" for fqn in _pickled_payloads(archive.read(name))]
-            elif name.endswith(".pt") and not _weights_only_loads(archive.read(name)):
-                risky.append(name)  # sample inputs, legacy weights and constants: torch.load'ed
+    for name, config in configs.items():
+        if name.endswith("_config.json"):
+            risky += [f"{name} ({fqn})" for fqn in _pickled_payloads(config)]
+    for name in archive.namelist():
+        if name.endswith(".pt") and not _weights_only_loads(archive.read(name)):
+            risky.append(name)  # sample inputs, legacy weights and constants: torch.load'ed
     return risky
 
 
-def _pickled_payloads(config: bytes) -> list[str]:
-    try:
-        entries = json.loads(config).get("config", {})
-    except (ValueError, AttributeError):
+def _pickled_payloads(config) -> list[str]:
+    entries = config.get("config", {}) if isinstance(config, dict) else {}
+    if not isinstance(entries, dict):
         return []
     return [fqn for fqn, meta in entries.items() if isinstance(meta, dict) and (
         meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj", "opaque_obj")))]
@@ -282,7 +356,10 @@ def build_arch(spec: str, kwargs: dict) -> nn.Module:
 
 
 def atomic_write(dst: Path, write) -> Path:
-    """Call write(tmp_path), then rename the finished file into place."""
+    """Call write(tmp_path), then rename the finished file into place. `write` must raise on
+    a failed write: torch's C++ archive writers abort the process instead when the disk is
+    full (a C++ exception in a destructor), so their bytes are made in memory (script_bytes,
+    program_bytes) and written here from Python, where a full disk is an OSError."""
     fd, tmp = tempfile.mkstemp(prefix=".bnfold-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
     try:
@@ -301,6 +378,20 @@ def save_bytes(dst: Path, data: bytes) -> Path:
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def script_bytes(module) -> bytes:
+    """A TorchScript archive, made in memory."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()
+
+
+def program_bytes(program) -> bytes:
+    """A torch.export archive (.pt2), made in memory."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
     return buffer.getvalue()
 
 

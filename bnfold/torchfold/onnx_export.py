@@ -13,7 +13,7 @@ from ..check.runtime import session
 from ..errors import BadInput, BnfoldError
 from ..onnxfold.io import save_onnx
 from ..options import LoadOptions
-from .inputs import check_fixed_batch, dynamic_dims, example_for, export_name, fixed_batch
+from .inputs import check_fixed_batch, dynamic_dims, example_for, export_name, fixed_batch, shape_hint
 from .io import EXPORT, TorchSource, load_torch, runnable
 
 
@@ -43,11 +43,11 @@ def write_onnx(module, example, dst: Path, dynamic: list[set[int]] | None = None
         data = _program_onnx(module, example, dynamic, notes) if refuses_train(module) and dynamic else \
             onnx_bytes(module, example, dynamic)
         return save_onnx(onnx.load_from_string(data), dst)
-    except BnfoldError:
+    except (BnfoldError, OSError):  # OSError: a full disk, said as such
         raise
     except Exception as exc:  # noqa: BLE001 — the exporter and the checker fail in many ways
-        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-                       path) from None
+        raise BadInput(f"cannot be written as ONNX ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}); "
+                       f"{shape_hint(example)}", path) from None
 
 
 def _program_onnx(module, example, dynamic: list[set[int]], notes: list[str] | None) -> bytes:

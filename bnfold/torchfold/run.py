@@ -22,7 +22,7 @@ from ..errors import BadInput
 from ..onnxfold.io import read_signature
 from ..options import LoadOptions, VerifyOptions
 from ..report import OutputComparison, VerifyReport
-from .inputs import data_inputs, ordered_shapes
+from .inputs import data_inputs, ordered_shapes, shape_hint
 from .guess import guess_example
 from .io import EXPORT, load_torch
 from .script_graph import guess_script_example
@@ -73,13 +73,24 @@ def _compare(a, b, fused: Path, options: VerifyOptions, original: Path, report: 
         if not report.inputs:
             report.inputs = describe_inputs(feeds)
         with torch.no_grad():
-            expected = outputs_of(a(*example), original)
+            expected = outputs_of(_run(a, example, original), original)
             if b is None:
                 got = run_session(session_b, dict(zip(onnx_names, feeds.values())), fused) if onnx_outputs else {}
                 runs.append(_against_onnx(expected, got, options, report))
             else:
-                runs.append(compare_trees(expected, outputs_of(b(*example), fused), options.atol, options.rtol))
+                runs.append(compare_trees(expected, outputs_of(_run(b, example, fused), fused), options.atol,
+                                          options.rtol))
     return runs
+
+
+def _run(module, example: tuple, path):
+    """The module on `example`; one that cannot run on it is the input's or the options' fault."""
+    try:
+        return module(*example)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
+        raise BadInput(f"torch cannot run the model on inputs of shape {[list(t.shape) for t in example]}: {first}; "
+                       f"{shape_hint(example)}", path) from None
 
 
 def _against_onnx(expected: Flat, got: dict, options: VerifyOptions, report: VerifyReport) -> list:

@@ -1,19 +1,19 @@
 """safetensors in and out (the weights format of Hugging Face and timm).
 
 The header is checked before the `safetensors` package reads anything: an 8-byte little-endian
-length that fits the file, a JSON object whose every tensor has a known dtype, a shape, and data
+length that fits the file, a JSON object (read within json_reader's bounds) whose every tensor has a known dtype, a shape, and data
 offsets inside the file's data section that hold exactly shape × item size bytes. The file's
 `__metadata__` (string → string) is written back unchanged.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput
+from ..json_reader import read_json
 
 ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -27,10 +27,7 @@ def read_header(path: Path) -> dict:
         if size < 8 or length < 2 or length > HEADER_LIMIT or 8 + length > size:
             raise BadInput(f"safetensors header length {length} does not fit the file ({size} bytes)", path)
         raw = fh.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"safetensors header is not JSON ({exc})", path) from None
+    header = read_json(raw, "safetensors header", path, max_bytes=HEADER_LIMIT)
     if not isinstance(header, dict):
         raise BadInput("safetensors header is not a JSON object", path)
     data_size = size - 8 - length
@@ -44,12 +41,12 @@ def read_header(path: Path) -> dict:
 
 
 def _check_entry(name: str, entry, data_size: int, path: Path) -> None:
-    if not isinstance(entry, dict) or entry.get("dtype") not in ITEM_SIZE:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in ITEM_SIZE:
         raise BadInput(f"safetensors tensor {name!r} has no known dtype", path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadInput(f"safetensors tensor {name!r} has a bad shape {shape!r}", path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise BadInput(f"safetensors tensor {name!r}: data offsets {offsets!r} do not fit the file's "
                        f"{data_size} data bytes", path)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from bnfold.check.runtime import available_providers, node_placement, placement_counts, provider_name
+from bnfold.check.runtime import PROVIDERS, available_providers, node_placement, placement_counts, provider_name
 from bnfold.errors import MissingProvider
 from onnx_builders import bn_inits, bn_node, init, make_model, vi
 
@@ -35,6 +35,18 @@ def test_missing_provider_names_what_to_install(name, full, hint):
     with pytest.raises(MissingProvider) as err:
         provider_name(name)
     assert full in str(err.value) and hint in str(err.value) and err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name, dist", [("openvino", "onnxruntime-openvino"), ("cuda", "onnxruntime-gpu"),
+                                        ("dml", "onnxruntime-directml")])
+def test_a_wheel_that_replaces_onnxruntime_is_said_to_replace_it(name, dist):
+    """These wheels install the onnxruntime package too: beside the CPU wheel, removing one breaks
+    the other, so the hint says to uninstall onnxruntime first."""
+    if PROVIDERS[name] in ort.get_available_providers():
+        pytest.skip(f"{PROVIDERS[name]} is installed here")
+    with pytest.raises(MissingProvider) as err:
+        provider_name(name)
+    assert f"pip uninstall onnxruntime, then pip install {dist}" in str(err.value)
 
 
 def test_unknown_provider_lists_the_known_short_names():

@@ -218,3 +218,61 @@ def test_values_forgotten_for_memory_are_recomputed(monkeypatch):
     assert len(report.folded) == 2 and bn_count(fused) == 0
     assert not [n for n in fused.graph.node if n.op_type in COMPUTING_OPS]
     np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def costly_biases_model(chains: int, adds: int, size: int, channels: int = 4) -> onnx.ModelProto:
+    """`chains` Conv → BN pairs, each Conv's bias Slice(ConstantOfShape([size]) + 0.25 … (`adds`
+    times), 0, channels): inside the per-value bounds, costly together."""
+    rng = np.random.default_rng(RNG_SEED)
+    nodes, inits, outputs = [], [init("s0", np.array([0], np.int64)), init("sc", np.array([channels], np.int64)),
+                                 init("quarter", np.array(0.25, np.float32)), init("size", np.array([size], np.int64))], []
+    for k in range(chains):
+        nodes.append(helper.make_node("ConstantOfShape", ["size"], [f"c{k}_0"],
+                                      value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])))
+        nodes += [helper.make_node("Add", [f"c{k}_{i}", "quarter"], [f"c{k}_{i + 1}"]) for i in range(adds)]
+        nodes += [helper.make_node("Slice", [f"c{k}_{adds}", "s0", "sc"], [f"b{k}"]),
+                  helper.make_node("Conv", ["x", f"W{k}", f"b{k}"], [f"z{k}"], name=f"conv{k}"),
+                  bn_node(f"z{k}", f"y{k}", f"bn{k}")]
+        inits += [init(f"W{k}", rng.normal(size=(channels, 3, 3, 3)).astype(np.float32)),
+                  *bn_inits(f"bn{k}", channels, rng)]
+        outputs.append(vi(f"y{k}", None))
+    return make_model(nodes, [vi("x", [1, 3, 6, 6])], outputs, inits)
+
+
+def test_the_whole_models_evaluation_is_bounded_before_it_is_spent(monkeypatch):
+    """Four chains of 4 × 1024 elements each, a whole-model bound of 10,000 elements: two fold,
+    two are kept saying why, and no node past the bound ever runs."""
+    from onnx.reference import ReferenceEvaluator
+
+    monkeypatch.setattr(const_eval, "MAX_TOTAL_ELEMENTS", 10_000)
+    computed = []
+    real_run = ReferenceEvaluator.run
+
+    def counting_run(self, *args, **kwargs):
+        outputs = real_run(self, *args, **kwargs)
+        computed.append(sum(np.asarray(o).size for o in outputs))
+        return outputs
+
+    monkeypatch.setattr(ReferenceEvaluator, "run", counting_run)
+    model = costly_biases_model(chains=4, adds=3, size=1024)
+    x = {"x": np.random.default_rng(0).normal(size=(1, 3, 6, 6)).astype(np.float32)}
+    fused, report = fuse_onnx(copy.deepcopy(model))
+    assert len(report.folded) == 2 and len(report.skipped) == 2
+    assert all("for the whole model" in s.reason for s in report.skipped), [s.reason for s in report.skipped]
+    assert sum(computed) <= 10_000
+    for got, want in zip(run(fused, x), run(model, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_small_file_cannot_make_the_evaluation_costly():
+    """The 2.5 KB model of the report: one Conv bias computed by 63 nodes of 2^24 elements each
+    (each inside the per-value bounds) took 106 s and 4.5 GB; the whole-model bound stops it
+    after four such values."""
+    import time
+
+    model = costly_biases_model(chains=1, adds=61, size=1 << 24)
+    assert len(model.SerializeToString()) < 3000
+    start = time.perf_counter()
+    _, report = fuse_onnx(model)
+    assert time.perf_counter() - start < 30
+    assert report.folded == [] and "for the whole model" in report.skipped[0].reason

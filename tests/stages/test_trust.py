@@ -34,11 +34,12 @@ def conv_bn_model(channels=4, size=6) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", [1, 3, size, size])], [vi("y", None)], inits)
 
 
-def external_model(folder: Path, name="m.onnx", data="m.onnx.data", size_threshold=0) -> Path:
-    """conv_bn_model with every initializer in one external file."""
+def external_model(folder: Path, name="m.onnx", data="m.onnx.data", size_threshold=0, channels=4) -> Path:
+    """conv_bn_model with every initializer in one external file (at 16 channels or more the
+    weight is large enough to stay external in the output too)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    onnx.save(conv_bn_model(), str(path), save_as_external_data=True, location=data,
+    onnx.save(conv_bn_model(channels), str(path), save_as_external_data=True, location=data,
               size_threshold=size_threshold, all_tensors_to_one_file=True)
     return path
 
@@ -174,7 +175,7 @@ def test_payloads_must_match_their_dims(tmp_path, case):
 
 def test_output_data_never_overwrites_what_the_input_reads(tmp_path, capsys):
     """orig.onnx keeps its weights in model.onnx.data; `-o model.onnx` must not write over it."""
-    src = external_model(tmp_path, "orig.onnx", "model.onnx.data")
+    src = external_model(tmp_path, "orig.onnx", "model.onnx.data", channels=16)
     before = snapshot(tmp_path)
     assert cli(["fuse", str(src), "-o", str(tmp_path / "model.onnx"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -188,7 +189,7 @@ def test_output_data_never_overwrites_what_the_input_reads(tmp_path, capsys):
 
 
 def test_in_place_removes_the_replaced_data_after_the_new_model_is_in_place(tmp_path, capsys):
-    src = external_model(tmp_path)
+    src = external_model(tmp_path, channels=16)
     x = {"x": np.random.default_rng(2).normal(size=(1, 3, 6, 6)).astype(np.float32)}
     expected = run(onnx.load(str(src)), x)[0]
     assert cli(["fuse", str(src), "--in-place", "--json"]) == 0
