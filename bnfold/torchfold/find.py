@@ -23,6 +23,8 @@ from .fx_graph import FxGraph, sites_and_kept
 from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
 from .opaque import forward_reads_bias, module_layer
+from .own_reads import read_by_own_forward
+from .params import attr_at, tensor_key
 from .sites import Found, analysis_copy
 from .tracer import Untraceable, trace
 
@@ -109,7 +111,32 @@ def _untraceable(module: nn.Module, inputs: Inputs, why: str) -> Found:
                       untraced=[type(module).__name__])
     for name, child in module.named_children():
         found.add(find_sites(child, inputs=inputs.below(module, name, [""])), name)
+    _drop_read_by_forward(module, inputs, found)
     return found
+
+
+def _drop_read_by_forward(module: nn.Module, inputs: Inputs, found: Found) -> None:
+    """Children folded one by one: a site whose tensors the module's own forward also reads
+    (no graph shows it) would change that use too."""
+    example = inputs.example() if found.sites else None
+    read = read_by_own_forward(module, example) if example is not None else None
+    if not read:
+        return
+    for site in list(found.sites):
+        paths = [site.weight or f"{site.producer}.weight", site.bias, *site.stats.paths()]
+        shared = next((p for p in paths if p and _key_at(module, p) in read), None)
+        if shared is not None:
+            found.sites.remove(site)
+            found.skipped.append(SkippedBN(site.bn, f"{shared} is also read by {type(module).__name__}'s own forward",
+                                           site.producer))
+
+
+def _key_at(module: nn.Module, path: str):
+    try:
+        value = attr_at(module, path)
+    except AttributeError:
+        return None
+    return tensor_key(value) if isinstance(value, torch.Tensor) else None
 
 
 def _applies_bn(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import Skip
 from .constants import affine_of_constants, is_constant
-from .params import attr_at
+from .params import alias_reads, attr_at
 from ..report import SkippedBN
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall, fold_site
 from .sites import owner
@@ -40,6 +40,7 @@ class FxGraph:
         self.opaque = opaque or {}  # submodules fx could not trace → the layer each computes, if one
         self._shape_source, self._shapes = shapes, None
         self._reads = self._count_reads()
+        self._aliased = alias_reads(self._reads, gm)
 
     # -- what the nodes are ------------------------------------------------------------------
 
@@ -132,12 +133,12 @@ class FxGraph:
                 found = affine_of_constants(self.gm, x, scale, shift)
                 if found is None:
                     continue
-                (value, axis_from_end), paths = found
+                (value, axis_from_end, rank), paths = found
                 scopes = {self.scope(n) for n in (mul, add)}
                 scope = scopes.pop() if len(scopes) == 1 else None
                 stats = AffineStats(value, tuple(paths))
                 return BnCall(scope or add.name, add, x, stats, scope, plain=self._only_op_of(scope, {mul, add}),
-                              nodes=[mul, add], axis_from_end=axis_from_end,
+                              nodes=[mul, add], axis_from_end=axis_from_end, rank=rank,
                               reason=None if scope is not None else "its Mul and Add are in different modules")
         return None
 
@@ -221,7 +222,7 @@ class FxGraph:
         return reads
 
     def reads(self, path: str) -> int:
-        return self._reads.get(path, 0)
+        return self._aliased(path)
 
     def read_paths(self) -> set[str]:
         """Tensors this graph reads itself (an opaque module's own call does not count)."""

@@ -51,12 +51,19 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
         except (Skip, BrokenStatistics, FoldOverflow) as why:
             kept.setdefault(bn.name, str(why))  # one BN inlined in two branches: said once
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
-    _bias_slots(root, plans)
-    cut = _cuts(root, plans)
-    for plan in [p for p in plans if isinstance(p.site.stats, AffineStats) and (p.site.bn not in cut or p.bias_slot is None)]:
-        plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
-        report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph (shared "
-                                        "with instances that do not fold, or its layer takes no bias)", plan.site.producer))
+    while True:  # an affine dropped may leave a sibling layer's class graph without a bias to read: again
+        _bias_slots(root, values, plans)
+        cut = _cuts(root, plans)
+        dropped = [p for p in plans if isinstance(p.site.stats, AffineStats)
+                   and (p.site.bn not in cut or p.bias_slot is None)]
+        if not dropped:
+            break
+        for plan in dropped:
+            plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
+            report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph "
+                                            "(shared with instances that do not fold, or its layer takes no bias)",
+                                            plan.site.producer))
+    _rewire_biases(root, plans)
     for plan in plans:
         note = plan.apply(root, cut.get(plan.site.bn))
         if note:
@@ -79,7 +86,8 @@ class Plan:
         self.site = site
         layer = attr_at(root, site.producer)
         affine = site.affine(root)
-        bias = getattr(layer, "bias", None)  # a layer traced without a bias has no such attribute
+        # the bias the graph's op reads: a layer's `bias` attribute its forward does not pass is no bias
+        bias = attr_at(root, site.bias) if site.bias else None
         self.new_w, self.new_b = fold_tensors(layer.weight, bias, affine, site.axis, site.groups, site.kind)
         self.shift = affine.shift
         self.bias_slot: str | None = "present" if bias is not None else None
@@ -101,25 +109,35 @@ class Plan:
         return None
 
 
-def _bias_slots(root, plans: list[Plan]) -> None:
-    """Where each layer without a bias gets one: its (scripted conv's) Optional bias attribute,
-    or a new attribute its class's graph reads instead of a None bias — when every instance of
-    the class folds (a traced layer's class is its own). Otherwise the shift stays in the BN."""
+def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
+    """Where each layer without a bias gets one: its (scripted conv's) Optional bias attribute
+    where the op reads that attribute, or a new attribute its class's graph reads instead of a
+    None bias — when every instance of the class folds (a traced layer's class is its own).
+    Otherwise the shift stays in the BN."""
     modules = dict(root.named_modules())
     planned = {p.site.producer: p for p in plans}
+    for plan in plans:
+        if plan.bias_slot != "present":
+            plan.bias_slot = None
     for plan in plans:
         if plan.bias_slot is not None:
             continue
         layer = modules[plan.site.producer]
-        if _takes_tensor(layer, "bias"):
+        op = plan.site.nodes.get("producer")
+        reads_attribute = op is not None and values.path(op.inputsAt(2)) == f"{plan.site.producer}.bias"
+        if reads_attribute and _takes_tensor(layer, "bias"):
             plan.bias_slot = "bias"
             continue
         siblings = [p for p, m in modules.items() if _class(m) == _class(layer)]
         if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer):
             plan.bias_slot = "graph"
-    for path, plan in planned.items():  # a graph is rewired once, for the whole class
+
+
+def _rewire_biases(root, plans: list[Plan]) -> None:
+    modules = dict(root.named_modules())
+    for plan in plans:  # a graph is rewired once, for the whole class
         if plan.bias_slot == "graph":
-            _rewire_bias(modules[path])
+            _rewire_bias(modules[plan.site.producer])
 
 
 def _takes_tensor(layer, name: str) -> bool:

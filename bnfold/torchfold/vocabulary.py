@@ -80,6 +80,12 @@ SHAPE_READS = ("size", "dim", "numel", "sym_size", "sym_numel", "sym_stride", "s
 SHAPE_OF_SECOND = ("reshape_as", "view_as", "expand_as")
 MULS = ("mul", "mul_")
 ADDS = ("add", "add_", "iadd")
+# ops whose value is drawn anew on every call (or is uninitialized memory): never a constant
+RANDOM = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
+          "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+          "multinomial", "poisson", "dropout", "dropout_", "native_dropout", "feature_dropout", "alpha_dropout",
+          "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "rrelu", "rrelu_", "empty", "empty_like",
+          "empty_strided", "new_empty", "new_empty_strided")
 # casts that keep a float value a float value: transparent when constants are evaluated in float64
 FLOAT_CASTS = ("to", "type", "float", "_to_copy", "type_as")
 

@@ -1,0 +1,464 @@
+"""Inputs built to break the torch fold: things that look like a BN and are not, tensors read
+twice under two names, forwards that read what a fold changes, and graph rewrites that leave a
+side effect behind. Each fused model is compared, in torch, with the model it came from (verify's
+float32 tolerances: atol = 1e-4 · RMS of the expected output, rtol = 1e-4); a BN that must not
+fold is allowed to stay, a wrong output or a crash is not.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold import fuse_module
+from bnfold.cli import run as cli
+
+C = 4
+K, RTOL = 1e-4, 1e-4
+
+
+def flat(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in flat(v)] if isinstance(value, (tuple, list)) else []
+
+
+def assert_same(got, expected) -> None:
+    got, expected = flat(got), flat(expected)
+    assert len(got) == len(expected) and expected
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape, f"shape {tuple(g.shape)}, expected {tuple(e.shape)}"
+        rms = e.double().pow(2).mean().sqrt().item()
+        torch.testing.assert_close(g.double(), e.double(), atol=K * rms, rtol=RTOL)
+
+
+def seeded(model, x, seed: int = 0):
+    """The output of a model that draws random numbers, with the generator at a fixed state."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(x)
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def random_bn(n: int, dims: int = 2) -> nn.Module:
+    bn = getattr(nn, f"BatchNorm{dims}d")(n)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn.eval()
+
+
+class FrozenBN(nn.Module):
+    """torchvision's FrozenBatchNorm2d: buffers, an affine computed in forward."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+        self.eps = 1e-5
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class Wrap(nn.Module):
+    """A root that only calls the block: a module computing an affine is then replaceable."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class AffineBlock(nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, C, 3, padding=1, bias=bias)
+        self.register_buffer("s", torch.rand(1, C, 1, 1) + 0.5)
+        self.register_buffer("t", torch.randn(1, C, 1, 1))
+
+
+class AffineBroadcastsUp(AffineBlock):
+    """x·S + T with S of rank 5: per channel, but the output gains an axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s5", torch.rand(1, 1, C, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.conv(x) * self.s5 + self.t
+
+
+class InplaceAffine(AffineBlock):
+    def forward(self, x):
+        y = self.conv(x)
+        y.mul_(self.s)
+        return y + self.t
+
+
+class BiaslessAffine(AffineBlock):
+    def __init__(self):
+        super().__init__(bias=False)
+
+    def forward(self, x):
+        return self.conv(x) * self.s + self.t
+
+
+class RandomScale(AffineBlock):
+    """x·(S + noise) + T: S changes on every call, so it is no constant."""
+
+    def forward(self, x):
+        return self.conv(x) * (self.s + torch.rand_like(self.s)) + self.t
+
+
+class DropoutScale(AffineBlock):
+    def forward(self, x):
+        return self.conv(x) * F.dropout(self.s, 0.5, True) + self.t
+
+
+class TiedConvs(nn.Module):
+    """c2 uses c1's weight: folding b1 into c1 would change c2 too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.b1 = nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 1), random_bn(C)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x):
+        return self.b1(self.c1(x)), self.c2(x)
+
+
+class TiedBNWeights(nn.Module):
+    """b2 uses b1's weight; b2 cannot fold (after a ReLU): b1 set to the identity would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.b2 = nn.Conv2d(3, C, 1), random_bn(C), random_bn(C)
+        self.b2.weight = self.b1.weight
+
+    def forward(self, x):
+        return self.b2(torch.relu(self.b1(self.c1(x))))
+
+
+class TiedFrozenStats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.b2 = nn.Conv2d(3, C, 1), FrozenBN(C), FrozenBN(C)
+        self.b2.running_var = self.b1.running_var
+
+    def forward(self, x):
+        return self.b2(torch.relu(self.b1(self.c1(x))))
+
+
+class ParentReadsFrozen(nn.Module):
+    """The parent reads the frozen BN's bias too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, C, 1), FrozenBN(C)
+
+    def forward(self, x):
+        return self.b1(self.c1(x)) + self.b1.bias.view(1, -1, 1, 1)
+
+
+class ParentReadsBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), random_bn(C))
+
+    def forward(self, x):
+        return self.block(x) * self.block[1].running_var.reshape(1, -1, 1, 1)
+
+
+class UntraceableReadsChildWeight(nn.Module):
+    """fx cannot trace it (control flow on a shape) and it holds no tensor itself, so its
+    children are folded one by one — but it convolves with its child's weight itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), random_bn(C))
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            return self.block(x) + F.conv2d(x, self.block[0].weight, padding=1)
+        return x
+
+
+class ConvIgnoringBias(nn.Conv2d):
+    """A Conv subclass whose forward does not pass its bias."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, self.stride, self.padding)
+
+
+class IgnoredBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = ConvIgnoringBias(3, C, 3, padding=1), random_bn(C)
+        with torch.no_grad():
+            self.c.bias.normal_()
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.bn1, self.bn2 = nn.Conv2d(3, C, 1), nn.Conv2d(C, C, 1), random_bn(C), random_bn(C)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.bn1(self.c1(x)) + self.bn2(self.c1(x * 2))
+
+
+class ScriptableFrozenBN(nn.Module):
+    """detectron2's FrozenBatchNorm2d, scriptable (eps a float attribute)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+        self.eps = 1e-5
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+
+
+class ScriptedFrozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, C, 3, padding=1, bias=False), ScriptableFrozenBN(C)
+        self.c2, self.b2 = nn.Conv2d(C, C, 1), ScriptableFrozenBN(C)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+class Unbatched1d(nn.Module):
+    """Conv1d on an unbatched [C_in, L]: BatchNorm1d of the [C, L] output normalizes L (L == C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv1d(3, 5, 3, padding=1), random_bn(5, 1)
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
+class UnbatchedFrozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), FrozenBN(C)
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
+def build(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args).eval()
+
+
+X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def fuse_cli(args: list[str], capsys) -> dict:
+    code = cli(["fuse", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def fuse_pt2(model, x, tmp_path: Path, capsys) -> tuple[nn.Module, dict]:
+    src = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(copy.deepcopy(model), (x,)), str(src))
+    report = fuse_cli([str(src), "-o", str(tmp_path / "out.pt2")], capsys)
+    return torch.export.load(report["output"]).module(), report
+
+
+def fuse_script(model, x, tmp_path: Path, capsys, traced: bool) -> tuple[torch.jit.ScriptModule, dict]:
+    src = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.trace(copy.deepcopy(model), (x,), check_trace=False) if traced \
+            else torch.jit.script(copy.deepcopy(model))
+    torch.jit.save(module, str(src))
+    report = fuse_cli([str(src), "-o", str(tmp_path / "out.pt")], capsys)
+    return torch.jit.load(report["output"]), report
+
+
+# -- look-alikes of a BN -----------------------------------------------------------------------
+
+
+def test_affine_whose_constants_add_an_axis_is_no_bn_eager():
+    model = build(Wrap, AffineBroadcastsUp())
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+def test_affine_whose_constants_add_an_axis_is_no_bn_pt2(tmp_path, capsys):
+    model = build(AffineBroadcastsUp)
+    fused, report = fuse_pt2(model, X, tmp_path, capsys)
+    assert_same(run(fused, X), run(model, X))
+    assert not report["folded"]
+
+
+def test_in_place_mul_of_a_folded_affine_is_gone_pt2(tmp_path, capsys):
+    """torch.export keeps `y.mul_(s)` as aten.mul_: dead-code elimination does not remove an
+    in-place op, so the fold must, or the layer's output is scaled twice."""
+    model = build(InplaceAffine)
+    fused, report = fuse_pt2(model, X, tmp_path, capsys)
+    assert_same(run(fused, X), run(model, X))
+    assert len(report["folded"]) == 1
+
+
+def test_traced_affine_after_a_biasless_conv_at_the_root(tmp_path, capsys):
+    """The conv's class graph was rewired to read a bias, then the affine could not be cut and
+    the bias was never set: the written TorchScript did not load (exit 3)."""
+    model = build(BiaslessAffine)
+    fused, _ = fuse_script(model, X, tmp_path, capsys, traced=True)
+    assert_same(run(fused, X), run(model, X))
+
+
+@pytest.mark.parametrize("cls", [RandomScale, DropoutScale])
+def test_random_scale_is_no_constant_eager(cls):
+    model = build(Wrap, cls())
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(seeded(fused, X), seeded(model, X))
+    assert not report.folded
+
+
+def test_random_scale_is_no_constant_pt2(tmp_path, capsys):
+    model = build(DropoutScale)
+    fused, report = fuse_pt2(model, X, tmp_path, capsys)
+    assert_same(seeded(fused, X), seeded(model, X))
+    assert not report["folded"]
+
+
+# -- a tensor read under two names, or by someone else ------------------------------------------
+
+
+def test_tied_conv_weights_eager():
+    model = build(TiedConvs)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+def test_tied_conv_weights_scripted(tmp_path, capsys):
+    model = build(TiedConvs)
+    fused, report = fuse_script(model, X, tmp_path, capsys, traced=False)
+    assert_same(run(fused, X), run(model, X))
+    assert not report["folded"]
+
+
+@pytest.mark.parametrize("cls", [TiedBNWeights, TiedFrozenStats])
+def test_tied_bn_tensors_keep_layout(cls):
+    """A state_dict keeps folded BNs as the identity: writing it into a tensor another BN reads
+    changes that BN."""
+    model = build(cls)
+    fused, _ = fuse_module(model, example=(X,), keep_layout=True)
+    assert_same(run(fused, X), run(model, X))
+
+
+@pytest.mark.parametrize("keep_layout", [False, True])
+def test_parent_reads_a_frozen_bn_buffer(keep_layout):
+    """fx computed the frozen BN's constants at trace time, so the parent's read of b1.bias was
+    not seen: removed, b1 had no bias to read (AttributeError); kept as identity, b1.bias was 0."""
+    model = build(ParentReadsFrozen)
+    fused, report = fuse_module(model, example=(X,), keep_layout=keep_layout)
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+def test_parent_reads_a_bn_buffer():
+    model = build(ParentReadsBN)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+def test_untraceable_module_reading_its_childs_weight():
+    model = build(UntraceableReadsChildWeight)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+# -- layers whose forward is not torch's ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "scripted"])
+def test_conv_subclass_that_ignores_its_bias_torchscript(tmp_path, capsys, traced):
+    """The fold wrote the shift into the module's bias, which its forward does not pass."""
+    model = build(IgnoredBias)
+    fused, report = fuse_script(model, X, tmp_path, capsys, traced=traced)
+    assert_same(run(fused, X), run(model, X))
+    assert len(report["folded"]) == 1
+
+
+def test_conv_subclass_that_ignores_its_bias_eager():
+    model = build(IgnoredBias)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+
+
+def test_conv_called_twice_pt2(tmp_path, capsys):
+    """Branch merging read a Conv term with no weight (its weight read twice): exit 3."""
+    model = build(ConvCalledTwice)
+    fused, report = fuse_pt2(model, X, tmp_path, capsys)
+    assert_same(run(fused, X), run(model, X))
+    assert not report["folded"]
+
+
+def test_scripted_frozen_bn_folds(tmp_path, capsys):
+    """A scripted frozen BN reads `eps` as a float attribute: its affine is still a constant."""
+    model = build(ScriptedFrozen)
+    fused, report = fuse_script(model, X, tmp_path, capsys, traced=False)
+    assert_same(run(fused, X), run(model, X))
+    assert len(report["folded"]) == 2
+
+
+# -- not fixed ----------------------------------------------------------------------------------
+
+UNBATCHED = "an unbatched conv input: BN's axis 1 is a spatial axis; the layer output's rank is not checked"
+
+
+@pytest.mark.xfail(strict=True, reason=UNBATCHED)
+def test_unbatched_conv1d_then_batchnorm1d():
+    model = build(Unbatched1d)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    fused, _ = fuse_module(model, example=(x,))
+    assert_same(run(fused, x), run(model, x))
+
+
+@pytest.mark.xfail(strict=True, reason=UNBATCHED)
+def test_unbatched_conv2d_then_frozen_bn():
+    model = build(Wrap, UnbatchedFrozen())
+    x = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(2))
+    fused, _ = fuse_module(model, example=(x,))
+    assert_same(run(fused, x), run(model, x))
