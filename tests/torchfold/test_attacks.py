@@ -257,6 +257,50 @@ class ScriptedFrozen(nn.Module):
         return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
 
 
+class FrozenNoEps(FrozenBN):
+    """A frozen BN with ε written into its forward: no `eps` attribute."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        del self.eps
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class BNThenMore(nn.BatchNorm2d):
+    """timm-like: the BN, then an act and a use of the BN's output no chain of children computes."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.load_state_dict(random_bn(n).state_dict())
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(y) * 2 + y.mean()
+
+
+class ConvFrozenNoEps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), FrozenNoEps(C)
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
+class ConvBNThenMore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), BNThenMore(C)
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
 class Unbatched1d(nn.Module):
     """Conv1d on an unbatched [C_in, L]: BatchNorm1d of the [C, L] output normalizes L (L == C)."""
 
@@ -441,6 +485,23 @@ def test_scripted_frozen_bn_folds(tmp_path, capsys):
     fused, report = fuse_script(model, X, tmp_path, capsys, traced=False)
     assert_same(run(fused, X), run(model, X))
     assert len(report["folded"]) == 2
+
+
+def test_frozen_bn_without_an_eps_attribute_leaves_as_identity():
+    """It computes nothing but the affine, so it leaves whole; no identity of it is needed."""
+    model = build(ConvFrozenNoEps)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert len(report.folded) == 1 and isinstance(fused.b, nn.Identity)
+
+
+def test_what_remains_of_a_bn_module_holds_no_bn_tensors(tmp_path):
+    model = build(ConvBNThenMore)
+    fused, report = fuse_module(model, example=(X,))
+    assert len(report.folded) == 1 and isinstance(fused.b, torch.fx.GraphModule)
+    assert sorted(fused.state_dict()) == ["c.bias", "c.weight"]
+    torch.save(fused, tmp_path / "fused.pt")
+    assert_same(run(torch.load(tmp_path / "fused.pt", weights_only=False), X), run(model, X))
 
 
 # -- not fixed ----------------------------------------------------------------------------------
