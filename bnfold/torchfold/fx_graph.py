@@ -180,11 +180,14 @@ class FxGraph:
         kind = layer_kind(name, transposed, tensor)
         return LayerCall(node, kind, 1 if transposed else 0, groups if transposed else 1, weight.target,
                          bias.target if bias is not None else None, owner(weight.target),
-                         self._plain_owner(weight.target), 0 if spec.linear else tensor.dim() - 2)
+                         self._plain_owner(weight.target, node), 0 if spec.linear else tensor.dim() - 2)
 
-    def _plain_owner(self, weight: str) -> bool:
+    def _plain_owner(self, weight: str, node) -> bool:
         """Whether the op's weight is the `weight` of a module with torch's own forward (a bias
-        given to that module is used): torch.export's graph of an nn.Conv2d."""
+        given to that module is used): torch.export's graph of an nn.Conv2d. The op must be that
+        module's own call: `F.conv2d(x, self.conv.weight)` in a parent does not read conv.bias."""
+        if self.scope(node) != owner(weight):
+            return False
         try:
             module = self.types.get_submodule(owner(weight))
         except AttributeError:

@@ -129,7 +129,9 @@ def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
             plan.bias_slot = "bias"
             continue
         siblings = [p for p, m in modules.items() if _class(m) == _class(layer)]
-        if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer):
+        # the op is the layer's own only where its forward runs (not `F.linear(x, self.l.weight)` in a parent)
+        if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer) \
+                and _module_call(modules, plan.site.producer) is not None:
             plan.bias_slot = "graph"
 
 

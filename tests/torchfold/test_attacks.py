@@ -301,6 +301,30 @@ class ConvBNThenMore(nn.Module):
         return self.b(self.c(x))
 
 
+class ParentLinearOnChildWeight(nn.Module):
+    """The parent runs F.linear on its (bias-less) Linear child's weight; the child never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.b = nn.Linear(3, C, bias=False), random_bn(C, 1)
+
+    def forward(self, x):
+        return self.b(F.linear(x, self.l.weight))
+
+
+class UntraceableConvOnChildWeight(nn.Module):
+    """Exported (fx cannot trace it): F.conv2d on its bias-less Conv child's weight, no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.b = nn.Conv2d(3, C, 3, bias=False), random_bn(C)
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            x = F.conv2d(x, self.conv.weight, None, 1, 1)
+        return self.b(x)
+
+
 class Unbatched1d(nn.Module):
     """Conv1d on an unbatched [C_in, L]: BatchNorm1d of the [C, L] output normalizes L (L == C)."""
 
@@ -468,6 +492,22 @@ def test_conv_subclass_that_ignores_its_bias_torchscript(tmp_path, capsys, trace
 def test_conv_subclass_that_ignores_its_bias_eager():
     model = build(IgnoredBias)
     fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+
+
+def test_scripted_parent_runs_linear_on_its_childs_weight(tmp_path, capsys):
+    """The shift went into a bias the child's own graph was rewired to read, but the child never
+    runs: the parent's op has no bias."""
+    model = build(ParentLinearOnChildWeight)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    fused, _ = fuse_script(model, x, tmp_path, capsys, traced=False)
+    assert_same(run(fused, x), run(model, x))
+
+
+def test_exported_module_convolving_with_its_childs_weight():
+    """The op reads conv.weight, but is the parent's: a bias given to conv is not read."""
+    model = build(UntraceableConvOnChildWeight)
+    fused, _ = fuse_module(model, example=(X,))
     assert_same(run(fused, X), run(model, X))
 
 
