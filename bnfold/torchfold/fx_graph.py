@@ -23,7 +23,8 @@ from ..report import SkippedBN
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall, fold_site
 from .sites import owner
 from .vocabulary import (QAT_REASON, ADDS, BN_OPS, LAYER_OPS, MULS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, TUPLE_BN_OPS,
-                         layer_kind, op_name, plain_bn, plain_layer, qat_module, qat_scope)
+                         changed_call, layer_kind, op_name, plain_bn, plain_layer, qat_module,
+                         qat_scope)
 
 CHECKS = ("_assert", "_assert_async", "_assert_tensor_metadata")  # ops that check their input and compute nothing
 
@@ -57,7 +58,9 @@ class FxGraph:
                            BnStats({}, 0.0), node.target, reason=QAT_REASON.format(module=node.target))
                     for name, child in module.named_modules() if isinstance(child, nn.modules.batchnorm._BatchNorm)]
         if not plain_bn(module):
-            return []
+            why = changed_call(module) if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+            return [BnCall(node.target, node, node.args[0] if node.args else None, BnStats({}, 0.0), node.target,
+                           reason=f"{node.target} has {why}, which its graph node does not show")] if why else []
         tensors = {k: (f"{node.target}.{k}" if getattr(module, k, None) is not None else None)
                    for k in ("weight", "bias", "running_mean", "running_var")}
         reason = None

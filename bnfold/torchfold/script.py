@@ -242,7 +242,7 @@ def _class(module) -> str:
 def _call_site(modules: dict, bn: str):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
-    if getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module):
+    if (getattr(module, "original_name", "") in BN_NAMES and _whole_bn(module)) or _whole_affine(module):
         return _module_call(modules, bn)
     if module is None:
         return None
@@ -275,6 +275,16 @@ def _module_call(modules: dict, path: str):
         if calls:
             return (host, local, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
     return None
+
+
+def _whole_bn(module) -> bool:
+    """Whether the module's forward returns batch_norm of its input: a traced BN whose instance
+    forward or hooks did more records that in its graph, and cutting its call would drop it."""
+    graph = forward_graph(module)
+    if graph is None or len(list(graph.inputs())) != 2:
+        return False
+    out, x = next(graph.outputs()).node(), list(graph.inputs())[1]
+    return any(out.inputsAt(source).unique() == x.unique() for source, _ in _batch_norm_input(out))
 
 
 def _whole_affine(module) -> bool:

@@ -128,13 +128,23 @@ def layer_kind(name: str, transposed: bool, weight: torch.Tensor | None) -> str:
     return f"{'ConvTranspose' if transposed else 'Conv'}{dims}d"
 
 
+def changed_call(module: nn.Module) -> str | None:
+    """Why calling the module computes more than its class's forward, if it does: forward hooks
+    (a graph shows a leaf module as one node, without them), or a forward set on the instance."""
+    if "forward" in vars(module):
+        return "a forward set on the instance"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "forward hooks"
+    return None
+
+
 def plain_bn(module: nn.Module) -> bool:
-    return type(module).forward in BN_FORWARDS
+    return type(module).forward in BN_FORWARDS and changed_call(module) is None
 
 
 def plain_layer(module: nn.Module) -> str | None:
     """The layer type a module computes when its forward is torch's own (subclasses included)."""
-    return LAYER_FORWARDS.get(type(module).forward)
+    return LAYER_FORWARDS.get(type(module).forward) if changed_call(module) is None else None
 
 
 def qat_module(module: nn.Module) -> bool:

@@ -325,6 +325,57 @@ class UntraceableConvOnChildWeight(nn.Module):
         return self.b(x)
 
 
+class AddInputHook:
+    """A forward hook: the module's output plus its input."""
+
+    def __call__(self, module, args, output):
+        return output + args[0]
+
+
+class AddOneHook:
+    def __call__(self, module, args, output):
+        return output + 1
+
+
+class ShiftInputPreHook:
+    def __call__(self, module, args):
+        return (args[0] + 1,)
+
+
+class TwiceForward:
+    """A forward set on the instance: twice what the class's forward computes."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, x):
+        return self.forward(x) * 2
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), random_bn(C)
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
+def hooked(where: str) -> nn.Module:
+    model = build(ConvBN)
+    if where == "bn forward hook":
+        model.b.register_forward_hook(AddInputHook())
+    elif where == "bn pre-hook":
+        model.b.register_forward_pre_hook(ShiftInputPreHook())
+    elif where == "conv forward hook":
+        model.c.register_forward_hook(AddOneHook())
+    elif where == "bn instance forward":
+        model.b.forward = TwiceForward(model.b.forward)
+    else:
+        model.c.forward = TwiceForward(model.c.forward)
+    return model
+
+
 class Unbatched1d(nn.Module):
     """Conv1d on an unbatched [C_in, L]: BatchNorm1d of the [C, L] output normalizes L (L == C)."""
 
@@ -508,6 +559,28 @@ def test_exported_module_convolving_with_its_childs_weight():
     """The op reads conv.weight, but is the parent's: a bias given to conv is not read."""
     model = build(UntraceableConvOnChildWeight)
     fused, _ = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+
+
+HOOKED = ["bn forward hook", "bn pre-hook", "conv forward hook", "bn instance forward", "conv instance forward"]
+
+
+@pytest.mark.parametrize("where", HOOKED)
+def test_hooks_and_instance_forwards_eager(where):
+    """A leaf module is one graph node: its hooks, or a forward set on the instance, are not in
+    the graph, so the module is no plain BN or layer."""
+    model = hooked(where)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+@pytest.mark.parametrize("where", ["bn instance forward", "bn forward hook"])
+def test_hooks_and_instance_forwards_traced(tmp_path, capsys, where):
+    """A trace records what the instance's forward or its hooks did inside the BN's own graph:
+    cutting the BN's whole call would drop it."""
+    model = hooked(where)
+    fused, _ = fuse_script(model, X, tmp_path, capsys, traced=True)
     assert_same(run(fused, X), run(model, X))
 
 
