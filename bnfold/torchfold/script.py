@@ -43,7 +43,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
         raise BadInput(f"TorchScript module without a forward to fold ({str(exc).splitlines()[0][:100]})") from None
     values = Values(root, graph)
     live = list(live_nodes(graph, values))
-    dialect = ScriptGraph(values, reads_of(live, values), Shapes(root, graph, example))
+    reads = reads_of(live, values)
+    for path, n in _reads_by_other_methods(root).items():
+        reads[path] = reads.get(path, 0) + n
+    dialect = ScriptGraph(values, reads, Shapes(root, graph, example))
     plans, kept = [], {}
     for bn in dialect.bn_calls(live):
         try:
@@ -74,6 +77,37 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
 
 
 # -- reading the graph -------------------------------------------------------------------------
+
+
+def _reads_by_other_methods(root) -> dict[str, int]:
+    """Tensor reads in the root's methods `forward` does not call (`@torch.jit.export`): they run
+    the same layers, and a fold would change them too."""
+    reads: dict[str, int] = {}
+    for name in _other_entry_points(root):
+        try:
+            graph = root._c._get_method(name).inlined_graph
+        except (RuntimeError, AttributeError):
+            continue
+        values = Values(root, graph)
+        for path, n in reads_of(list(live_nodes(graph, values)), values).items():
+            reads[path] = reads.get(path, 0) + n
+    return reads
+
+
+def _other_entry_points(root) -> list[str]:
+    """The root's methods other than forward and those forward calls (`_forward_impl`)."""
+    called, todo = {"forward"}, ["forward"]
+    while todo:
+        try:
+            graph = root._c._get_method(todo.pop()).graph
+        except RuntimeError:
+            continue
+        own = next(graph.inputs()).unique()
+        for node in all_nodes(graph):
+            if node.kind() == "prim::CallMethod" and node.inputsAt(0).unique() == own and node.s("name") not in called:
+                called.add(node.s("name"))
+                todo.append(node.s("name"))
+    return [name for name in root._c._method_names() if name not in called]
 
 
 # -- applying ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ any overload (a `padding="same"` conv is `aten.conv2d.padding`) is the op it ove
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -138,13 +139,19 @@ def changed_call(module: nn.Module) -> str | None:
     return None
 
 
+def class_forward(module: nn.Module):
+    """The forward its class defines, not looked up through descriptors: a ScriptModule's class
+    attribute `forward` raises when read from the class."""
+    return inspect.getattr_static(type(module), "forward", None)
+
+
 def plain_bn(module: nn.Module) -> bool:
-    return type(module).forward in BN_FORWARDS and changed_call(module) is None
+    return class_forward(module) in BN_FORWARDS and changed_call(module) is None
 
 
 def plain_layer(module: nn.Module) -> str | None:
     """The layer type a module computes when its forward is torch's own (subclasses included)."""
-    return LAYER_FORWARDS.get(type(module).forward) if changed_call(module) is None else None
+    return LAYER_FORWARDS.get(class_forward(module)) if changed_call(module) is None else None
 
 
 def qat_module(module: nn.Module) -> bool:

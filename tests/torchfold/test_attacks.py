@@ -376,6 +376,40 @@ def hooked(where: str) -> nn.Module:
     return model
 
 
+class ExportedMethods(nn.Module):
+    """Scripted with more entry points than forward, running the same layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), random_bn(C)
+
+    def forward(self, x):
+        return self._impl(x)
+
+    def _impl(self, x):  # called by forward: not an entry point of its own
+        return self.b(self.c(x))
+
+    @torch.jit.export
+    def features(self, x):
+        return self.b(self.c(x)) * 3
+
+    @torch.jit.export
+    def raw(self, x):
+        return self.c(x)
+
+
+class ScriptedChild(nn.Module):
+    """An eager model holding a ScriptModule: reading its class's forward raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.jit.script(ConvBN().eval())
+        self.c2, self.b2 = nn.Conv2d(C, C, 1), random_bn(C)
+
+    def forward(self, x):
+        return self.b2(self.c2(self.s(x)))
+
+
 class Unbatched1d(nn.Module):
     """Conv1d on an unbatched [C_in, L]: BatchNorm1d of the [C, L] output normalizes L (L == C)."""
 
@@ -582,6 +616,20 @@ def test_hooks_and_instance_forwards_traced(tmp_path, capsys, where):
     model = hooked(where)
     fused, _ = fuse_script(model, X, tmp_path, capsys, traced=True)
     assert_same(run(fused, X), run(model, X))
+
+
+def test_scripted_methods_other_than_forward_keep_their_outputs(tmp_path, capsys):
+    model = build(ExportedMethods)
+    fused, _ = fuse_script(model, X, tmp_path, capsys, traced=False)
+    for method in ("forward", "features", "raw"):
+        assert_same(run(getattr(fused, method), X), run(getattr(model, method), X))
+
+
+def test_eager_model_holding_a_script_module():
+    model = build(ScriptedChild)
+    fused, report = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
+    assert [f.bn for f in report.folded] == ["b2"]
 
 
 def test_conv_called_twice_pt2(tmp_path, capsys):
