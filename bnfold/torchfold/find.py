@@ -79,16 +79,19 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
     found = Found(sites, kept)
     for path in traced.opaque:
         inner = find_sites(module.get_submodule(path), inputs=below[path])
-        _drop_read_outside(inner, graph.read_paths(), path)
+        _drop_read_outside(inner, graph.read_paths(), path, module, traced.gm)
         found.add(inner, path)
     return found
 
 
-def _drop_read_outside(inner: Found, outside: set[str], prefix: str) -> None:
-    """A site whose tensors the enclosing graph also reads would change that use too."""
+def _drop_read_outside(inner: Found, outside: set[str], prefix: str, module: nn.Module, gm: nn.Module) -> None:
+    """A site whose tensors the enclosing graph also reads (by its path, or the same tensor under
+    another name) would change that use too."""
+    keys = {_key_at(gm, p) for p in outside} - {None}
     for site in list(inner.sites):
         paths = [site.weight, site.bias, *site.stats.paths()]
-        shared = next((p for p in paths if p and f"{prefix}.{p}" in outside), None)
+        shared = next((p for p in paths if p and (f"{prefix}.{p}" in outside
+                                                  or _key_at(module, f"{prefix}.{p}") in keys)), None)
         if shared is not None:
             inner.sites.remove(site)
             inner.skipped.append(SkippedBN(site.bn, f"{shared} is also read outside {prefix}", site.producer))

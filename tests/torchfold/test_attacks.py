@@ -410,6 +410,31 @@ class ScriptedChild(nn.Module):
         return self.b2(self.c2(self.s(x)))
 
 
+class UntraceableConvBN(nn.Module):
+    """fx cannot trace it (control flow on a shape): read on its own, from the outside opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3, padding=1), random_bn(C)
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            x = self.bn(self.conv(x))
+        return x
+
+
+class TiedAcrossOpaque(nn.Module):
+    """The root holds the opaque child's conv weight under a name of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.o = UntraceableConvBN()
+        self.w = self.o.conv.weight
+
+    def forward(self, x):
+        return self.o(x) + F.conv2d(x, self.w, None, 1, 1)
+
+
 class Float64Affine(AffineBlock):
     """float32 conv, float64 constants: x·S + T is float64, a folded conv's output float32."""
 
@@ -555,6 +580,13 @@ def test_parent_reads_a_frozen_bn_buffer(keep_layout):
     not seen: removed, b1 had no bias to read (AttributeError); kept as identity, b1.bias was 0."""
     model = build(ParentReadsFrozen)
     fused, report = fuse_module(model, example=(X,), keep_layout=keep_layout)
+    assert_same(run(fused, X), run(model, X))
+    assert not report.folded
+
+
+def test_tensor_tied_across_an_opaque_module():
+    model = build(TiedAcrossOpaque)
+    fused, report = fuse_module(model, example=(X,))
     assert_same(run(fused, X), run(model, X))
     assert not report.folded
 
