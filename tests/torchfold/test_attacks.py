@@ -435,6 +435,17 @@ class TiedAcrossOpaque(nn.Module):
         return self.o(x) + F.conv2d(x, self.w, None, 1, 1)
 
 
+class LazyConvBN(nn.Module):
+    """Saved before its first call: lazy parameters have no shape yet."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.LazyConv2d(C, 3, padding=1), nn.LazyBatchNorm2d()
+
+    def forward(self, x):
+        return self.b(self.c(x))
+
+
 class Float64Affine(AffineBlock):
     """float32 conv, float64 constants: x·S + T is float64, a folded conv's output float32."""
 
@@ -673,6 +684,15 @@ def test_eager_model_holding_a_script_module():
     fused, report = fuse_module(model, example=(X,))
     assert_same(run(fused, X), run(model, X))
     assert [f.bn for f in report.folded] == ["b2"]
+
+
+def test_uninitialized_lazy_modules(tmp_path, capsys):
+    """Was exit 3 (a guessed input read the lazy weight's rank)."""
+    model = LazyConvBN().eval()
+    torch.save(model, tmp_path / "lazy.pt")
+    report = fuse_cli([str(tmp_path / "lazy.pt"), "--trust-pickle", "-o", str(tmp_path / "out.pt")], capsys)
+    fused = torch.load(report["output"], weights_only=False)
+    assert_same(seeded(fused, X), seeded(model, X))
 
 
 def test_conv_called_twice_pt2(tmp_path, capsys):
