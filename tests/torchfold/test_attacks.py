@@ -446,6 +446,24 @@ class LazyConvBN(nn.Module):
         return self.b(self.c(x))
 
 
+class ReadsBNAttribute(nn.Module):
+    """The parent reads a plain attribute of its BN: fx evaluates it while tracing, no node shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, C, 3, padding=1), random_bn(C)
+
+    def forward(self, x):
+        y = self.b(self.c(x))
+        return y.reshape(y.shape[0], self.b.num_features, -1).mean(-1)
+
+
+class ChecksBNType(ReadsBNAttribute):
+    def forward(self, x):
+        y = self.b(self.c(x))
+        return y * 2 if isinstance(self.b, nn.BatchNorm2d) else y
+
+
 class Float64Affine(AffineBlock):
     """float32 conv, float64 constants: x·S + T is float64, a folded conv's output float32."""
 
@@ -771,3 +789,12 @@ def test_two_weight_sets_sharing_a_tensor(tmp_path, capsys):
     fused = torch.load(report["output"], weights_only=False)
     assert_same(run(fused["model"], X), expected[0])
     assert_same(run(fused["ema"], X), expected[1])
+
+
+@pytest.mark.xfail(strict=True, reason="a folded BN module becomes nn.Identity: a parent reading its attributes or "
+                                       "type is not seen in the fx graph")
+@pytest.mark.parametrize("cls", [ReadsBNAttribute, ChecksBNType])
+def test_parent_reads_a_bn_modules_python_attributes(cls):
+    model = build(cls)
+    fused, _ = fuse_module(model, example=(X,))
+    assert_same(run(fused, X), run(model, X))
