@@ -52,7 +52,7 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
     plans = [p for p in (_plan(module, s, mode, report) for s in found.sites) if p is not None]
     remains = _remains(module, plans, report) if mode == "remove" else {}
     plans = [p for p in plans if p.site.scope in remains or not isinstance(p.site.stats, AffineStats)
-             or _affine_identity(module, p, report)]
+             or _removed_whole(p, mode) or _affine_identity(module, p, report)]
     for plan in plans:
         _write(module, plan)
         note = None if plan.site.scope in remains else _retire(module, plan, mode)
@@ -86,6 +86,11 @@ def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport) -> Pla
     if bias is None and (mode == "identity" or not site.plain_layer):
         return Plan(site, new_w, None, affine.shift)
     return Plan(site, new_w, new_b, None)
+
+
+def _removed_whole(plan: Plan, mode: str) -> bool:
+    """A module that computes only the BN leaves as nn.Identity: nothing of it stays to be set."""
+    return mode == "remove" and plan.shift is None and plan.site.plain_bn
 
 
 def _write(root: nn.Module, plan: Plan) -> None:
@@ -178,8 +183,20 @@ def what_remains(module: nn.Module, means: list[str | None]) -> nn.Module:
     for node in list(graph.nodes):
         if node.op == "call_function" and op_name(node.target) == "_assert":
             graph.erase_node(node)
+    read_before = {n.target for n in graph.nodes if n.op == "get_attr"}
     graph.eliminate_dead_code()
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    for target in read_before - {n.target for n in graph.nodes if n.op == "get_attr"}:
+        if not any(target.startswith(c + ".") for c in called):  # the folded BN's tensors, not a child's
+            _drop_attribute(traced.gm, target)
     return _simplest(traced.gm)
+
+
+def _drop_attribute(gm: torch.fx.GraphModule, target: str) -> None:
+    parent, _, name = target.rpartition(".")
+    holder = gm.get_submodule(parent) if parent else gm
+    if hasattr(holder, name):
+        delattr(holder, name)
 
 
 def _simplest(gm: torch.fx.GraphModule) -> nn.Module:

@@ -248,7 +248,7 @@ def _parse_term(dialect: GraphDialect, node) -> Term:
     conv.nodes = nodes + bn_nodes + inner + conv.nodes
     conv.problem = conv.problem or affine.problem
     conv.bns = affine.bns
-    if affine.scale is not None:
+    if affine.scale is not None and conv.weight is not None:  # a Conv term with a problem has no weight
         conv.weight = conv.weight * affine.scale.reshape(-1, *([1] * (conv.weight.ndim - 1)))
         conv.bias = affine.scale * conv.bias + affine.shift
     return conv

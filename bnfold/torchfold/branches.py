@@ -22,7 +22,7 @@ from .fx_graph import reads_shape_only
 from .params import attr_at
 from .sites import analysis_copy
 from .tracer import Untraceable, trace
-from .vocabulary import LAYER_FORWARDS
+from .vocabulary import plain_layer
 
 STATE_DICT_REASON = "state_dict keeps the architecture; use --to onnx/pt2 or fuse_module to re-parameterize"
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,7 +57,7 @@ class FxDialect(GraphDialect):
         if not isinstance(layer, CONV_MODULES):
             return None
         problem = None
-        if type(layer).forward not in LAYER_FORWARDS:
+        if plain_layer(layer) is None:  # a forward of its own, hooks, or a forward set on the instance
             problem = f"{node.target} ({type(layer).__name__}) has a forward of its own"
         elif self.calls.get(node.target, 0) != 1:
             problem = f"{node.target} is called {self.calls[node.target]} times"

@@ -13,7 +13,7 @@ import torch.fx
 
 from .params import attr_at
 from .site_rule import per_channel
-from .vocabulary import FLOAT_CASTS, SHAPE_READS, op_name
+from .vocabulary import FLOAT_CASTS, RANDOM, SHAPE_READS, op_name
 
 MAX_NODES = 32
 MAX_ELEMENTS = 1 << 20
@@ -57,6 +57,8 @@ def _constant(value, seen: set) -> bool:
     if value.op not in ("call_function", "call_method"):
         return False
     name = op_name(value.target)
+    if name in RANDOM:
+        return False
     if name in FLOAT_CASTS:  # `.to(x.dtype)`: the cast's target is not part of the value
         if any(isinstance(a, torch.dtype) and not a.is_floating_point for a in (*value.args, *value.kwargs.values())):
             return False
@@ -125,7 +127,7 @@ def _script_constant(values, value, seen: set) -> bool:
     if node in seen or kind == "prim::Constant" or values.path(value) is not None:
         seen.add(node)
         return True
-    if kind == "prim::ListConstruct" or (kind.startswith("aten::") and op_name(kind) not in SHAPE_READS):
+    if kind == "prim::ListConstruct" or (kind.startswith("aten::") and op_name(kind) not in (*SHAPE_READS, *RANDOM)):
         inputs = list(node.inputs())[:1] if op_name(kind) in FLOAT_CASTS else list(node.inputs())
         seen.add(node)
         return all(_script_constant(values, v, seen) for v in inputs)
@@ -138,6 +140,8 @@ def _script_evaluate(values, value, memo: dict):
     node, kind = value.node(), value.node().kind()
     if kind == "prim::Constant":
         result = value.toIValue()
+    elif values.path(value) is not None and isinstance(attr_at(values.module, values.path(value)), (float, int)):
+        result = attr_at(values.module, values.path(value))  # a scripted module's `eps`
     elif values.path(value) is not None:
         tensor = attr_at(values.module, values.path(value))
         if not isinstance(tensor, torch.Tensor) or tensor.numel() > MAX_ELEMENTS:

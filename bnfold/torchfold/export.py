@@ -79,3 +79,7 @@ def _remove_bn(gm, site: FoldSite) -> None:
         bn.replace_all_uses_with(source)
     if not bn.users:
         gm.graph.erase_node(bn)
+    # an affine's mul goes too: dead-code elimination keeps an in-place `mul_`, which would still scale the layer's output
+    for part in reversed(site.nodes.get("parts", [])):
+        if part is not bn and not part.users:
+            gm.graph.erase_node(part)

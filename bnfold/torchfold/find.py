@@ -23,6 +23,8 @@ from .fx_graph import FxGraph, sites_and_kept
 from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
 from .opaque import forward_reads_bias, module_layer
+from .own_reads import read_by_own_forward
+from .params import attr_at, tensor_key
 from .sites import Found, analysis_copy
 from .tracer import Untraceable, trace
 
@@ -77,16 +79,19 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
     found = Found(sites, kept)
     for path in (p for p in traced.opaque if layers[p] is None):  # a layer is all its module computes
         inner = find_sites(module.get_submodule(path), inputs=below[path])
-        _drop_read_outside(inner, graph.read_paths(), path)
+        _drop_read_outside(inner, graph.read_paths(), path, module, traced.gm)
         found.add(inner, path)
     return found
 
 
-def _drop_read_outside(inner: Found, outside: set[str], prefix: str) -> None:
-    """A site whose tensors the enclosing graph also reads would change that use too."""
+def _drop_read_outside(inner: Found, outside: set[str], prefix: str, module: nn.Module, gm: nn.Module) -> None:
+    """A site whose tensors the enclosing graph also reads (by its path, or the same tensor under
+    another name) would change that use too."""
+    keys = {_key_at(gm, p) for p in outside} - {None}
     for site in list(inner.sites):
         paths = [site.weight, site.bias, *site.stats.paths()]
-        shared = next((p for p in paths if p and f"{prefix}.{p}" in outside), None)
+        shared = next((p for p in paths if p and (f"{prefix}.{p}" in outside
+                                                  or _key_at(module, f"{prefix}.{p}") in keys)), None)
         if shared is not None:
             inner.sites.remove(site)
             inner.skipped.append(SkippedBN(site.bn, f"{shared} is also read outside {prefix}", site.producer))
@@ -109,7 +114,32 @@ def _untraceable(module: nn.Module, inputs: Inputs, why: str) -> Found:
                       untraced=[type(module).__name__])
     for name, child in module.named_children():
         found.add(find_sites(child, inputs=inputs.below(module, name, [""])), name)
+    _drop_read_by_forward(module, inputs, found)
     return found
+
+
+def _drop_read_by_forward(module: nn.Module, inputs: Inputs, found: Found) -> None:
+    """Children folded one by one: a site whose tensors the module's own forward also reads
+    (no graph shows it) would change that use too."""
+    example = inputs.example() if found.sites else None
+    read = read_by_own_forward(module, example) if example is not None else None
+    if not read:
+        return
+    for site in list(found.sites):
+        paths = [site.weight or f"{site.producer}.weight", site.bias, *site.stats.paths()]
+        shared = next((p for p in paths if p and _key_at(module, p) in read), None)
+        if shared is not None:
+            found.sites.remove(site)
+            found.skipped.append(SkippedBN(site.bn, f"{shared} is also read by {type(module).__name__}'s own forward",
+                                           site.producer))
+
+
+def _key_at(module: nn.Module, path: str):
+    try:
+        value = attr_at(module, path)
+    except AttributeError:
+        return None
+    return tensor_key(value) if isinstance(value, torch.Tensor) else None
 
 
 def _applies_bn(module: nn.Module) -> bool:

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..errors import Skip
 from .constants import affine_of_constants, is_constant
-from .params import attr_at
+from .params import alias_reads, attr_at
 from ..report import SkippedBN
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall, fold_site
 from .sites import owner
 from .vocabulary import (QAT_REASON, ADDS, BN_OPS, LAYER_OPS, MULS, RESHAPES, SHAPE_OF_SECOND, SHAPE_READS, TUPLE_BN_OPS,
-                         layer_kind, op_name, plain_bn, plain_layer, qat_module, qat_scope)
+                         changed_call, layer_kind, op_name, plain_bn, plain_layer, qat_module,
+                         qat_scope)
 
 CHECKS = ("_assert", "_assert_async", "_assert_tensor_metadata")  # ops that check their input and compute nothing
 
@@ -40,6 +41,7 @@ class FxGraph:
         self.opaque = opaque or {}  # submodules fx could not trace → the layer each computes, if one
         self._shape_source, self._shapes = shapes, None
         self._reads = self._count_reads()
+        self._aliased = alias_reads(self._reads, gm)
 
     # -- what the nodes are ------------------------------------------------------------------
 
@@ -56,7 +58,9 @@ class FxGraph:
                            BnStats({}, 0.0), node.target, reason=QAT_REASON.format(module=node.target))
                     for name, child in module.named_modules() if isinstance(child, nn.modules.batchnorm._BatchNorm)]
         if not plain_bn(module):
-            return []
+            why = changed_call(module) if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+            return [BnCall(node.target, node, node.args[0] if node.args else None, BnStats({}, 0.0), node.target,
+                           reason=f"{node.target} has {why}, which its graph node does not show")] if why else []
         tensors = {k: (f"{node.target}.{k}" if getattr(module, k, None) is not None else None)
                    for k in ("weight", "bias", "running_mean", "running_var")}
         reason = None
@@ -132,12 +136,12 @@ class FxGraph:
                 found = affine_of_constants(self.gm, x, scale, shift)
                 if found is None:
                     continue
-                (value, axis_from_end), paths = found
+                (value, axis_from_end, rank), paths = found
                 scopes = {self.scope(n) for n in (mul, add)}
                 scope = scopes.pop() if len(scopes) == 1 else None
                 stats = AffineStats(value, tuple(paths))
                 return BnCall(scope or add.name, add, x, stats, scope, plain=self._only_op_of(scope, {mul, add}),
-                              nodes=[mul, add], axis_from_end=axis_from_end,
+                              nodes=[mul, add], axis_from_end=axis_from_end, rank=rank,
                               reason=None if scope is not None else "its Mul and Add are in different modules")
         return None
 
@@ -180,11 +184,14 @@ class FxGraph:
         kind = layer_kind(name, transposed, tensor)
         return LayerCall(node, kind, 1 if transposed else 0, groups if transposed else 1, weight.target,
                          bias.target if bias is not None else None, owner(weight.target),
-                         self._plain_owner(weight.target), 0 if spec.linear else tensor.dim() - 2)
+                         self._plain_owner(weight.target, node), 0 if spec.linear else tensor.dim() - 2)
 
-    def _plain_owner(self, weight: str) -> bool:
+    def _plain_owner(self, weight: str, node) -> bool:
         """Whether the op's weight is the `weight` of a module with torch's own forward (a bias
-        given to that module is used): torch.export's graph of an nn.Conv2d."""
+        given to that module is used): torch.export's graph of an nn.Conv2d. The op must be that
+        module's own call: `F.conv2d(x, self.conv.weight)` in a parent does not read conv.bias."""
+        if self.scope(node) != owner(weight):
+            return False
         try:
             module = self.types.get_submodule(owner(weight))
         except AttributeError:
@@ -222,7 +229,7 @@ class FxGraph:
         return reads
 
     def reads(self, path: str) -> int:
-        return self._reads.get(path, 0)
+        return self._aliased(path)
 
     def read_paths(self) -> set[str]:
         """Tensors this graph reads itself (an opaque module's own call does not count)."""

@@ -2,6 +2,8 @@
 the layer's dtype, and writing the result back. Shared by the fx, TorchScript and ATen passes."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,6 +18,39 @@ def attr_at(root: nn.Module, path: str):
     for name in path.split(".") if path else ():
         value = getattr(value, name)
     return value
+
+
+def alias_reads(reads: dict[str, int], root) -> Callable[[str], int]:
+    """Reads of a tensor under every path it has: tied weights (`c2.weight = c1.weight`), a
+    buffer assigned to two modules. Counted by path alone, each path would be read once, and a
+    fold written through one would change the other's use."""
+    keys: dict[str, object] = {}
+
+    def key(path: str):
+        if path not in keys:
+            try:
+                t = attr_at(root, path)
+            except (AttributeError, RuntimeError):
+                t = None
+            keys[path] = (tensor_key(t) if isinstance(t, torch.Tensor) else None) or path
+        return keys[path]
+
+    def count(path: str) -> int:
+        wanted = key(path)
+        return sum(n for p, n in reads.items() if p == path or key(p) == wanted)
+
+    return count
+
+
+def tensor_key(t: torch.Tensor):
+    """The same key for two tensors that are one (the same memory, shape and dtype), whatever
+    object holds them; None where memory does not say (empty, meta)."""
+    if not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        return t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())
+    except RuntimeError:  # a tensor without storage (a functional wrapper)
+        return None
 
 
 def _f64(t: torch.Tensor) -> np.ndarray:

@@ -43,7 +43,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
         raise BadInput(f"TorchScript module without a forward to fold ({str(exc).splitlines()[0][:100]})") from None
     values = Values(root, graph)
     live = list(live_nodes(graph, values))
-    dialect = ScriptGraph(values, reads_of(live, values), Shapes(root, graph, example))
+    reads = reads_of(live, values)
+    for path, n in _reads_by_other_methods(root).items():
+        reads[path] = reads.get(path, 0) + n
+    dialect = ScriptGraph(values, reads, Shapes(root, graph, example))
     plans, kept = [], {}
     for bn in dialect.bn_calls(live):
         try:
@@ -51,12 +54,19 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
         except (Skip, BrokenStatistics, FoldOverflow) as why:
             kept.setdefault(bn.name, str(why))  # one BN inlined in two branches: said once
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
-    _bias_slots(root, plans)
-    cut = _cuts(root, plans)
-    for plan in [p for p in plans if isinstance(p.site.stats, AffineStats) and (p.site.bn not in cut or p.bias_slot is None)]:
-        plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
-        report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph (shared "
-                                        "with instances that do not fold, or its layer takes no bias)", plan.site.producer))
+    while True:  # an affine dropped may leave a sibling layer's class graph without a bias to read: again
+        _bias_slots(root, values, plans)
+        cut = _cuts(root, plans)
+        dropped = [p for p in plans if isinstance(p.site.stats, AffineStats)
+                   and (p.site.bn not in cut or p.bias_slot is None)]
+        if not dropped:
+            break
+        for plan in dropped:
+            plans.remove(plan)  # an affine has no identity to be set to: it folds only where its call is cut
+            report.skipped.append(SkippedBN(plan.site.bn, "its per-channel affine cannot be cut from its graph "
+                                            "(shared with instances that do not fold, or its layer takes no bias)",
+                                            plan.site.producer))
+    _rewire_biases(root, plans)
     for plan in plans:
         note = plan.apply(root, cut.get(plan.site.bn))
         if note:
@@ -69,6 +79,37 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
 # -- reading the graph -------------------------------------------------------------------------
 
 
+def _reads_by_other_methods(root) -> dict[str, int]:
+    """Tensor reads in the root's methods `forward` does not call (`@torch.jit.export`): they run
+    the same layers, and a fold would change them too."""
+    reads: dict[str, int] = {}
+    for name in _other_entry_points(root):
+        try:
+            graph = root._c._get_method(name).inlined_graph
+        except (RuntimeError, AttributeError):
+            continue
+        values = Values(root, graph)
+        for path, n in reads_of(list(live_nodes(graph, values)), values).items():
+            reads[path] = reads.get(path, 0) + n
+    return reads
+
+
+def _other_entry_points(root) -> list[str]:
+    """The root's methods other than forward and those forward calls (`_forward_impl`)."""
+    called, todo = {"forward"}, ["forward"]
+    while todo:
+        try:
+            graph = root._c._get_method(todo.pop()).graph
+        except RuntimeError:
+            continue
+        own = next(graph.inputs()).unique()
+        for node in all_nodes(graph):
+            if node.kind() == "prim::CallMethod" and node.inputsAt(0).unique() == own and node.s("name") not in called:
+                called.add(node.s("name"))
+                todo.append(node.s("name"))
+    return [name for name in root._c._method_names() if name not in called]
+
+
 # -- applying ----------------------------------------------------------------------------------
 
 
@@ -79,7 +120,8 @@ class Plan:
         self.site = site
         layer = attr_at(root, site.producer)
         affine = site.affine(root)
-        bias = getattr(layer, "bias", None)  # a layer traced without a bias has no such attribute
+        # the bias the graph's op reads: a layer's `bias` attribute its forward does not pass is no bias
+        bias = attr_at(root, site.bias) if site.bias else None
         self.new_w, self.new_b = fold_tensors(layer.weight, bias, affine, site.axis, site.groups, site.kind)
         self.shift = affine.shift
         self.bias_slot: str | None = "present" if bias is not None else None
@@ -101,25 +143,37 @@ class Plan:
         return None
 
 
-def _bias_slots(root, plans: list[Plan]) -> None:
-    """Where each layer without a bias gets one: its (scripted conv's) Optional bias attribute,
-    or a new attribute its class's graph reads instead of a None bias — when every instance of
-    the class folds (a traced layer's class is its own). Otherwise the shift stays in the BN."""
+def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
+    """Where each layer without a bias gets one: its (scripted conv's) Optional bias attribute
+    where the op reads that attribute, or a new attribute its class's graph reads instead of a
+    None bias — when every instance of the class folds (a traced layer's class is its own).
+    Otherwise the shift stays in the BN."""
     modules = dict(root.named_modules())
     planned = {p.site.producer: p for p in plans}
+    for plan in plans:
+        if plan.bias_slot != "present":
+            plan.bias_slot = None
     for plan in plans:
         if plan.bias_slot is not None:
             continue
         layer = modules[plan.site.producer]
-        if takes_tensor(layer, "bias"):
+        op = plan.site.nodes.get("producer")
+        reads_attribute = op is not None and values.path(op.inputsAt(2)) == f"{plan.site.producer}.bias"
+        if reads_attribute and takes_tensor(layer, "bias"):
             plan.bias_slot = "bias"
             continue
         siblings = [p for p, m in modules.items() if _class(m) == _class(layer)]
-        if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer):
+        # the op is the layer's own only where its forward runs (not `F.linear(x, self.l.weight)` in a parent)
+        if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer) \
+                and _module_call(modules, plan.site.producer) is not None:
             plan.bias_slot = "graph"
-    for path, plan in planned.items():  # a graph is rewired once, for the whole class
+
+
+def _rewire_biases(root, plans: list[Plan]) -> None:
+    modules = dict(root.named_modules())
+    for plan in plans:  # a graph is rewired once, for the whole class
         if plan.bias_slot == "graph":
-            _rewire_bias(modules[path])
+            _rewire_bias(modules[plan.site.producer])
 
 
 def takes_tensor(layer, name: str) -> bool:
@@ -222,7 +276,7 @@ def _class(module) -> str:
 def _call_site(modules: dict, bn: str):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
-    if getattr(module, "original_name", "") in BN_NAMES or _whole_affine(module):
+    if (getattr(module, "original_name", "") in BN_NAMES and _whole_bn(module)) or _whole_affine(module):
         return _module_call(modules, bn)
     if module is None:
         return None
@@ -255,6 +309,16 @@ def _module_call(modules: dict, path: str):
         if calls:
             return (host, local, Cut(graph, calls[0], 1)) if len(calls) == 1 else None
     return None
+
+
+def _whole_bn(module) -> bool:
+    """Whether the module's forward returns batch_norm of its input: a traced BN whose instance
+    forward or hooks did more records that in its graph, and cutting its call would drop it."""
+    graph = forward_graph(module)
+    if graph is None or len(list(graph.inputs())) != 2:
+        return False
+    out, x = next(graph.outputs()).node(), list(graph.inputs())[1]
+    return any(out.inputsAt(source).unique() == x.unique() for source, _ in _batch_norm_input(out))
 
 
 def _whole_affine(module) -> bool:

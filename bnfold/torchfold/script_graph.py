@@ -15,7 +15,7 @@ import itertools
 import torch
 
 from ..errors import Skip
-from .params import attr_at
+from .params import alias_reads, attr_at
 from .constants import script_affine
 from .site_rule import AffineStats, BnCall, BnStats, LayerCall
 from .sites import owner
@@ -30,6 +30,7 @@ class ScriptGraph:
 
     def __init__(self, values: "Values", reads: dict[str, int], shapes: "Shapes"):
         self.values, self._reads, self.shapes = values, reads, shapes
+        self._aliased = alias_reads(reads, values.module)
 
     def bn_calls(self, live) -> list[BnCall]:
         calls = [self._bn(n, op_name(n.kind())) for n in live if op_name(n.kind()) in BN_OPS and n.kind().startswith("aten::")]
@@ -50,10 +51,10 @@ class ScriptGraph:
                 found = script_affine(self.values, x, scale, shift)
                 if found is None:
                     continue
-                (value, axis_from_end), paths = found
+                (value, axis_from_end, rank), paths = found
                 scope = _common_owner(paths)
                 return BnCall(scope or add.output().debugName(), add, x, AffineStats(value, tuple(paths)), scope,
-                              nodes=[mul.node(), add], axis_from_end=axis_from_end)
+                              nodes=[mul.node(), add], axis_from_end=axis_from_end, rank=rank)
         return None
 
     def _bn(self, node, name: str) -> BnCall:
@@ -118,7 +119,7 @@ class ScriptGraph:
         return value_uses(value)
 
     def reads(self, path: str) -> int:
-        return self._reads.get(path, 0)
+        return self._aliased(path)
 
     def calls(self, scope: str) -> int:
         return 1  # a module's calls show as reads of its tensors

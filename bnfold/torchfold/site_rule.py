@@ -72,6 +72,7 @@ class BnCall:
     reason: str | None = None  # why it cannot fold, whatever its input
     nodes: list = field(default_factory=list)  # every node it consists of (an affine's mul and add)
     axis_from_end: int | None = None  # an affine: the axis, counted from the last, its constants vary on
+    rank: int | None = None  # an affine: the rank of its constants broadcast together
 
 
 @dataclass
@@ -151,8 +152,13 @@ def fold_site(d: Dialect, bn: BnCall) -> FoldSite:
     if bn.axis_from_end is not None and bn.axis_from_end != layer.spatial:
         raise Skip(f"the affine's constants vary along axis −{bn.axis_from_end + 1}, not the channel axis of "
                    f"{layer.module or layer.kind}")
+    # constants of a higher rank than the layer's output broadcast it to a larger shape: not a BN
+    if bn.rank is not None and bn.rank > layer.spatial + 2:
+        raise Skip(f"the affine's constants have rank {bn.rank}: x·S + T has more axes than the output of "
+                   f"{layer.module or layer.kind}")
     return FoldSite(bn.name, layer.module, layer.kind, layer.axis, layer.groups, bn.stats, bn.scope, bn.plain,
-                    {"bn": bn.node, "input": bn.input, "producer": layer.node}, layer.weight, layer.bias, layer.plain)
+                    {"bn": bn.node, "input": bn.input, "producer": layer.node, "parts": bn.nodes}, layer.weight,
+                    layer.bias, layer.plain)
 
 
 def _read_once(d: Dialect, paths: list[str], whose: str) -> None:
@@ -179,9 +185,9 @@ def check_linear_axis(linear_shape, bn_input_shape, reshaped: bool) -> None:
                    "the Linear's feature axis")
 
 
-def per_channel(scale: np.ndarray, shift: np.ndarray) -> tuple[Affine, int] | None:
-    """S and T of x·S + T as one per-channel affine and the axis (from the last) they vary on, or
-    None when they are not per-channel along one axis."""
+def per_channel(scale: np.ndarray, shift: np.ndarray) -> tuple[Affine, int, int] | None:
+    """S and T of x·S + T as one per-channel affine, the axis (from the last) they vary on and
+    the rank they broadcast to, or None when they are not per-channel along one axis."""
     shape = np.broadcast_shapes(scale.shape, shift.shape)
     varying = [i for i, d in enumerate(shape) if d != 1]
     if len(varying) > 1 or not shape:
@@ -191,5 +197,5 @@ def per_channel(scale: np.ndarray, shift: np.ndarray) -> tuple[Affine, int] | No
     t = np.broadcast_to(shift, shape).reshape(-1).astype(np.float64)
     if not (np.isfinite(s).all() and np.isfinite(t).all()):
         return None
-    return Affine(s, t), len(shape) - 1 - axis
+    return Affine(s, t), len(shape) - 1 - axis, len(shape)
 

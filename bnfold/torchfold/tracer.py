@@ -26,6 +26,11 @@ class Traced:
 
 
 class SiteTracer(torch.fx.Tracer):
+    # a buffer a forward reads (FrozenBatchNorm2d's statistics, a BN's running_var read by its
+    # parent) must be a get_attr of its path: computed from at trace time it would be a nameless
+    # constant, and who reads the buffer could not be counted
+    proxy_buffer_attributes = True
+
     def __init__(self, opaque: set[str] | None = None):
         super().__init__()
         self.opaque = opaque or set()

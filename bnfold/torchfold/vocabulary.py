@@ -8,6 +8,7 @@ any overload (a `padding="same"` conv is `aten.conv2d.padding`) is the op it ove
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -80,6 +81,12 @@ SHAPE_READS = ("size", "dim", "numel", "sym_size", "sym_numel", "sym_stride", "s
 SHAPE_OF_SECOND = ("reshape_as", "view_as", "expand_as")
 MULS = ("mul", "mul_")
 ADDS = ("add", "add_", "iadd")
+# ops whose value is drawn anew on every call (or is uninitialized memory): never a constant
+RANDOM = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
+          "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+          "multinomial", "poisson", "dropout", "dropout_", "native_dropout", "feature_dropout", "alpha_dropout",
+          "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "rrelu", "rrelu_", "empty", "empty_like",
+          "empty_strided", "new_empty", "new_empty_strided")
 # casts that keep a float value a float value: transparent when constants are evaluated in float64
 FLOAT_CASTS = ("to", "type", "float", "_to_copy", "type_as")
 
@@ -122,13 +129,29 @@ def layer_kind(name: str, transposed: bool, weight: torch.Tensor | None) -> str:
     return f"{'ConvTranspose' if transposed else 'Conv'}{dims}d"
 
 
+def changed_call(module: nn.Module) -> str | None:
+    """Why calling the module computes more than its class's forward, if it does: forward hooks
+    (a graph shows a leaf module as one node, without them), or a forward set on the instance."""
+    if "forward" in vars(module):
+        return "a forward set on the instance"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "forward hooks"
+    return None
+
+
+def class_forward(module: nn.Module):
+    """The forward its class defines, not looked up through descriptors: a ScriptModule's class
+    attribute `forward` raises when read from the class."""
+    return inspect.getattr_static(type(module), "forward", None)
+
+
 def plain_bn(module: nn.Module) -> bool:
-    return type(module).forward in BN_FORWARDS
+    return class_forward(module) in BN_FORWARDS and changed_call(module) is None
 
 
 def plain_layer(module: nn.Module) -> str | None:
     """The layer type a module computes when its forward is torch's own (subclasses included)."""
-    return LAYER_FORWARDS.get(type(module).forward)
+    return LAYER_FORWARDS.get(class_forward(module)) if changed_call(module) is None else None
 
 
 def qat_module(module: nn.Module) -> bool:
