@@ -17,12 +17,8 @@ def guess_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     if isinstance(first, nn.Linear):
         return (torch.randn(2, first.in_features, dtype=dtype),)
     if isinstance(first, (*CONV_TYPES, *CONV_T_TYPES)):
-        if isinstance(first, CONV_T_TYPES):  # generators start from 1×1 noise
-            sizes = [1] * len(first.kernel_size)
-        else:  # at least what the first kernel spans
-            pads = first.padding if isinstance(first.padding, tuple) else (0,) * len(first.kernel_size)
-            sizes = [max(32, d * (k - 1) + 1 - 2 * p) for k, d, p in zip(first.kernel_size, first.dilation, pads)]
-        return (torch.randn(2, first.in_channels, *sizes, dtype=dtype),)
+        size = 1 if isinstance(first, CONV_T_TYPES) else 32  # generators start from 1×1 noise
+        return (torch.randn(2, first.in_channels, *([size] * len(first.kernel_size)), dtype=dtype),)
     return None
 
 

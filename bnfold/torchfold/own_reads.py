@@ -20,7 +20,7 @@ from .sites import analysis_copy
 
 
 class _Depth:
-    """Counts the children running: forward hooks that survive a deepcopy (no closures)."""
+    """Counts the submodules running: forward hooks that survive a deepcopy (no closures)."""
 
     def __init__(self):
         self.running = 0
@@ -49,8 +49,10 @@ def read_by_own_forward(module: nn.Module, example: tuple) -> set | None:
     outside its children's calls; None when it could not run."""
     probe = analysis_copy(module)
     depth = _Depth()
-    handles = [h for child in probe.children() for h in (child.register_forward_pre_hook(depth.enter),
-                                                         child.register_forward_hook(depth.leave, always_call=True))]
+    # every submodule, not only the children: a forward may call a grandchild directly (a ModuleList's)
+    inner = [m for m in probe.modules() if m is not probe]
+    handles = [h for child in inner for h in (child.register_forward_pre_hook(depth.enter),
+                                              child.register_forward_hook(depth.leave, always_call=True))]
     mode = _Reads(depth)
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), mode:
