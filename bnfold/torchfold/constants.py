@@ -27,16 +27,21 @@ def affine_of_constants(gm: torch.fx.GraphModule, x, scale, shift):
     nodes: set = set()
     if not (_constant(scale, nodes) and _constant(shift, nodes)) or len(nodes) > MAX_NODES:
         return None
+    values: dict = {}
+    found = _per_channel(lambda v: _evaluate(gm, v, values), scale, shift)
+    paths = sorted(n.target for n in nodes if isinstance(n, torch.fx.Node) and n.op == "get_attr")
+    return (found, paths) if found is not None else None
+
+
+def _per_channel(evaluate, scale, shift):
+    """S and T evaluated, as one per-channel affine (site_rule.per_channel), or None."""
     try:
-        values: dict = {}
-        s, t = _evaluate(gm, scale, values), _evaluate(gm, shift, values)
+        s, t = evaluate(scale), evaluate(shift)
     except Exception:  # noqa: BLE001 — a subgraph that cannot be evaluated here is not a BN
         return None
     if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in (s, t)):
         return None
-    found = per_channel(s.numpy(), t.numpy())
-    paths = sorted(n.target for n in nodes if isinstance(n, torch.fx.Node) and n.op == "get_attr")
-    return (found, paths) if found is not None else None
+    return per_channel(s.numpy(), t.numpy())
 
 
 def is_constant(node) -> bool:
@@ -109,14 +114,8 @@ def script_affine(values, x, scale, shift):
         return None
     if len(nodes) > MAX_NODES:
         return None
-    try:
-        memo: dict = {}
-        s, t = _script_evaluate(values, scale, memo), _script_evaluate(values, shift, memo)
-    except Exception:  # noqa: BLE001 — a subgraph that cannot be evaluated here is not a BN
-        return None
-    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in (s, t)):
-        return None
-    found = per_channel(s.numpy(), t.numpy())
+    memo: dict = {}
+    found = _per_channel(lambda v: _script_evaluate(values, v, memo), scale, shift)
     paths = sorted({values.path(v) for n in nodes for v in n.outputs() if values.path(v)})
     return (found, paths) if found is not None else None
 
