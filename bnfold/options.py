@@ -72,7 +72,7 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class VarianceOptions:
-    """What the stored running variance is (SPEC §3). "biased": × m/(m−1) before use, with
+    """What the stored running variance is (README, "The m/(m−1) correction"). "biased": × m/(m−1) before use, with
     m = train_batch_size × the BN input's spatial size, or values_per_channel."""
 
     variance: str = "unbiased"

@@ -75,7 +75,7 @@ class UnmergedBranches:
 
 @dataclass
 class VarianceCorrection:
-    """A stored biased variance multiplied by m/(m−1) before folding (SPEC §3)."""
+    """A stored biased variance multiplied by m/(m−1) before folding (README, "The m/(m−1) correction")."""
 
     bn: str
     values_per_channel: int  # m

@@ -1,4 +1,4 @@
-"""What a tensor's payload must be before anything reads it (SPEC §7).
+"""What a tensor's payload must be before anything reads it (README, "Security").
 
 A model file comes from anywhere, so its tensors are checked, once, when it is loaded:
 - external data names a regular file inside the model's folder: a relative location that

@@ -1,4 +1,4 @@
-"""`--variance biased` on ONNX: every inference BN's stored variance × m/(m−1) (SPEC §3).
+"""`--variance biased` on ONNX: every inference BN's stored variance × m/(m−1) (README, "The m/(m−1) correction").
 
 m is the training batch size times the BN input's static spatial size (from shape
 inference), or the values per channel given; the math is in bnfold.population.

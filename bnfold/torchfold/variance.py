@@ -1,4 +1,4 @@
-"""`--variance biased` on a torch module: every BN's running_var × m/(m−1) (SPEC §3), with
+"""`--variance biased` on a torch module: every BN's running_var × m/(m−1) (README, "The m/(m−1) correction"), with
 m from the shape of the BN's input seen on an example input, or the values per channel given."""
 from __future__ import annotations
 

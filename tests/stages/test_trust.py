@@ -1,4 +1,4 @@
-"""Hostile and malformed files (SPEC §7): nothing outside the model's folder is read, nothing of
+"""Hostile and malformed files (README, "Security"): nothing outside the model's folder is read, nothing of
 the input is touched, no device is replaced, nothing is left behind, and every refusal is one
 line with exit 2 (a bug would be exit 3, never a traceback)."""
 from __future__ import annotations
