@@ -22,6 +22,7 @@ from ..errors import Skip
 from ..fold_math import BrokenStatistics, cast_exact
 from ..reparam import AffineBranch, ConvBranch, Window, merge
 from .fx_graph import FxGraph
+from .params import as_f64
 from .vocabulary import TUPLE_BN_OPS, op_name
 
 
@@ -157,18 +158,7 @@ class GraphDialect:
         if call is None or (op_name(node.target) in TUPLE_BN_OPS and not nodes):
             return None
         nodes += call.nodes or [node]
-        label = f"BN '{join_path(self.prefix, call.name)}'"
-        term = Term(label, None, module=call.name, problem=call.reason, bns=[call.name])
-        shared = next((p for p in call.stats.paths() if self._graph.reads(p) != 1), None)
-        if term.problem is None and shared is not None:
-            term.problem = f"{shared} is read by {self._graph.reads(shared)} ops"
-        if term.problem is None:
-            try:
-                affine = call.stats.affine(self.gm)
-                term.scale, term.shift = affine.scale, affine.shift
-            except (BrokenStatistics, Skip) as why:
-                term.problem = f"BN {call.name}: {why}"
-        return call.input, nodes, term
+        return call.input, nodes, bn_term(call, self.prefix, self._graph.reads, self.gm)
 
     def conv(self, node) -> Term | None:
         raise NotImplementedError
@@ -282,16 +272,12 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy()
-
-
 def conv_term(label: str, source, nodes: list, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                dilation, groups: int, module: str, padding_mode: str = "zeros", problem: str | None = None) -> Term:
     ndim = weight.ndim - 2
     spread = lambda v: tuple(v) * ndim if len(tuple(v)) == 1 else tuple(v)  # noqa: E731
     as_tuple = lambda v: spread(v if isinstance(v, (tuple, list)) else (v,))  # noqa: E731
-    return Term(label, source, nodes, _f64(weight), _f64(bias) if bias is not None else np.zeros(weight.shape[0]),
+    return Term(label, source, nodes, as_f64(weight), as_f64(bias) if bias is not None else np.zeros(weight.shape[0]),
                 stride=as_tuple(stride), padding=padding if isinstance(padding, str) else as_tuple(padding),
                 dilation=as_tuple(dilation), groups=int(groups), padding_mode=padding_mode, like=weight,
                 module=module, problem=problem)
@@ -299,6 +285,22 @@ def conv_term(label: str, source, nodes: list, weight: torch.Tensor, bias: torch
 
 def kernel_label(weight: torch.Tensor) -> str:
     return "×".join(str(k) for k in weight.shape[2:])
+
+
+def bn_term(call, prefix: str, reads, root) -> Term:
+    """The Term of a BN of the sum's input (s·x + t), or one carrying why it cannot merge; `reads`
+    counts the ops reading a tensor path in the graph, `root` holds the tensors."""
+    term = Term(f"BN '{join_path(prefix, call.name)}'", None, module=call.name, problem=call.reason, bns=[call.name])
+    shared = next((p for p in call.stats.paths() if reads(p) != 1), None)
+    if term.problem is None and shared is not None:
+        term.problem = f"{join_path(prefix, shared)} is read by {reads(shared)} ops"
+    if term.problem is None:
+        try:
+            affine = call.stats.affine(root)
+            term.scale, term.shift = affine.scale, affine.shift
+        except (BrokenStatistics, Skip) as why:
+            term.problem = f"BN {call.name}: {why}"
+    return term
 
 
 def join_path(path: str, name: str) -> str:

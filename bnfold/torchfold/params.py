@@ -53,15 +53,15 @@ def tensor_key(t: torch.Tensor):
         return None
 
 
-def _f64(t: torch.Tensor) -> np.ndarray:
+def as_f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
 def affine_of(gamma, beta, mean: torch.Tensor, var: torch.Tensor, eps: float) -> Affine:
     """s·x + t of a BN from its tensors; γ/β None (affine=False) mean 1 and 0."""
     channels = mean.shape[0]
-    return bn_affine(_f64(gamma) if gamma is not None else np.ones(channels),
-                     _f64(beta) if beta is not None else np.zeros(channels), _f64(mean), _f64(var), float(eps))
+    return bn_affine(as_f64(gamma) if gamma is not None else np.ones(channels),
+                     as_f64(beta) if beta is not None else np.zeros(channels), as_f64(mean), as_f64(var), float(eps))
 
 
 def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine, axis: int, groups: int,
@@ -72,8 +72,8 @@ def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, affine: Affine
         raise Skip(f"BN has {affine.scale.shape[0]} channels but {what} outputs {out_channels}")
     # bfloat16 has no numpy dtype: check the range in float32 and let torch round to bf16
     np_dtype = np.float32 if weight.dtype == torch.bfloat16 else torch.empty((), dtype=weight.dtype).numpy().dtype
-    return (cast_exact(scale_weight(_f64(weight), affine.scale, axis=axis, groups=groups), np_dtype, "weight"),
-            cast_exact(fold_bias(_f64(bias) if bias is not None else None, affine), np_dtype, "bias"))
+    return (cast_exact(scale_weight(as_f64(weight), affine.scale, axis=axis, groups=groups), np_dtype, "weight"),
+            cast_exact(fold_bias(as_f64(bias) if bias is not None else None, affine), np_dtype, "bias"))
 
 
 def write_params(layer: nn.Module, new_w: np.ndarray, new_b: np.ndarray | None) -> None:

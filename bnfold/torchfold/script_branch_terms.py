@@ -17,8 +17,7 @@ import torch
 import torch.fx
 
 from ..errors import Skip
-from ..fold_math import BrokenStatistics
-from .branch_terms import GraphDialect, Term, conv_term, join_path, kernel_label
+from .branch_terms import GraphDialect, Term, bn_term, conv_term, join_path, kernel_label
 from .params import attr_at
 from .script_graph import ScriptGraph, Shapes, Values, live_nodes, reads_of, value_readers
 from .sites import owner
@@ -121,17 +120,7 @@ class ScriptDialect(GraphDialect):
         call = self.bn_calls.get(value.unique()) if value is not None else None
         if call is None or call.input.unique() not in self.mirror.nodes:
             return None
-        term = Term(f"BN '{join_path(self.prefix, call.name)}'", None, module=call.name, problem=call.reason,
-                    bns=[call.name])
-        shared = next((p for p in call.stats.paths() if self.reads.get(p, 0) != 1), None)
-        if term.problem is None and shared is not None:
-            term.problem = f"{join_path(self.prefix, shared)} is read by {self.reads.get(shared, 0)} ops"
-        if term.problem is None:
-            try:
-                affine = call.stats.affine(self.probe)
-                term.scale, term.shift = affine.scale, affine.shift
-            except (BrokenStatistics, Skip) as why:
-                term.problem = f"BN {call.name}: {why}"
+        term = bn_term(call, self.prefix, lambda p: self.reads.get(p, 0), self.probe)
         nodes = [self.mirror.nodes[n.output().unique()] for n in (call.nodes or [call.node])]
         return self.mirror.nodes[call.input.unique()], nodes, term
 

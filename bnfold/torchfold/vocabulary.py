@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .params import attr_at
+
 
 @dataclass(frozen=True)
 class Signature:
@@ -166,10 +168,8 @@ def qat_scope(root, path: str | None) -> str | None:
     parts = (path or "").split(".")[:-1]
     for end in range(len(parts), 0, -1):
         prefix = ".".join(parts[:end])
-        module = root
         try:
-            for name in prefix.split("."):
-                module = getattr(module, name)
+            module = attr_at(root, prefix)
         except (AttributeError, RuntimeError):
             continue
         if hasattr(module, "weight_fake_quant") or (isinstance(module, nn.Module) and qat_module(module)):
