@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import helper
 
 from ..errors import BadInput, UsageError
 from ..options import check_elements, check_shapes
 from ..report import InputInfo
 from .arrays import check_array, read_file
+
+if TYPE_CHECKING:  # a torch command parses --shape with this module and never reads an ONNX graph
+    import onnx
 
 DEFAULT_BATCH = 2
 DEFAULT_SPATIAL = 32
@@ -43,6 +46,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    from onnx import helper
+
     return np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
 
 

@@ -39,7 +39,8 @@ def fuse_file(src: str | Path, output: str | Path | None = None, in_place: bool 
         data, why = None, None
     else:
         dst = resolve_output(src, output, in_place, suffix, protected=used)
-        data, why = data_name(dst, used)
+        onnx_out = kind == detect.ONNX or options.to == "onnx"  # only an ONNX output has external data
+        data, why = data_name(dst, used) if onnx_out else (None, None)
     with Staging(dst) as stage:
         staged = stage.output()
         reference = None
@@ -109,8 +110,8 @@ def _verified(src: Path, reference: Path | None, staged: Path, options: FuseOpti
 
 
 def _output_size(dst: Path, kind: str, options: FuseOptions) -> int:
-    from ..onnxfold.io import file_size
-
     if kind == detect.ONNX or options.to == "onnx":
+        from ..onnxfold.io import file_size
+
         return file_size(dst)
     return detect.stored_size(dst)

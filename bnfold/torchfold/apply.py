@@ -26,6 +26,7 @@ from .find import find_sites
 from .fx_graph import FxGraph
 from .params import attr_at, fold_tensors
 from .site_rule import AffineStats, BnStats, FoldSite
+from .sites import Found
 from .tracer import Untraceable, trace
 from .vocabulary import op_name
 
@@ -39,9 +40,9 @@ class Plan:
 
 
 def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
-                example: tuple | None = None) -> nn.Module:
+                example: tuple | None = None) -> tuple[nn.Module, Found]:
     """Fold every BN of `module` that folds exactly; returns the module (a new one only where the
-    root itself computed a folded BN)."""
+    root itself computed a folded BN) and what its graphs showed."""
     if module.training:
         report.notes.append("the module was in training mode; its inference (eval) behaviour was folded")
         module.eval()
@@ -63,7 +64,7 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
         report.folded.append(FoldedBN(plan.site.bn, plan.site.producer, plan.site.kind))
     for scope, new in sorted(remains.items(), key=lambda kv: -kv[0].count(".")):
         module = _replace(module, scope, new)
-    return module
+    return module, found
 
 
 def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport) -> Plan | None:

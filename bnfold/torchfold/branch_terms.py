@@ -128,8 +128,10 @@ class GraphDialect:
 
     counts_calls = False  # whether the graph's call_module counts say how often a module runs
 
-    def __init__(self, gm: torch.fx.GraphModule, probe: nn.Module, prefix: str = ""):
+    def __init__(self, gm: torch.fx.GraphModule, probe: nn.Module, prefix: str = "", graph: FxGraph | None = None):
         self.gm, self.probe, self.prefix = gm, probe, prefix  # prefix: the graph's module path, for labels
+        if graph is not None:  # the fold's reading of the same graph: its BNs are known already
+            self._graph, self._bns = graph, {c.node: c for c in graph.bn_calls()}
         self.calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op in ("call_module", "get_attr"):

@@ -18,7 +18,7 @@ from ..fold_math import FoldOverflow
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .branch_terms import (Candidate, GraphDialect, Merged, Term, candidates, conv_term, join_path, kernel_label,
                            merge_terms, merged_tensors)
-from .fx_graph import reads_shape_only
+from .fx_graph import FxGraph, reads_shape_only
 from .params import attr_at
 from .sites import analysis_copy
 from .tracer import Untraceable, trace
@@ -38,6 +38,8 @@ ATEN_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.defaul
 
 class FxDialect(GraphDialect):
     counts_calls = True
+    shallow = False  # Convs as terms without their tensors: enough to say where sums are
+
 
     def is_add(self, node) -> bool:
         return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in FX_ADDS \
@@ -61,15 +63,70 @@ class FxDialect(GraphDialect):
             problem = f"{node.target} ({type(layer).__name__}) has a forward of its own"
         elif self.calls.get(node.target, 0) != 1:
             problem = f"{node.target} is called {self.calls[node.target]} times"
+        if self.shallow:
+            return Term(f"Conv '{node.target}'", node.args[0], [node], module=node.target, problem=problem)
         return conv_term(f"Conv '{join_path(self.prefix, node.target)}' {kernel_label(layer.weight)}", node.args[0], [node], layer.weight,
                           layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups, node.target,
                           layer.padding_mode, problem)
 
 
-def merge_module(module: nn.Module, report: FoldReport, keep_layout: bool = False) -> nn.Module:
+def branch_owners(view, graph: FxGraph) -> set[str]:
+    """The modules whose forward sums parallel branches in this graph (paths relative to it),
+    read off the graph the fold found its sites on: folding turns a BN into the identity, so it
+    adds no sum and takes none away."""
+    dialect = FxDialect(view, view, "", graph)
+    dialect.shallow = True
+    return {c.owner for c in candidates(dialect)}
+
+
+def merge_module(module: nn.Module, report: FoldReport, keep_layout: bool = False,
+                 owners: set[str] | None = None, walk: set[str] | None = None) -> nn.Module:
     """Merge the parallel branches of `module` (already folded); returns it, or a GraphModule
-    standing in for it where the add is in its own forward."""
-    return _merge_in(module, "", report, keep_layout)
+    standing in for it where the add is in its own forward. `owners` (from branch_owners) says
+    which modules hold sums, deepest merged first, each traced alone; `walk`, which modules no
+    fx graph showed (they and their children are traced again); None: the whole module."""
+    if owners is None:
+        return _merge_in(module, "", report, keep_layout)
+    for path in sorted(owners | (walk or set()), key=lambda p: (-p.count(".") if p else 1, p)):
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:  # the fold replaced a module above it: read that part again
+            continue
+        new = _merge_in(sub, path, report, keep_layout) if path in (walk or ()) else \
+            _merge_here(sub, path, report, keep_layout)
+        module = _set_at(module, path, new)
+    return module
+
+
+def _set_at(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    if not path:
+        return new
+    parent, _, name = path.rpartition(".")
+    _replace_child(root.get_submodule(parent) if parent else root, name, new)
+    return root
+
+
+def _merge_here(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
+    """The sums in `module`'s own forward, merged; its submodules are left as they are."""
+    try:
+        gm = trace(analysis_copy(module)).gm
+    except Untraceable:
+        return module
+    return _merged(module, gm, [c for c in candidates(FxDialect(gm, module, path)) if not c.owner], path, report,
+                   keep_layout)
+
+
+def _merged(module: nn.Module, gm: torch.fx.GraphModule, here: list[Candidate], path: str, report: FoldReport,
+            keep_layout: bool) -> nn.Module:
+    """`gm` (a graph of `module`) with the sums `here` merged, or `module` where none merged."""
+    merged_any = False
+    for cand in here:
+        merged_any |= _merge_candidate(gm, cand, path, report, keep_layout, _fx_rewrite)
+    if not merged_any:
+        return module
+    _finish(gm)
+    gm.delete_all_unused_submodules()
+    return gm
 
 
 def _merge_in(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
@@ -96,14 +153,7 @@ def _merge_in(module: nn.Module, path: str, report: FoldReport, keep_layout: boo
     if below:  # the children changed: trace again
         gm = trace(analysis_copy(module)).gm
         here = [c for c in candidates(FxDialect(gm, module, path)) if not c.owner]
-    merged_any = False
-    for cand in here:
-        merged_any |= _merge_candidate(gm, cand, path, report, keep_layout, _fx_rewrite)
-    if not merged_any:
-        return module
-    _finish(gm)
-    gm.delete_all_unused_submodules()
-    return gm
+    return _merged(module, gm, here, path, report, keep_layout)
 
 
 def _replace_child(module: nn.Module, name: str, new: nn.Module) -> None:

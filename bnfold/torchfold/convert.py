@@ -11,7 +11,6 @@ from .checkpoint import container_out, state_out
 from .inputs import dynamic_dims, example_for, shape_hint
 from .io import (EXPORT, HF_FOLDER, PICKLE, SAFETENSORS, TORCHSCRIPT, TorchSource, program_bytes, save_bytes,
                  script_bytes, torch_bytes)
-from .onnx_export import onnx_dynamic_axes, write_onnx
 
 
 def write_module(source: TorchSource, folded: list, to: str, dst: Path, options: LoadOptions) -> list[str]:
@@ -24,6 +23,8 @@ def write_module(source: TorchSource, folded: list, to: str, dst: Path, options:
     module = folded[0]
     example = example_for(source, options, module)
     if to == "onnx":
+        from .onnx_export import onnx_dynamic_axes, write_onnx  # onnx and onnxruntime: only for --to onnx
+
         write_onnx(module, example, dst, onnx_dynamic_axes(source), notes, source.path)
     elif to == "torchscript":
         traced = module if isinstance(module, torch.jit.ScriptModule) else trace_script(module, example, source.path)

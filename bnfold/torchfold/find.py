@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..report import SkippedBN
+from .branches import branch_owners
 from .fx_graph import FxGraph, sites_and_kept
 from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
@@ -74,12 +75,12 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
         return _untraceable(module, inputs, f"{type(module).__name__} cannot be traced by torch.fx ({why})")
     below = {p: inputs.below(module, p, traced.opaque) for p in traced.opaque}
     layers = {p: module_layer(module.get_submodule(p), below[p], p) for p in traced.opaque}
-    graph = FxGraph(traced.gm, traced.calls, lambda: _shapes(traced.gm, inputs.example()), layers)
+    graph = FxGraph(traced.view, traced.calls, lambda: _shapes(traced.gm, inputs.example()), layers)
     sites, kept = sites_and_kept(graph)
-    found = Found(sites, kept)
+    found = Found(sites, kept, branch_owners=branch_owners(traced.view, graph))
     for path in (p for p in traced.opaque if layers[p] is None):  # a layer is all its module computes
         inner = find_sites(module.get_submodule(path), inputs=below[path])
-        _drop_read_outside(inner, graph.read_paths(), path, module, traced.gm)
+        _drop_read_outside(inner, graph.read_paths(), path, module, traced.view)
         found.add(inner, path)
     return found
 
@@ -106,7 +107,7 @@ def _untraceable(module: nn.Module, inputs: Inputs, why: str) -> Found:
             for site in sites:  # the exported module's own layer: does its forward take a bias?
                 if site.bias is None and not site.plain_layer and site.producer == "":
                     site.plain_layer = forward_reads_bias(module, example, site)
-            return Found(sites, kept, [f"{why}; its BNs were found in its torch.export graph"])
+            return Found(sites, kept, [f"{why}; its BNs were found in its torch.export graph"], unseen={""})
         found = Found(notes=[f"{why}; torch.export could not export it either; folding its submodules one by one"],
                       untraced=[type(module).__name__])
     else:  # every BN is in a child: the children, each on its own, show them all

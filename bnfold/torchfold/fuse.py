@@ -65,10 +65,10 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
         module = merge_script_module(module, report)
         report.bn_after = len(report.skipped) + report.identity_bns
         return module, report
-    module = fold_module(module, report, "identity" if keep_layout else "remove", example)
+    module, found = fold_module(module, report, "identity" if keep_layout else "remove", example)
     report.bn_before = len(report.folded) + len(report.skipped)
     left, kept = count_bn_modules(module), len(report.skipped)
-    module = merge_module(module, report, keep_layout)
+    module = merge_module(module, report, keep_layout, found.branch_owners, found.unseen)
     # BNs a merge removed that had been folded into an identity (a forward of their own) are gone now
     report.identity_bns -= (left - count_bn_modules(module)) - (kept - len(report.skipped))
     report.bn_after = len(report.skipped) + report.identity_bns

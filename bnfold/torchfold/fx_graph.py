@@ -40,6 +40,7 @@ class FxGraph:
         self._calls = calls
         self.opaque = opaque or {}  # submodules fx could not trace → the layer each computes, if one
         self._shape_source, self._shapes = shapes, None
+        self._by_scope: dict[str, list] | None = None
         self._reads = self._count_reads()
         self._aliased = alias_reads(self._reads, gm)
 
@@ -119,10 +120,19 @@ class FxGraph:
         its statistics from and checks of its input's metadata do not count."""
         if not scope:
             return False
-        own = [n for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
-               and _within(self.scope(n), scope)]
+        own = [n for path, nodes in self._ops_by_scope().items() if _within(path, scope) for n in nodes]
         return bool(own) and all(n in bn or (op_name(n.target) == "getitem" and n.args[0] in bn)
                                  or op_name(n.target) in CHECKS or is_constant(n) for n in own)
+
+    def _ops_by_scope(self) -> dict[str, list]:
+        """The graph's computing nodes by the module holding them, in graph order (indexed once:
+        every BN asks)."""
+        if self._by_scope is None:
+            self._by_scope = {}
+            for n in self.gm.graph.nodes:
+                if n.op in ("call_function", "call_method", "call_module"):
+                    self._by_scope.setdefault(self.scope(n), []).append(n)
+        return self._by_scope
 
     def _affine(self, add) -> BnCall | None:
         """add(mul(x, S), T) with S and T constants that vary along one axis."""

@@ -44,9 +44,13 @@ class Found:
     skipped: list[SkippedBN] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
+    branch_owners: set[str] = field(default_factory=set)  # modules whose forward sums parallel branches
+    unseen: set[str] = field(default_factory=set)  # modules no fx graph showed whole (branches unknown)
 
     def add(self, other: "Found", prefix: str) -> None:
         join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
+        self.branch_owners |= {join(p) for p in other.branch_owners}
+        self.unseen |= {join(p) for p in other.unseen}
         self.sites += [s.prefixed(prefix) for s in other.sites]
         self.skipped += [SkippedBN(join(s.bn), s.reason, s.producer and join(s.producer)) for s in other.skipped]
         self.notes += [f"{prefix}: {n}" for n in other.notes]

@@ -18,11 +18,39 @@ class Untraceable(Exception):
     """The module's own forward cannot be traced by torch.fx."""
 
 
+class GraphView:
+    """What reading a graph needs of its GraphModule — the graph, the traced module's submodules
+    and attributes — without generating and compiling the GraphModule's code (most graphs are
+    only read)."""
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph):
+        self.root, self.graph = root, graph
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.root.get_submodule(target)
+
+    def __getattr__(self, name: str):
+        return getattr(self.root, name)
+
+
 @dataclass
 class Traced:
-    gm: torch.fx.GraphModule
+    root: nn.Module
+    graph: torch.fx.Graph
     opaque: list[str] = field(default_factory=list)  # submodules left as nodes because fx cannot trace them
     calls: Counter = field(default_factory=Counter)  # module path → calls in the graph
+    _gm: torch.fx.GraphModule | None = None
+
+    @property
+    def view(self) -> GraphView:
+        return GraphView(self.root, self.graph)
+
+    @property
+    def gm(self) -> torch.fx.GraphModule:
+        """The graph as a GraphModule (made on first use): to run or rewrite it."""
+        if self._gm is None:
+            self._gm = torch.fx.GraphModule(self.root, self.graph)
+        return self._gm
 
 
 class SiteTracer(torch.fx.Tracer):
@@ -36,6 +64,25 @@ class SiteTracer(torch.fx.Tracer):
         self.opaque = opaque or set()
         self.calls: Counter = Counter()
         self.failed_in: str | None = None
+        self._paths: tuple[dict, dict] | None = None
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's own rule (a parameter, else a buffer, becomes a get_attr of its first path)
+        from an index built once per trace: fx searches every named parameter on each read, which
+        makes tracing a deep model quadratic."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._paths is None:
+            self._paths = (_first_paths(self.root.named_parameters()), _first_paths(self.root.named_buffers()))
+        params, buffers = self._paths
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.opaque or plain_bn(m) or plain_layer(m) or qat_module(m):
@@ -68,9 +115,15 @@ def trace(module: nn.Module) -> Traced:
             opaque.add(tracer.failed_in)
             continue
         graph._tracer_cls = None  # a GraphModule written into a model must load where bnfold is not installed
-        gm = torch.fx.GraphModule(tracer.root, graph)
         called = {n.target for n in graph.nodes if n.op == "call_module"}
-        return Traced(gm, sorted(p for p in opaque if p in called), tracer.calls)
+        return Traced(tracer.root, graph, sorted(p for p in opaque if p in called), tracer.calls)
+
+
+def _first_paths(named) -> dict[int, str]:
+    paths: dict[int, str] = {}
+    for name, tensor in named:
+        paths.setdefault(id(tensor), name)
+    return paths
 
 
 def first_line(exc: BaseException) -> str:
