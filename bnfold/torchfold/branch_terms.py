@@ -127,6 +127,7 @@ class GraphDialect:
     of graph (fx of an eager module, or ATen)."""
 
     counts_calls = False  # whether the graph's call_module counts say how often a module runs
+    shallow = False  # Convs as terms without their tensors: enough to say where sums are
 
     def __init__(self, gm: torch.fx.GraphModule, probe: nn.Module, prefix: str = "", graph: FxGraph | None = None):
         self.gm, self.probe, self.prefix = gm, probe, prefix  # prefix: the graph's module path, for labels

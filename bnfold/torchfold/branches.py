@@ -38,8 +38,6 @@ ATEN_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.defaul
 
 class FxDialect(GraphDialect):
     counts_calls = True
-    shallow = False  # Convs as terms without their tensors: enough to say where sums are
-
 
     def is_add(self, node) -> bool:
         return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in FX_ADDS \

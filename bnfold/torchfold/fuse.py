@@ -51,18 +51,26 @@ def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = No
     return fold_in_place(copy_module(module), example, keep_layout)
 
 
-def fold_in_place(module, example: tuple | None = None, keep_layout: bool = False) -> tuple[nn.Module, FoldReport]:
+def fold_in_place(module, example: tuple | None = None, keep_layout: bool = False,
+                  runnable: bool = True) -> tuple[nn.Module, FoldReport]:
     """fuse_module on a module bnfold owns (just loaded): changes it, or returns a reloaded
-    ScriptModule."""
+    ScriptModule. A ScriptModule that will only be saved (`runnable` False) is not reloaded
+    after its last change."""
     report = FoldReport(input=type(module).__name__, output=None, format="torch")
     if isinstance(module, torch.jit.ScriptModule):
-        from .script import fold_script_module
-        from .script_branches import merge_script_module
+        from .script import fold_script_module, inlined_forward
+        from .script_branches import merge_script_module, sums_branches
+        from .script_graph import reload
 
         report.format = TORCHSCRIPT
-        module = fold_script_module(module, report, example)
+        graph = inlined_forward(module)
+        sums = sums_branches(module, graph)
+        fold_script_module(module, report, example, graph)
         report.bn_before = len(report.folded) + len(report.skipped)
-        module = merge_script_module(module, report)
+        if sums:  # the merge inlines the folded graphs: reloaded, so that inlining sees them
+            module = merge_script_module(reload(module), report, runnable)
+        elif runnable:
+            module = reload(module)
         report.bn_after = len(report.skipped) + report.identity_bns
         return module, report
     module, found = fold_module(module, report, "identity" if keep_layout else "remove", example)
@@ -165,7 +173,8 @@ def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
         report.bn_after = count_aten_bn(gm)
         return folded, report
     example = example_inputs(load, ws.module) if load.shapes or load.example_input else None
-    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same")
+    # written as it is, a TorchScript module need not be runnable (reloaded) after the fold
+    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same", runnable=to != "same")
 
 
 def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) -> None:

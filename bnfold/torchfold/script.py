@@ -23,7 +23,7 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
-from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, reload
+from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of
 from .site_rule import AffineStats, fold_site
 from .site_rule import FoldSite
 from .vocabulary import LAYER_OPS
@@ -33,14 +33,21 @@ LAYER_KINDS = tuple(f"aten::{name}" for name in LAYER_OPS)
 
 
 
-def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
-                       example: tuple | None = None) -> torch.jit.ScriptModule:
-    """Fold `root` (a private copy: its class graphs are edited) and return it reloaded, so that
-    the edited graphs are what runs."""
+def inlined_forward(root: torch.jit.ScriptModule):
+    """The root's forward with every method it calls inlined (a copy)."""
     try:
-        graph = root.inlined_graph
+        return root.inlined_graph
     except (RuntimeError, AttributeError) as exc:
         raise BadInput(f"TorchScript module without a forward to fold ({str(exc).splitlines()[0][:100]})") from None
+
+
+def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport, example: tuple | None = None,
+                       graph=None) -> None:
+    """Fold `root` (a private copy) by editing its class graphs in place; `graph` is its
+    inlined_forward, if at hand. Saving it writes the edited graphs; to run them, or to inline
+    them again, reload it first (script_graph.reload): inlining caches each method's graph as
+    it was."""
+    graph = graph if graph is not None else inlined_forward(root)
     values = Values(root, graph)
     live = list(live_nodes(graph, values))
     reads = reads_of(live, values)
@@ -73,7 +80,6 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport,
             report.notes.append(note)
             report.identity_bns += 1
         report.folded.append(FoldedBN(plan.site.bn, plan.site.producer, plan.site.kind))
-    return reload(root)
 
 
 # -- reading the graph -------------------------------------------------------------------------
@@ -149,6 +155,7 @@ def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
     None bias — when every instance of the class folds (a traced layer's class is its own).
     Otherwise the shift stays in the BN."""
     modules = dict(root.named_modules())
+    by_class = _paths_by_class(modules)
     planned = {p.site.producer: p for p in plans}
     for plan in plans:
         if plan.bias_slot != "present":
@@ -162,7 +169,7 @@ def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
         if reads_attribute and takes_tensor(layer, "bias"):
             plan.bias_slot = "bias"
             continue
-        siblings = [p for p, m in modules.items() if _class(m) == _class(layer)]
+        siblings = by_class[_class(layer)]
         # the op is the layer's own only where its forward runs (not `F.linear(x, self.l.weight)` in a parent)
         if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer) \
                 and _module_call(modules, plan.site.producer) is not None:
@@ -246,6 +253,7 @@ def _cuts(root, plans: list[Plan]) -> dict[str, Cut]:
     """BN path → the cut that removes it, for BNs whose every sibling (same class, same call) folds."""
     folding = {p.site.bn for p in plans if p.bias_slot is not None}
     modules = dict(root.named_modules())
+    by_class = _paths_by_class(modules)
     cuts: dict[str, Cut] = {}
     for bn in sorted(folding):
         if bn in cuts:
@@ -254,7 +262,7 @@ def _cuts(root, plans: list[Plan]) -> dict[str, Cut]:
         if found is None:
             continue
         host, local, cut = found
-        siblings = [".".join(filter(None, (p, local))) for p, m in modules.items() if _class(m) == _class(host)]
+        siblings = [".".join(filter(None, (p, local))) for p in by_class[_class(host)]]
         if all(s in folding for s in siblings):
             cuts.update({s: cut for s in siblings})
     return cuts
@@ -271,6 +279,14 @@ def forward_graph(module):
 
 def _class(module) -> str:
     return module._c._type().qualified_name()
+
+
+def _paths_by_class(modules: dict) -> dict[str, list[str]]:
+    """Class name → the paths of its instances (all share one graph), in module order."""
+    by_class: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        by_class.setdefault(_class(module), []).append(path)
+    return by_class
 
 
 def _call_site(modules: dict, bn: str):

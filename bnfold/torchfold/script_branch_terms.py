@@ -152,6 +152,8 @@ class ScriptDialect(GraphDialect):
                 + (f" (mode {mode!r})" if isinstance(mode, str) else "") + ": only zero padding of its own merges"
             nodes.append(self.mirror.nodes[source.unique()])
             source = source.node().inputsAt(0)
+        if self.shallow:
+            return Term(label, self.mirror.arg(source), nodes, module=owner(weight_path), problem=problem)
         self.params[node] = weight_path
         return conv_term(f"{label} {kernel_label(weight)}", self.mirror.arg(source), nodes, weight,
                          attr_at(self.probe, bias_path) if bias_path else None, *settings, owner(weight_path),

@@ -40,14 +40,23 @@ from .sites import owner
 REPARAM_ATTRIBUTE = "bnfold_reparam"  # prefix of the tensors a block gets when no branch can hold them
 
 
-def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport) -> torch.jit.ScriptModule:
-    """Merge the parallel branches of `root` (folded, bnfold's own copy); returns it reloaded when
-    a graph changed."""
+def sums_branches(root: torch.jit.ScriptModule, graph) -> bool:
+    """Whether the model's inlined forward `graph` has an add of parallel branches anywhere (read
+    before the fold: folding adds no sum and takes none away)."""
+    dialect = ScriptDialect(graph, root, "", {})
+    dialect.shallow = True
+    return bool(candidates(dialect))
+
+
+def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport,
+                        runnable: bool = True) -> torch.jit.ScriptModule:
+    """Merge the parallel branches of `root` (folded and reloaded, bnfold's own copy); returns it,
+    reloaded when a graph changed and it must run (`runnable`; saving writes the edited graphs)."""
     reads: dict[str, int] = {}  # counted when a class first needs them
     merged_any = False
     for instances in _classes(root):
         merged_any |= _merge_class(root, instances, reads, report)
-    return reload(root) if merged_any else root
+    return reload(root) if merged_any and runnable else root
 
 
 def _model_reads(root) -> dict[str, int]:
