@@ -27,7 +27,7 @@ from .fx_graph import FxGraph
 from .params import attr_at, fold_tensors
 from .site_rule import AffineStats, BnStats, FoldSite
 from .sites import Found
-from .tracer import Untraceable, trace
+from .tracer import Traced, Untraceable, trace
 from .vocabulary import op_name
 
 
@@ -167,14 +167,14 @@ def what_remains(module: nn.Module, means: list[str | None]) -> nn.Module:
         traced = trace(module)
     except Untraceable as why:
         raise Skip(f"its forward cannot be traced alone ({why})") from None
-    calls = FxGraph(traced.gm, traced.calls).bn_calls()
+    calls = FxGraph(traced.view, traced.calls).bn_calls()
     chosen = [c for c in calls if isinstance(c.stats, BnStats) and c.stats.tensors.get("running_mean") in means]
     affines = [c for c in calls if isinstance(c.stats, AffineStats)]
     if means.count(None) and len(affines) == means.count(None):
         chosen += affines
     if len(chosen) != len(means) or traced.opaque:
         raise Skip("its forward alone does not show the same BNs")
-    graph = traced.gm.graph
+    graph = traced.graph
     for call in chosen:
         for user in list(call.node.users) if op_name(call.node.target) != "add" else []:
             if op_name(user.target) == "getitem" and user.args[1] == 0:
@@ -184,27 +184,17 @@ def what_remains(module: nn.Module, means: list[str | None]) -> nn.Module:
     for node in list(graph.nodes):
         if node.op == "call_function" and op_name(node.target) == "_assert":
             graph.erase_node(node)
-    read_before = {n.target for n in graph.nodes if n.op == "get_attr"}
     graph.eliminate_dead_code()
-    called = {n.target for n in graph.nodes if n.op == "call_module"}
-    for target in read_before - {n.target for n in graph.nodes if n.op == "get_attr"}:
-        if not any(target.startswith(c + ".") for c in called):  # the folded BN's tensors, not a child's
-            _drop_attribute(traced.gm, target)
-    return _simplest(traced.gm)
+    return _simplest(traced)
 
 
-def _drop_attribute(gm: torch.fx.GraphModule, target: str) -> None:
-    parent, _, name = target.rpartition(".")
-    holder = gm.get_submodule(parent) if parent else gm
-    if hasattr(holder, name):
-        delattr(holder, name)
-
-
-def _simplest(gm: torch.fx.GraphModule) -> nn.Module:
-    """nn.Identity or an nn.Sequential of children where the graph is that; else the GraphModule."""
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+def _simplest(traced: Traced) -> nn.Module:
+    """nn.Identity or an nn.Sequential of children where the graph is that; else the GraphModule
+    (made now: it holds only what the graph still reads, so not the folded BN's tensors)."""
+    graph = traced.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    out = next(n for n in graph.nodes if n.op == "output")
     previous = inputs[0] if len(inputs) == 1 else None
     for node in body:
         if node.op != "call_module" or "." in node.target or node.args != (previous,) or node.kwargs \
@@ -213,11 +203,10 @@ def _simplest(gm: torch.fx.GraphModule) -> nn.Module:
             break
         previous = node
     if previous is None or out.args[0] is not previous:
-        gm.recompile()
-        return gm
+        return traced.gm
     if not body:
         return nn.Identity()
-    return nn.Sequential(OrderedDict((n.target, gm.get_submodule(n.target)) for n in body))
+    return nn.Sequential(OrderedDict((n.target, traced.root.get_submodule(n.target)) for n in body))
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:

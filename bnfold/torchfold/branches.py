@@ -21,7 +21,7 @@ from .branch_terms import (Candidate, GraphDialect, Merged, Term, candidates, co
 from .fx_graph import FxGraph, reads_shape_only
 from .params import attr_at
 from .sites import analysis_copy
-from .tracer import Untraceable, trace
+from .tracer import GraphView, Traced, Untraceable, trace
 from .vocabulary import plain_layer
 
 STATE_DICT_REASON = "state_dict keeps the architecture; use --to onnx/pt2 or fuse_module to re-parameterize"
@@ -107,27 +107,29 @@ def _set_at(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 def _merge_here(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
     """The sums in `module`'s own forward, merged; its submodules are left as they are."""
     try:
-        gm = trace(analysis_copy(module)).gm
+        traced = trace(analysis_copy(module))
     except Untraceable:
         return module
-    return _merged(module, gm, [c for c in candidates(FxDialect(gm, module, path)) if not c.owner], path, report,
-                   keep_layout)
+    return _merged(module, traced, path, report, keep_layout)
 
 
-def _merged(module: nn.Module, gm: torch.fx.GraphModule, here: list[Candidate], path: str, report: FoldReport,
-            keep_layout: bool) -> nn.Module:
-    """`gm` (a graph of `module`) with the sums `here` merged, or `module` where none merged."""
+def _merged(module: nn.Module, traced: Traced, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
+    """A GraphModule of `module`'s trace with the sums of its own forward merged, or `module`
+    where none merged. The graph is rewritten first and compiled once, holding only what it reads."""
+    view = traced.view
     merged_any = False
-    for cand in here:
-        merged_any |= _merge_candidate(gm, cand, path, report, keep_layout, _fx_rewrite)
+    for cand in [c for c in candidates(FxDialect(view, module, path)) if not c.owner]:
+        merged_any |= _merge_candidate(view, cand, path, report, keep_layout, _fx_rewrite)
     if not merged_any:
         return module
-    _finish(gm)
-    gm.delete_all_unused_submodules()
-    return gm
+    traced.graph.eliminate_dead_code()
+    traced.graph.lint()
+    return traced.gm
 
 
 def _merge_in(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
+    """Every sum in `module` and below, each merged where its add is: for a part of the model no
+    fx graph showed whole, so where its sums are is not known."""
     if not any(isinstance(m, CONV_MODULES) for m in module.modules()):
         return module
     try:
@@ -140,18 +142,15 @@ def _merge_in(module: nn.Module, path: str, report: FoldReport, keep_layout: boo
         parent, _, name = inner.rpartition(".")
         holder = module.get_submodule(parent) if parent else module
         _replace_child(holder, name, _merge_in(getattr(holder, name), join_path(path, inner), report, keep_layout))
-    gm = traced.gm
-    found = candidates(FxDialect(gm, module, path))
+    found = candidates(FxDialect(traced.view, module, path))
     below = sorted({c.owner.split(".")[0] for c in found if c.owner})
     for name in below:
         _replace_child(module, name, _merge_in(getattr(module, name), join_path(path, name), report, keep_layout))
-    here = [c for c in found if not c.owner]
-    if not here:
+    if not any(not c.owner for c in found):
         return module
     if below:  # the children changed: trace again
-        gm = trace(analysis_copy(module)).gm
-        here = [c for c in candidates(FxDialect(gm, module, path)) if not c.owner]
-    return _merged(module, gm, here, path, report, keep_layout)
+        traced = trace(analysis_copy(module))
+    return _merged(module, traced, path, report, keep_layout)
 
 
 def _replace_child(module: nn.Module, name: str, new: nn.Module) -> None:
@@ -198,7 +197,7 @@ def _fresh_name(gm: nn.Module, base: str) -> str:
         name, i = f"{base}_{i}", i + 1
 
 
-def _fx_rewrite(gm: torch.fx.GraphModule, cand: Candidate, merged: Merged, weight, bias) -> str:
+def _fx_rewrite(view: GraphView, cand: Candidate, merged: Merged, weight, bias) -> str:
     first = next(t for t in cand.terms if t.weight is not None)
     conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(merged.kernel) - 1]
     out_ch, per_group = weight.shape[:2]
@@ -207,9 +206,9 @@ def _fx_rewrite(gm: torch.fx.GraphModule, cand: Candidate, merged: Merged, weigh
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
-    name = _fresh_name(gm, join_path(cand.owner, "reparam_conv"))
-    gm.add_submodule(name, layer)
-    _replace(gm, cand, lambda: gm.graph.call_module(name, (cand.source,)))
+    name = _fresh_name(view, "reparam_conv")  # the add is in the traced module's own forward
+    view.root.add_module(name, layer)
+    _replace(view, cand, lambda: view.graph.call_module(name, (cand.source,)))
     return name
 
 

@@ -58,21 +58,21 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
     after its last change."""
     report = FoldReport(input=type(module).__name__, output=None, format="torch")
     if isinstance(module, torch.jit.ScriptModule):
-        from .script import fold_script_module, inlined_forward
-        from .script_branches import merge_script_module, sums_branches
+        from .script import fold_script_module
+        from .script_branches import merge_script_module
         from .script_graph import reload
 
         report.format = TORCHSCRIPT
-        graph = inlined_forward(module)
-        sums = sums_branches(module, graph)
-        fold_script_module(module, report, example, graph)
-        report.bn_before = len(report.folded) + len(report.skipped)
-        if sums:  # the merge inlines the folded graphs: reloaded, so that inlining sees them
-            module = merge_script_module(reload(module), report, runnable)
-        elif runnable:
+        # Blocks that are only sums of branches merge first: merging inlines graphs, which caches
+        # each method's graph as it is, so before the fold's edits no reload is needed
+        left = merge_script_module(module, report, blocks_only=True)
+        fold_script_module(module, report, example)
+        if left:
             module = reload(module)
+            merge_script_module(module, report)
+        report.bn_before = len(report.folded) + len(report.skipped)
         report.bn_after = len(report.skipped) + report.identity_bns
-        return module, report
+        return (reload(module) if runnable else module), report
     module, found = fold_module(module, report, "identity" if keep_layout else "remove", example)
     report.bn_before = len(report.folded) + len(report.skipped)
     left, kept = count_bn_modules(module), len(report.skipped)

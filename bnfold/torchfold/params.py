@@ -23,8 +23,10 @@ def attr_at(root: nn.Module, path: str):
 def alias_reads(reads: dict[str, int], root) -> Callable[[str], int]:
     """Reads of a tensor under every path it has: tied weights (`c2.weight = c1.weight`), a
     buffer assigned to two modules. Counted by path alone, each path would be read once, and a
-    fold written through one would change the other's use."""
+    fold written through one would change the other's use. `reads` is final: totals are
+    summed once, on the first question."""
     keys: dict[str, object] = {}
+    totals: dict[object, int] = {}
 
     def key(path: str):
         if path not in keys:
@@ -36,8 +38,10 @@ def alias_reads(reads: dict[str, int], root) -> Callable[[str], int]:
         return keys[path]
 
     def count(path: str) -> int:
-        wanted = key(path)
-        return sum(n for p, n in reads.items() if p == path or key(p) == wanted)
+        if not totals and reads:
+            for p, n in reads.items():
+                totals[key(p)] = totals.get(key(p), 0) + n
+        return totals.get(key(path), 0)
 
     return count
 

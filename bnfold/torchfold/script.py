@@ -23,7 +23,7 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .apply import set_identity
 from .params import attr_at, fold_tensors, write_params
-from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of
+from .script_graph import ScriptGraph, Shapes, Values, all_nodes, live_nodes, reads_of, run_forwards
 from .site_rule import AffineStats, fold_site
 from .site_rule import FoldSite
 from .vocabulary import LAYER_OPS
@@ -61,9 +61,10 @@ def fold_script_module(root: torch.jit.ScriptModule, report: FoldReport, example
         except (Skip, BrokenStatistics, FoldOverflow) as why:
             kept.setdefault(bn.name, str(why))  # one BN inlined in two branches: said once
     report.skipped += [SkippedBN(name, why) for name, why in kept.items()]
+    run = run_forwards(root)  # a call is cut where it runs, not in a forward nothing calls
     while True:  # an affine dropped may leave a sibling layer's class graph without a bias to read: again
-        _bias_slots(root, values, plans)
-        cut = _cuts(root, plans)
+        _bias_slots(root, values, plans, run)
+        cut = _cuts(root, plans, run)
         dropped = [p for p in plans if isinstance(p.site.stats, AffineStats)
                    and (p.site.bn not in cut or p.bias_slot is None)]
         if not dropped:
@@ -149,7 +150,7 @@ class Plan:
         return None
 
 
-def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
+def _bias_slots(root, values: Values, plans: list[Plan], run: set[str]) -> None:
     """Where each layer without a bias gets one: its (scripted conv's) Optional bias attribute
     where the op reads that attribute, or a new attribute its class's graph reads instead of a
     None bias — when every instance of the class folds (a traced layer's class is its own).
@@ -172,7 +173,7 @@ def _bias_slots(root, values: Values, plans: list[Plan]) -> None:
         siblings = by_class[_class(layer)]
         # the op is the layer's own only where its forward runs (not `F.linear(x, self.l.weight)` in a parent)
         if all(p in planned and planned[p].bias_slot in (None, "graph") for p in siblings) and _bias_input(layer) \
-                and _module_call(modules, plan.site.producer) is not None:
+                and _module_call(modules, plan.site.producer, run) is not None:
             plan.bias_slot = "graph"
 
 
@@ -249,7 +250,7 @@ class Cut:
         self.done = True
 
 
-def _cuts(root, plans: list[Plan]) -> dict[str, Cut]:
+def _cuts(root, plans: list[Plan], run: set[str]) -> dict[str, Cut]:
     """BN path → the cut that removes it, for BNs whose every sibling (same class, same call) folds."""
     folding = {p.site.bn for p in plans if p.bias_slot is not None}
     modules = dict(root.named_modules())
@@ -258,7 +259,7 @@ def _cuts(root, plans: list[Plan]) -> dict[str, Cut]:
     for bn in sorted(folding):
         if bn in cuts:
             continue
-        found = _call_site(modules, bn)
+        found = _call_site(modules, bn, run)
         if found is None:
             continue
         host, local, cut = found
@@ -289,12 +290,12 @@ def _paths_by_class(modules: dict) -> dict[str, list[str]]:
     return by_class
 
 
-def _call_site(modules: dict, bn: str):
+def _call_site(modules: dict, bn: str, run: set[str]):
     """(module whose graph calls the BN, the BN's path from it, the cut), or None."""
     module = modules.get(bn)
     if (getattr(module, "original_name", "") in BN_NAMES and _whole_bn(module)) or _whole_affine(module):
-        return _module_call(modules, bn)
-    if module is None:
+        return _module_call(modules, bn, run)
+    if module is None or bn not in run:  # its own forward computes the BN only where that forward runs
         return None
     graph = forward_graph(module)
     if graph is None:
@@ -308,14 +309,15 @@ def _call_site(modules: dict, bn: str):
     return module, "", Cut(graph, node, source)
 
 
-def _module_call(modules: dict, path: str):
-    """The one call of the module at `path`, in the nearest enclosing graph that has it: its
-    parent's, or further up where a forward is called directly (`self.down[i].forward(y)` inlines
-    a Sequential into its caller's graph)."""
+def _module_call(modules: dict, path: str, run: set[str]):
+    """The one call of the module at `path`, in the nearest enclosing graph that has it and runs
+    (`run`: the paths whose forward runs): its parent's, or further up where a forward is called
+    directly (`self.down[i].forward(y)` inlines a Sequential into its caller's graph, and a parent
+    may call a child's submodules itself, leaving the child's own forward unused)."""
     parts = path.split(".")
     for end in range(len(parts) - 1, -1, -1):
         host_path, local = ".".join(parts[:end]), ".".join(parts[end:])
-        host = modules.get(host_path)
+        host = modules.get(host_path) if host_path in run else None
         graph = forward_graph(host) if host is not None else None
         if graph is None:
             continue

@@ -22,8 +22,10 @@ no longer read by the graph; the merged kernel is written over one of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -34,54 +36,45 @@ from .branch_terms import Candidate, candidates, join_path, merge_terms, merged_
 from .params import attr_at
 from .script import BIAS_ATTRIBUTE, forward_graph, takes_tensor
 from .script_branch_terms import ADDS, CONVS, ScriptDialect
-from .script_graph import Values, all_nodes, live_nodes, reads_of, reload
+from .script_graph import Values, all_nodes, method_runs, reads_of
 from .sites import owner
+from .vocabulary import BN_OPS, LAYER_OPS, MULS, op_name
 
 REPARAM_ATTRIBUTE = "bnfold_reparam"  # prefix of the tensors a block gets when no branch can hold them
 
 
-def sums_branches(root: torch.jit.ScriptModule, graph) -> bool:
-    """Whether the model's inlined forward `graph` has an add of parallel branches anywhere (read
-    before the fold: folding adds no sum and takes none away)."""
-    dialect = ScriptDialect(graph, root, "", {})
-    dialect.shallow = True
-    return bool(candidates(dialect))
+def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport, blocks_only: bool = False) -> bool:
+    """Merge the parallel branches of `root` (bnfold's own copy) in place. Nothing may have inlined
+    or run `root` since it was loaded: inlining caches each callee's graph, and a cache made before
+    a child is rewritten would show the child to its parent as it was.
 
-
-def merge_script_module(root: torch.jit.ScriptModule, report: FoldReport,
-                        runnable: bool = True) -> torch.jit.ScriptModule:
-    """Merge the parallel branches of `root` (folded and reloaded, bnfold's own copy); returns it,
-    reloaded when a graph changed and it must run (`runnable`; saving writes the edited graphs)."""
+    Before the fold (`blocks_only`), Convs and their BNs merge from their own weights and
+    statistics, but only in a block that is nothing but its sums: merging inlines the block's
+    graph, and a layer or BN left inlined there could no longer be cut from its own graph by the
+    fold. Returns whether such a block was left for a merge after the fold (reloaded)."""
     reads: dict[str, int] = {}  # counted when a class first needs them
-    merged_any = False
+    run: set[str] = set()  # the modules whose forward the model calls, found with the reads
+    left = False
     for instances in _classes(root):
-        merged_any |= _merge_class(root, instances, reads, report)
-    return reload(root) if merged_any and runnable else root
+        left |= _merge_class(root, instances, reads, run, report, blocks_only) == LEFT
+    return left
 
 
-def _model_reads(root) -> dict[str, int]:
-    """How many ops read each tensor, walking each module's graph into the methods it calls. Not
-    inlined: inlining caches each callee's graph, and a cache made before a child is rewritten
-    would show the child to its parent as it was. A method's tensor arguments count one read each;
-    what a block's own inlined graph reads twice, ScriptDialect counts itself."""
+LEFT = "left"  # a class whose sums merge after the fold
+
+
+def _model_reads(root, run: set[str]) -> dict[str, int]:
+    """How many ops read each tensor, walking each module's graph into the methods it calls (and
+    into `run`, the paths of the modules whose forward runs). Not inlined: inlining caches each
+    callee's graph, and a cache made before a child is rewritten would show the child to its
+    parent as it was. A method's tensor arguments count one read each; what a block's own
+    inlined graph reads twice, ScriptDialect counts itself."""
     reads: dict[str, int] = {}
-    _count_reads(root, "", "forward", reads)
+    for _, prefix, method, values, live in method_runs(root):
+        run.update([prefix] if method == "forward" else [])
+        for path, count in reads_of(live, values).items():
+            reads[join_path(prefix, path)] = reads.get(join_path(prefix, path), 0) + count
     return reads
-
-
-def _count_reads(module, prefix: str, method: str, reads: dict[str, int]) -> None:
-    graph = module._c._get_method(method).graph
-    values = Values(module, graph)
-    live = list(live_nodes(graph, values))
-    for path, count in reads_of(live, values).items():
-        reads[join_path(prefix, path)] = reads.get(join_path(prefix, path), 0) + count
-    for node in live:
-        if node.kind() != "prim::CallMethod":
-            continue
-        callee = node.inputsAt(0)
-        path = "" if callee.unique() == values.self_id else values.path(callee)
-        if path is not None:
-            _count_reads(attr_at(module, path), join_path(prefix, path), node.s("name"), reads)
 
 
 def _classes(root) -> list[list[tuple[str, torch.jit.ScriptModule]]]:
@@ -109,6 +102,7 @@ class Plan:
     bias_path: str
     conv: tuple  # stride, padding, dilation, groups: constants of the shared graph
     bns: list[str]
+    layers: dict[str, tuple[str, str]]  # a Conv term's BN → (its Conv, the Conv's kind): folded into it
     add: torch._C.Node
     doomed: list[torch._C.Node]
     source: torch._C.Value
@@ -122,7 +116,10 @@ class Kept:
     reason: str
 
 
-def _merge_class(root, instances: list, reads: dict[str, int], report: FoldReport) -> bool:
+def _merge_class(root, instances: list, reads: dict[str, int], run: set[str], report: FoldReport,
+                 blocks_only: bool):
+    """True where the class merged, LEFT where it would merge but holds more than its sums
+    (`blocks_only`), else False."""
     graph = forward_graph(instances[0][1])
     if not any(_own_add(n) for n in all_nodes(graph)):
         return False
@@ -131,22 +128,79 @@ def _merge_class(root, instances: list, reads: dict[str, int], report: FoldRepor
     if not any(view.findAllNodes(f"aten::{op}", True) for op in CONVS):
         return False  # a residual add of a block without convolutions (attention, MLP)
     if not reads:
-        reads.update(_model_reads(root))
-    keys = _agreed([_analyse(view, path, module, reads) for path, module in instances], instances, report)
+        reads.update(_model_reads(root, run))
+    uncalled = [path for path, _ in instances if path not in run]
+    if uncalled:  # a forward nothing calls computes nothing, but its tensors may be read elsewhere
+        report.unmerged += [UnmergedBranches(f"{path}:forward", f"its class's graph is shared with {uncalled[0]}, "
+                                             "whose forward the model does not call") for path, _ in instances
+                            if path in run]
+        return False
+    found = [_analyse(view, path, module, reads) for path, module in instances]
+    if blocks_only:  # anything but a block merged whole is left to the merge after the fold, and said there
+        unmerged = SimpleNamespace(unmerged=[])
+        keys = _agreed(found, instances, unmerged)
+        if unmerged.unmerged or (keys and _holds_more(view, [found[0][k] for k in keys])):
+            return LEFT
+    else:
+        keys = _agreed(found, instances, report)
     if not keys:
         return False
     torch._C._jit_pass_inline(graph)
-    found = [_analyse(graph, path, module, reads) for path, module in instances]
-    if any(not isinstance(f.get(k), Plan) for f in found for k in keys):
-        raise RuntimeError("a TorchScript graph inlined in place reads differently from its inlined copy")
+    here = _in_graph({k: found[0][k] for k in keys}, view, graph)
+    if here is None:  # the graph inlined in place does not mirror the copy node for node: read it again
+        here = _analyse(graph, *instances[0], reads)
+        if any(not isinstance(here.get(k), Plan) for k in keys):
+            raise RuntimeError("a TorchScript graph inlined in place reads differently from its inlined copy")
     for (path, module), plans in zip(instances, found):
         for key in keys:
             _write(module, path, plans[key], reads, report)
     for key in sorted(keys, reverse=True):  # later adds first: an earlier add's value may be a later one's input
-        _rewrite(graph, instances[0][1], found[0][key])
-    _drop_training_branches(graph, instances[0][1], {b for k in keys for b in found[0][k].bns})
+        _rewrite(graph, instances[0][1], here[key])
+    _drop_training_branches(graph, instances[0][1], {b for k in keys for b in here[k].bns})
     torch._C._jit_pass_dce(graph)
     return True
+
+
+def _holds_more(view, plans: list[Plan]) -> bool:
+    """Whether the inlined graph computes a layer or a BN (or may: a product with a module
+    tensor, FrozenBatchNorm2d's affine) that no merge of `plans` takes away."""
+    doomed = {n.outputsAt(0).unique() for p in plans for n in p.doomed if n.outputsSize()}
+    for node in all_nodes(view):
+        kind = node.kind()
+        if not kind.startswith("aten::") or not node.outputsSize() or node.outputsAt(0).unique() in doomed:
+            continue
+        name = op_name(kind)
+        if name in LAYER_OPS or name in BN_OPS:
+            return True
+        if name in MULS and any(v.node().kind() == "prim::GetAttr" for v in node.inputs()):
+            return True
+    return False
+
+
+def _in_graph(plans: dict[int, Plan], view, graph) -> dict[int, Plan] | None:
+    """The plans made on the inlined copy `view`, their nodes and input taken to `graph` (the same
+    forward inlined in place: the same nodes in the same order), or None where they are not."""
+    theirs, ours = list(all_nodes(view)), list(all_nodes(graph))
+    if len(theirs) != len(ours) or any(a.kind() != b.kind() or a.outputsSize() != b.outputsSize()
+                                       for a, b in zip(theirs, ours)):
+        return None
+    outputs = {v.unique(): (i, k) for i, n in enumerate(theirs) for k, v in enumerate(n.outputs())}
+    inputs = {v.unique(): k for k, v in enumerate(view.inputs())}
+    graph_inputs = list(graph.inputs())
+
+    def value(v):
+        if v.unique() in inputs:
+            return graph_inputs[inputs[v.unique()]]
+        i, k = outputs[v.unique()]
+        return ours[i].outputsAt(k)
+
+    try:
+        return {key: dataclasses.replace(plan, add=value(plan.add.output()).node(),
+                                         doomed=[value(n.outputsAt(0)).node() for n in plan.doomed],
+                                         source=value(plan.source))
+                for key, plan in plans.items()}
+    except (KeyError, RuntimeError):  # a node without outputs, or a value made inside a block
+        return None
 
 
 def _own_add(node) -> bool:
@@ -239,6 +293,7 @@ def _plan(dialect: ScriptDialect, cand: Candidate, key: int) -> Plan:
     return Plan(dialect.value(cand.add).debugName(), [t.label for t in cand.terms], merged.kernel, weight, bias,
                 weight_path, _bias_path(dialect.probe, owner(weight_path) if holder else None, key),
                 (first.stride, merged.padding, first.dilation, first.groups), [b for t in cand.terms for b in t.bns],
+                {b: (t.module, f"Conv{t.weight.ndim - 2}d") for t in convs for b in t.bns},
                 doomed[0], doomed, dialect.value(cand.source))
 
 
@@ -272,19 +327,21 @@ def _write(block, path: str, plan: Plan, reads: dict[str, int], report: FoldRepo
     held = not plan.weight_path.startswith(REPARAM_ATTRIBUTE)  # by a branch's convolution
     kept_in = join_path(path, owner(plan.weight_path) if held else plan.weight_path)
     report.merged.append(MergedBranches(_add_name(path, plan.name), kept_in, plan.labels, list(plan.kernel)))
-    _count_merged_bns(report, [join_path(path, b) for b in plan.bns], kept_in)
+    _count_merged_bns(report, plan, path, kept_in)
 
 
-def _count_merged_bns(report: FoldReport, bns: list[str], conv: str) -> None:
-    """A merged BN has left the graph: one kept before (a BN of the input) is folded now, and one
-    the fold left in a shared graph as an identity is gone."""
-    for bn in bns:
+def _count_merged_bns(report: FoldReport, plan: Plan, path: str, kept_in: str) -> None:
+    """A merged BN is folded: into its Conv where it followed one (merged before the fold read
+    it), else into the merged Conv; one the fold kept (a BN of the input) or left in a shared
+    graph as an identity is neither any more."""
+    for bn in (join_path(path, b) for b in plan.bns):
         identity = [n for n in report.notes if n.startswith(f"{bn} kept in the graph as an identity")]
         report.notes = [n for n in report.notes if n not in identity]
         report.identity_bns -= len(identity)
-        if any(s.bn == bn for s in report.skipped):
-            report.skipped = [s for s in report.skipped if s.bn != bn]
-            report.folded.append(FoldedBN(bn, conv, "merged branches"))
+        report.skipped = [s for s in report.skipped if s.bn != bn]
+        if not any(f.bn == bn for f in report.folded):
+            layer, kind = plan.layers.get(bn[len(path) + 1:] if path else bn, (None, "merged branches"))
+            report.folded.append(FoldedBN(bn, join_path(path, layer) if layer else kept_in, kind))
 
 
 def _rewrite(graph, block, plan: Plan) -> None:

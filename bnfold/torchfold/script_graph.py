@@ -244,6 +244,31 @@ def reads_of(nodes, values: Values) -> dict[str, int]:
     return reads
 
 
+def method_runs(root):
+    """Each run of a method, from the root's forward down every method it calls: (module, its path,
+    the method's name, Values, live nodes). A method called twice is listed twice."""
+    todo = [(root, "", "forward")]
+    while todo:
+        module, prefix, name = todo.pop()
+        graph = module._c._get_method(name).graph
+        values = Values(module, graph)
+        live = list(live_nodes(graph, values))
+        yield module, prefix, name, values, live
+        for node in live:
+            if node.kind() != "prim::CallMethod":
+                continue
+            callee = node.inputsAt(0)
+            path = "" if callee.unique() == values.self_id else values.path(callee)
+            if path is not None:
+                todo.append((attr_at(module, path), ".".join(filter(None, (prefix, path))), node.s("name")))
+
+
+def run_forwards(root) -> set[str]:
+    """The paths of the modules whose forward the model runs (a module whose submodules its parent
+    calls directly has a forward nothing runs)."""
+    return {prefix for _, prefix, method, _, _ in method_runs(root) if method == "forward"}
+
+
 def all_nodes(graph):
     for node in graph.nodes():
         yield node

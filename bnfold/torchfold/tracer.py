@@ -115,6 +115,9 @@ def trace(module: nn.Module) -> Traced:
             opaque.add(tracer.failed_in)
             continue
         graph._tracer_cls = None  # a GraphModule written into a model must load where bnfold is not installed
+        # fx asks the graph's owner for a called module's purity (dead-code elimination) and checks
+        # attributes (lint) there: the traced module answers as its GraphModule would
+        graph.owning_module = tracer.root
         called = {n.target for n in graph.nodes if n.op == "call_module"}
         return Traced(tracer.root, graph, sorted(p for p in opaque if p in called), tracer.calls)
 

@@ -34,9 +34,17 @@ def conv_nodes(module: torch.jit.ScriptModule) -> int:
 
 
 def held_tensors(module: torch.jit.ScriptModule, conv: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of the convolution module the report names as holding a merge."""
-    layer = dict(module.named_modules())[conv]
-    return layer.weight, layer.bnfold_bias if hasattr(layer, "bnfold_bias") else layer.bias
+    """The weight and bias of the convolution module the report names as holding a merge (a
+    convolution without a bias slot of its own leaves the bias to its block)."""
+    modules = dict(module.named_modules())
+    layer = modules[conv]
+    for name in ("bnfold_bias", "bias"):
+        if isinstance(getattr(layer, name, None), torch.Tensor):
+            return layer.weight, getattr(layer, name)
+    block = modules[conv.rpartition(".")[0].rpartition(".")[0]]
+    biases = [f"bnfold_reparam_bias_{k}" for k in range(4) if block._c.hasattr(f"bnfold_reparam_bias_{k}")]
+    assert len(biases) == 1, biases
+    return layer.weight, block._c.getattr(biases[0])
 
 
 def assert_holds(module, conv: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -269,3 +277,62 @@ def test_class_with_instances_that_differ(kind, merged):
         assert reasons["0"].startswith("the graph of RepVggBlock is shared with 1, where they are kept (")
     assert conv_nodes(fused) == 4 - merged
     assert_same(fused, net, x)
+
+
+class ConvBeforeSum(nn.Module):
+    """A layer and its BN before the sum of branches, in the same forward: merging the sum first
+    would inline that BN into the block's graph, where the fold could no longer cut it."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.pre, self.pre_bn = nn.Conv2d(8, 8, 3, 1, 1, bias=False), random_bn(nn.BatchNorm2d(8), g)
+        self.pair = Pair(nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False))
+
+    def forward(self, x):
+        y = torch.relu(self.pre_bn(self.pre(x)))
+        return self.pair.bn_a(self.pair.a(y)) + self.pair.bn_b(self.pair.b(y))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_type", [RepVggBlock, ConvBeforeSum])
+def test_blocks_merge_before_or_after_the_fold_alike(kind, model_type):
+    """A block that is only its sums merges before the fold, one with more in its forward after
+    it: either way every BN leaves the graph, none stays as an identity, and the model computes
+    what it did."""
+    model = nn.Sequential(model_type(8, 8) if model_type is RepVggBlock else model_type(),
+                          model_type(8, 8) if model_type is RepVggBlock else model_type()).eval()
+    x = torch.randn(2, 8, 6, 6)
+    fused, report = fuse_module(to_script(kind, model, x))
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sorted(f.bn for f in report.folded) == sorted(bns)
+    assert not report.skipped and report.identity_bns == 0 and not report.notes
+    assert len(report.merged) == 2 and not report.unmerged
+    assert not fused.inlined_graph.findAllNodes("aten::batch_norm", True)
+    assert_same(fused, model, x)
+
+
+class CallsGrandchildren(nn.Module):
+    """Calls its child's submodules itself: the child's own forward (scripted, it is compiled)
+    calls the same BN but never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = Pair(nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False))
+
+    def forward(self, x):
+        return torch.relu(self.pair.bn_a(self.pair.a(x)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_type", [CallsGrandchildren, ConvBeforeSum])
+def test_a_forward_that_never_runs_is_not_folded_or_merged(kind, model_type):
+    """The BN's call is cut, and the sum merged, where the model runs them, not in the child's
+    unused forward (which also calls them: cut there, the BN would run on after its fold)."""
+    model = model_type().eval()
+    x = torch.randn(2, 8, 6, 6)
+    fused, report = fuse_module(to_script(kind, model, x))
+    assert report.identity_bns == 0 and not report.skipped
+    assert len(report.merged) == (1 if model_type is ConvBeforeSum else 0)
+    assert not fused.inlined_graph.findAllNodes("aten::batch_norm", True)
+    assert_same(fused, model, x)
