@@ -1,7 +1,36 @@
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 # Test helper modules (onnx_builders, shared cases) live beside the tests, one folder per package.
 HERE = os.path.dirname(__file__)
 for folder in ("", "onnxfold", "torchfold", "check", "stages", "cli"):
     sys.path.insert(0, os.path.join(HERE, folder))
+
+
+@pytest.fixture
+def bnfold_run(capfd, monkeypatch):
+    """`bnfold ARGS` in this process, through the function the console script calls; returns what
+    subprocess.run would (returncode, stdout, stderr). Both the file descriptors and sys.stdout/err
+    are captured, so whatever a library writes to fd 2 is seen as it would be in a child process.
+    BNFOLD_DEBUG is unset unless `debug`. A child process costs seconds of `import torch`: tests
+    that need one (signals, import-time behaviour, the console script itself, BNFOLD_DEBUG's
+    traceback) run `bnfold` with subprocess instead."""
+    from bnfold.cli import run as cli
+
+    def run(args: list[str], cwd: Path | str | None = None, debug: bool = False) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        with monkeypatch.context() as patch:
+            patch.delenv("BNFOLD_DEBUG", raising=False)
+            if debug:
+                patch.setenv("BNFOLD_DEBUG", "1")
+            if cwd is not None:
+                patch.chdir(cwd)
+            code = cli([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["bnfold", *args], code, out, err)
+
+    return run
