@@ -15,10 +15,11 @@ for folder in ("", "onnxfold", "torchfold", "check", "stages", "cli"):
 def bnfold_run(capfd, monkeypatch):
     """`bnfold ARGS` in this process, through the function the console script calls; returns what
     subprocess.run would (returncode, stdout, stderr). Both the file descriptors and sys.stdout/err
-    are captured, so whatever a library writes to fd 2 is seen as it would be in a child process.
-    BNFOLD_DEBUG is unset unless `debug`. A child process costs seconds of `import torch`: tests
-    that need one (signals, import-time behaviour, the console script itself, BNFOLD_DEBUG's
-    traceback) run `bnfold` with subprocess instead."""
+    are captured: what is printed or written to fd 2 is seen. A logging handler made earlier in
+    the session (torch makes its own at import) writes to the stream it was made with, unseen
+    here. BNFOLD_DEBUG is unset unless `debug`. A child process costs seconds of `import torch`:
+    tests that need one (what libraries log, signals, import-time behaviour, the console script
+    itself, BNFOLD_DEBUG's traceback) run `bnfold` with subprocess instead."""
     from bnfold.cli import run as cli
 
     def run(args: list[str], cwd: Path | str | None = None, debug: bool = False) -> subprocess.CompletedProcess:
