@@ -119,12 +119,10 @@ BAD = ["empty", "random", "truncated", "text", "unknown_suffix", "directory", "m
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_bad_input_one_line_exit_2_no_output(examples, tmp_path, kind):
+def test_bad_input_one_line_exit_2_no_output(examples, tmp_path, kind, bnfold_run):
     path = _bad_inputs(tmp_path, examples["mlp"][0])[kind]
     before = sorted(p.name for p in tmp_path.iterdir())
-    exe = Path(sys.executable).with_name("bnfold")
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(exe), "fuse", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    proc = bnfold_run(["fuse", str(path)])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in proc.stderr, proc.stderr

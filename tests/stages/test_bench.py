@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -231,11 +228,8 @@ def test_bad_options_exit_2_one_line(tiny, args, needle, capsys, monkeypatch):
     assert needle in lines[0]
 
 
-def test_missing_provider_from_the_command_line(tiny):
-    exe = Path(sys.executable).with_name("bnfold")
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(exe), "bench", str(tiny), "--runs", "3", "--provider", "cuda"], capture_output=True,
-                          text=True, env=env, timeout=120)
+def test_missing_provider_from_the_command_line(tiny, bnfold_run):
+    proc = bnfold_run(["bench", str(tiny), "--runs", "3", "--provider", "cuda"])
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "pip install onnxruntime-gpu" in proc.stderr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -161,13 +159,10 @@ def _bad(tmp_path):
 
 @pytest.mark.parametrize("case", ["wrong_names", "wrong_dtype", "wrong_shape", "empty", "batch_of_one",
                                   "missing_data"])
-def test_bad_data_exit_2_no_output(tmp_path, case):
+def test_bad_data_exit_2_no_output(tmp_path, case, bnfold_run):
     src, cases = _bad(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    exe = Path(sys.executable).with_name("bnfold")
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(exe), "calibrate", str(src), *cases[case]], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = bnfold_run(["calibrate", str(src), *cases[case]])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before

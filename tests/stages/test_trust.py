@@ -58,13 +58,18 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
-def one_line_exit_2(args: list[str]) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=300)
+def one_line_exit_2(run, args: list[str]) -> str:
+    """`run` is the bnfold_run fixture (in this process) or `in_a_child` (the console script)."""
+    proc = run(args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.returncode,
                                                                                        proc.stderr)
     return lines[0]
+
+
+def in_a_child(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def hostile(tmp_path: Path, how: str) -> tuple[Path, Path]:
@@ -98,11 +103,11 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
-def test_external_data_outside_the_folder_is_never_read(tmp_path, how, command):
+def test_external_data_outside_the_folder_is_never_read(bnfold_run, tmp_path, how, command):
     src, secret = hostile(tmp_path, how)
     np.save(tmp_path / "d.npy", np.zeros((4, 3, 6, 6), np.float32))
     before = snapshot(tmp_path)
-    line = one_line_exit_2(COMMANDS[command](src, tmp_path))
+    line = one_line_exit_2(bnfold_run, COMMANDS[command](src, tmp_path))
     assert "'W'" in line and ("outside" in line or "absolute" in line), line
     assert snapshot(tmp_path) == before  # nothing written, nothing touched
     for path in tmp_path.rglob("*"):
@@ -131,13 +136,13 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_external_entries(tmp_path, case):
+def test_malformed_external_entries(bnfold_run, tmp_path, case):
     src = external_model(tmp_path)
     model = onnx.load(str(src), load_external_data=False)
     set_entry(model, "W", *MALFORMED[case])
     onnx.save(model, str(src))
     before = snapshot(tmp_path)
-    line = one_line_exit_2(["fuse", str(src)])
+    line = one_line_exit_2(bnfold_run, ["fuse", str(src)])
     assert "'W'" in line, line
     assert snapshot(tmp_path) == before
 
@@ -152,7 +157,7 @@ def _inline_with(tmp_path, mutate) -> Path:
 
 @pytest.mark.parametrize("case", ["raw_data_short", "raw_data_long", "dims_absurd", "dims_negative",
                                   "float_data_count"])
-def test_payloads_must_match_their_dims(tmp_path, case):
+def test_payloads_must_match_their_dims(bnfold_run, tmp_path, case):
     def mutate(t):
         if case == "raw_data_short":
             t.raw_data = t.raw_data[:-4]
@@ -170,7 +175,7 @@ def test_payloads_must_match_their_dims(tmp_path, case):
 
     src = _inline_with(tmp_path, mutate)
     for args in (["fuse", str(src)], ["verify", str(src), str(src)]):
-        assert "'W'" in one_line_exit_2(args)
+        assert "'W'" in one_line_exit_2(bnfold_run, args)
 
 
 def test_output_data_never_overwrites_what_the_input_reads(tmp_path, capsys):
@@ -209,7 +214,8 @@ def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, kind):
         target = tmp_path / "pipe"
         os.mkfifo(target)
     mode = target.stat().st_mode
-    assert "not a regular file" in one_line_exit_2(["fuse", str(src), "-o", str(target)])
+    # in a child process: a fuse that opened the FIFO would block, and the child's timeout ends it
+    assert "not a regular file" in one_line_exit_2(in_a_child, ["fuse", str(src), "-o", str(target)])
     assert target.stat().st_mode == mode and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))
 
 
@@ -305,22 +311,22 @@ def test_bad_options_are_refused_before_any_work(tmp_path, case, monkeypatch, ca
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_bench_of_models_with_different_inputs_is_exit_2(tmp_path):
+def test_bench_of_models_with_different_inputs_is_exit_2(bnfold_run, tmp_path):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(conv_bn_model(), str(a))
     other = conv_bn_model()
     other.graph.input[0].name = "image"
     other.graph.node[0].input[0] = "image"
     onnx.save(other, str(b))
-    assert "inputs differ" in one_line_exit_2(["bench", str(a), str(b), "--runs", "2", "--warmup", "0"])
+    assert "inputs differ" in one_line_exit_2(bnfold_run, ["bench", str(a), str(b), "--runs", "2", "--warmup", "0"])
 
 
-def test_calibration_data_with_nan_names_the_sample(tmp_path):
+def test_calibration_data_with_nan_names_the_sample(bnfold_run, tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_model(), str(src))
     data = np.random.default_rng(0).normal(size=(8, 3, 6, 6)).astype(np.float32)
     data[5, 1, 2, 3] = np.nan
     np.save(tmp_path / "d.npy", data)
-    line = one_line_exit_2(["calibrate", str(src), "--data", str(tmp_path / "d.npy"), "--batch-size", "4"])
+    line = one_line_exit_2(bnfold_run, ["calibrate", str(src), "--data", str(tmp_path / "d.npy"), "--batch-size", "4"])
     assert "sample 5" in line and "NaN" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "m.onnx"]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -115,11 +113,9 @@ def _bad_cases(pairs, tmp: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("case", ["missing_original", "text_fused", "unknown_shape_input", "data_wrong_names",
                                   "data_wrong_dtype", "different_models", "missing_provider"])
-def test_bad_input_exit_2_one_line(pairs, tmp_path, case):
+def test_bad_input_exit_2_one_line(pairs, tmp_path, case, bnfold_run):
     args = _bad_cases(pairs, tmp_path)[case]
-    exe = Path(sys.executable).with_name("bnfold")
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    proc = subprocess.run([str(exe), "verify", *args], capture_output=True, text=True, env=env, timeout=120)
+    proc = bnfold_run(["verify", *args])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:") and "Traceback" not in proc.stderr

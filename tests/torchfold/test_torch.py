@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -298,13 +296,7 @@ def test_verify_in_torch_catches_a_wrong_fold(trained, tmp_path, capsys):
     assert cli(["verify", str(src), str(fused_path), "--shape", dims, "--json"]) == 1
 
 
-def _run(args, cwd=None):
-    exe = Path(sys.executable).with_name("bnfold")
-    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-
-
-def test_bad_torch_inputs(trained, tmp_path):
+def test_bad_torch_inputs(trained, tmp_path, bnfold_run):
     model, shape = trained["mlp"]
     pickle_path = _save("pickle", model, shape, tmp_path / "m.pt")
     sd_path = _save("state_dict", model, shape, tmp_path / "sd.pt")
@@ -320,7 +312,7 @@ def test_bad_torch_inputs(trained, tmp_path):
     }
     for case, (args, needle) in cases.items():
         before = sorted(p.name for p in tmp_path.iterdir())
-        proc = _run(["fuse", *args], cwd=str(ROOT / "examples"))
+        proc = bnfold_run(["fuse", *args], cwd=ROOT / "examples")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, (case, proc.stderr)
         assert needle in lines[0] and "Traceback" not in proc.stderr, (case, lines)
@@ -371,9 +363,9 @@ def test_untraceable_model_folds_its_traceable_parts():
     _assert_same(fused, original, torch.randn(2, 3, 6, 6))
 
 
-def test_untraceable_model_with_nothing_foldable_is_exit_2(tmp_path):
+def test_untraceable_model_with_nothing_foldable_is_exit_2(tmp_path, bnfold_run):
     path = tmp_path / "u.pt"
     torch.save(DataDependentNoBN().eval(), path)
-    proc = _run(["fuse", str(path), "--trust-pickle"], cwd=str(Path(__file__).parent))
+    proc = bnfold_run(["fuse", str(path), "--trust-pickle"])
     assert proc.returncode == 2 and "cannot be traced" in proc.stderr, proc.stderr
     assert not (tmp_path / "u.fused.pt").exists()
