@@ -13,7 +13,8 @@ Forms: pickle (torch.save(model), fused with --trust-pickle), torchscript (torch
 (torch.export.save). --quick: test widths, half-size inputs, 3 rounds, to check the script runs.
 
 Every measurement is one fresh process, timed from spawn to exit (so each includes interpreter start
-and `import torch`), writing to a new temp file:
+and `import torch`), writing to a new temp file; bnfold's bytecode is compiled first, as an install
+leaves it:
   plain   the loader bnfold uses for that form (torch.load(weights_only=False) / torch.jit.load /
           torch.export.load), then the matching saver (torch.save / torch.jit.save / torch.export.save)
   bnfold  the console script next to sys.executable: `bnfold fuse IN -o OUT` (+ --trust-pickle)
@@ -555,6 +556,16 @@ def profile_table(profiles: list[Profile]) -> list[str]:
     return lines
 
 
+def compile_bytecode() -> None:
+    """bnfold's and the look-alikes' bytecode, as `pip install` leaves it: a checkout run with
+    PYTHONDONTWRITEBYTECODE set would otherwise compile bnfold's sources in every timed process
+    (the plain baseline imports only torch, whose bytecode its install wrote)."""
+    import compileall
+
+    for folder in (ROOT / "bnfold", ROOT / "examples"):
+        compileall.compile_dir(str(folder), quiet=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, help="timed rounds (default 6, --quick 3)")
@@ -572,6 +583,7 @@ def main() -> None:
         raise SystemExit(f"unknown form(s) {sorted(set(forms) - set(FORMS))}: {', '.join(FORMS)}")
     command = " ".join(["python benchmarks/fuse_speed.py", *map(shlex.quote, sys.argv[1:])])
     start = time.perf_counter()
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="bnfold-fuse-speed-") as tmp:
         folder = Path(tmp)
         env = child_env(folder)
