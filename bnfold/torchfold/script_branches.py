@@ -121,7 +121,7 @@ def _merge_class(root, instances: list, reads: dict[str, int], run: set[str], re
     """True where the class merged, LEFT where it would merge but holds more than its sums
     (`blocks_only`), else False."""
     graph = forward_graph(instances[0][1])
-    if not any(_own_add(n) for n in all_nodes(graph)):
+    if not any(_own_add(n) for kind in ADDS for n in graph.findAllNodes(kind, True)):
         return False
     view = graph.copy()  # decide on a copy: a class that merges nothing keeps its graph as it was
     torch._C._jit_pass_inline(view)

@@ -270,10 +270,17 @@ def run_forwards(root) -> set[str]:
 
 
 def all_nodes(graph):
-    for node in graph.nodes():
-        yield node
-        for block in node.blocks():
-            yield from all_nodes(block)
+    """Every node, those of nested blocks right after the node holding them."""
+    todo = [iter(graph.nodes())]
+    while todo:
+        for node in todo[-1]:
+            yield node
+            blocks = node.blocks()
+            if blocks:
+                todo.append(itertools.chain.from_iterable(b.nodes() for b in blocks))
+                break
+        else:
+            todo.pop()
 
 
 def value_uses(value) -> int:
