@@ -41,6 +41,8 @@ def write_same(source: TorchSource, folded: list, dst: Path) -> None:
     module = folded[0]
     if source.kind == TORCHSCRIPT:
         save_bytes(dst, script_bytes(module))
+    elif source.kind == EXPORT and isinstance(module, torch.export.ExportedProgram):  # edited in its own graph
+        save_bytes(dst, program_bytes(module))
     elif source.kind == EXPORT:
         args, kwargs = source.module.example_inputs or ((), {})
         save_bytes(dst, program_bytes(export_program(module, args, kwargs, dynamic_dims(source.module),

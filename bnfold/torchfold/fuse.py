@@ -20,7 +20,7 @@ from .convert import write_module
 from .inputs import example_inputs
 from .branches import merge_exported, merge_module
 from .apply import fold_module
-from .export import count_aten_bn, fold_exported
+from .export import count_aten_bn, fold_exported, in_program
 from .io import EAGER, EXPORT, HF_FOLDER, TORCHSCRIPT, TorchSource, load_torch, save_bytes, torch_bytes
 from .sites import copy_module
 from .variance import correct_torch_variance
@@ -166,15 +166,18 @@ def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None 
 
 def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
     if ws.kind == EXPORT:
-        report = FoldReport(input="", output=None, format=EXPORT)
+        report, done = FoldReport(input="", output=None, format=EXPORT), []
         gm = ws.module.module()
         report.bn_before = count_aten_bn(gm)
-        folded = merge_exported(fold_exported(gm, report), report)
+        folded = merge_exported(fold_exported(gm, report, done), report)
         report.bn_after = count_aten_bn(gm)
+        if to in ("same", "pt2") and not report.merged:  # written as a program: the program itself, edited alike
+            folded = in_program(ws.module, gm, done) or folded
         return folded, report
     example = example_inputs(load, ws.module) if load.shapes or load.example_input else None
     # written as it is, a TorchScript module need not be runnable (reloaded) after the fold
-    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same", runnable=to != "same")
+    kept_form = to == "same" or (to, ws.kind) == ("torchscript", TORCHSCRIPT)
+    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same", runnable=not kept_form)
 
 
 def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) -> None:

@@ -369,3 +369,21 @@ def test_untraceable_model_with_nothing_foldable_is_exit_2(tmp_path, bnfold_run)
     proc = bnfold_run(["fuse", str(path), "--trust-pickle"])
     assert proc.returncode == 2 and "cannot be traced" in proc.stderr, proc.stderr
     assert not (tmp_path / "u.fused.pt").exists()
+
+
+def test_pt2_is_folded_in_its_own_graph(trained, tmp_path, capsys):
+    """A `.pt2` is folded in the program's own graph (a bias a layer gains lifted as a constant):
+    its dynamic dimensions (here torch.export's Dim.AUTO batch) keep the ranges the user's export
+    gave them, and it computes what the model does at any batch."""
+    model, shape = trained["resnet18"]
+    program = torch.export.export(copy.deepcopy(model), (torch.randn(2, *shape),),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    src = tmp_path / "r.pt2"
+    torch.export.save(program, str(src))
+    assert cli(["fuse", str(src), "--json"]) == 0
+    fused = torch.export.load(json.loads(capsys.readouterr().out)["output"])
+    ranges = lambda p: sorted((str(k), str(v.lower), str(v.upper)) for k, v in p.range_constraints.items())  # noqa: E731
+    assert ranges(fused) == ranges(program)
+    assert not [n for n in fused.graph.nodes if "batch_norm" in str(n.target)]
+    for batch in (1, 5):
+        _assert_same(fused.module(), model, torch.randn(batch, *shape))
