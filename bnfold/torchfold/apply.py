@@ -24,7 +24,7 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .find import find_sites
 from .fx_graph import FxGraph
-from .params import attr_at, fold_tensors
+from .params import attr_at, fold_tensors, replace_at
 from .site_rule import AffineStats, BnStats, FoldSite
 from .sites import Found
 from .tracer import Traced, Untraceable, trace
@@ -63,7 +63,7 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
             report.identity_bns += 1
         report.folded.append(FoldedBN(plan.site.bn, plan.site.producer, plan.site.kind))
     for scope, new in sorted(remains.items(), key=lambda kv: -kv[0].count(".")):
-        module = _replace(module, scope, new)
+        module = replace_at(module, scope, new)
     return module, found
 
 
@@ -111,7 +111,7 @@ def _retire(root: nn.Module, plan: Plan, mode: str) -> str | None:
     """Take a folded BN out: the module removed, or its tensors set to the identity."""
     site = plan.site
     if mode == "remove" and plan.shift is None and site.plain_bn:
-        _replace(root, site.scope, nn.Identity())
+        replace_at(root, site.scope, nn.Identity())
         return None
     if isinstance(site.stats, BnStats):
         set_identity(root, site.stats.tensors, site.stats.eps, plan.shift)
@@ -207,14 +207,6 @@ def _simplest(traced: Traced) -> nn.Module:
     if not body:
         return nn.Identity()
     return nn.Sequential(OrderedDict((n.target, traced.root.get_submodule(n.target)) for n in body))
-
-
-def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    if not path:
-        return new
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-    return root
 
 
 def _affine_identity(root: nn.Module, plan: Plan, report: FoldReport) -> bool:

@@ -19,7 +19,7 @@ from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .branch_terms import (Candidate, GraphDialect, Merged, Term, candidates, conv_term, join_path, kernel_label,
                            merge_terms, merged_tensors)
 from .fx_graph import FxGraph, reads_shape_only
-from .params import attr_at
+from .params import attr_at, replace_at
 from .sites import analysis_copy
 from .tracer import GraphView, Traced, Untraceable, trace
 from .vocabulary import plain_layer
@@ -92,16 +92,8 @@ def merge_module(module: nn.Module, report: FoldReport, keep_layout: bool = Fals
             continue
         new = _merge_in(sub, path, report, keep_layout) if path in (walk or ()) else \
             _merge_here(sub, path, report, keep_layout)
-        module = _set_at(module, path, new)
+        module = replace_at(module, path, new)
     return module
-
-
-def _set_at(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    if not path:
-        return new
-    parent, _, name = path.rpartition(".")
-    _replace_child(root.get_submodule(parent) if parent else root, name, new)
-    return root
 
 
 def _merge_here(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:

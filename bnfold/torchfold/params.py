@@ -20,6 +20,17 @@ def attr_at(root: nn.Module, path: str):
     return value
 
 
+def replace_at(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """`root` with the module at `path` replaced by `new` (`new` itself where the path is the root)."""
+    if not path:
+        return new
+    parent, _, name = path.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    if getattr(holder, name) is not new:
+        setattr(holder, name, new)
+    return root
+
+
 def alias_reads(reads: dict[str, int], root) -> Callable[[str], int]:
     """Reads of a tensor under every path it has: tied weights (`c2.weight = c1.weight`), a
     buffer assigned to two modules. Counted by path alone, each path would be read once, and a
