@@ -24,7 +24,7 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .find import find_sites
 from .fx_graph import FxGraph
-from .params import attr_at, fold_tensors, replace_at
+from .params import attr_at, fold_tensors, replace_at, tensor_key
 from .site_rule import AffineStats, BnStats, FoldSite
 from .sites import Found
 from .tracer import Traced, Untraceable, trace
@@ -40,9 +40,11 @@ class Plan:
 
 
 def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
-                example: tuple | None = None) -> tuple[nn.Module, Found]:
+                example: tuple | None = None, shared: set | None = None) -> tuple[nn.Module, Found]:
     """Fold every BN of `module` that folds exactly; returns the module (a new one only where the
-    root itself computed a folded BN) and what its graphs showed."""
+    root itself computed a folded BN) and what its graphs showed. `shared`: keys
+    (params.tensor_key) of tensors another model in the same file also holds — folding them
+    would change that model too."""
     if module.training:
         report.notes.append("the module was in training mode; its inference (eval) behaviour was folded")
         module.eval()
@@ -50,7 +52,7 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
     report.skipped += found.skipped
     report.notes += found.notes
     report.untraced += found.untraced
-    plans = [p for p in (_plan(module, s, mode, report) for s in found.sites) if p is not None]
+    plans = [p for p in (_plan(module, s, mode, report, shared or set()) for s in found.sites) if p is not None]
     remains = _remains(module, plans, report) if mode == "remove" else {}
     plans = [p for p in plans if p.site.scope in remains or not isinstance(p.site.stats, AffineStats)
              or _removed_whole(p, mode) or _affine_identity(module, p, report)]
@@ -67,10 +69,14 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
     return module, found
 
 
-def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport) -> Plan | None:
+def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport, shared: set) -> Plan | None:
     try:
         weight = attr_at(root, site.weight or f"{site.producer}.weight")
         bias = attr_at(root, site.bias) if site.bias else None
+        held = next((p for p in (site.weight or f"{site.producer}.weight", site.bias, *site.stats.paths())
+                     if p and _key(root, p) in shared), None)
+        if held is not None:
+            raise Skip(f"{held} is also held by another model in the file (a weight set folded on its own)")
         affine = site.affine(root)
         new_w, new_b = fold_tensors(weight, bias, affine, site.axis, site.groups, site.kind)
     except (Skip, AttributeError) as why:
@@ -87,6 +93,11 @@ def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport) -> Pla
     if bias is None and (mode == "identity" or not site.plain_layer):
         return Plan(site, new_w, None, affine.shift)
     return Plan(site, new_w, new_b, None)
+
+
+def _key(root: nn.Module, path: str):
+    value = attr_at(root, path)
+    return tensor_key(value) if isinstance(value, torch.Tensor) else None
 
 
 def _removed_whole(plan: Plan, mode: str) -> bool:

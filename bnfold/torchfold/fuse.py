@@ -16,6 +16,7 @@ from ..options import FuseOptions, LoadOptions
 from ..report import CalibrationReport, FoldedBN, FoldReport, SkippedBN, VarianceCorrection, WeightSetReport
 from .calibrate import calibrate_torch
 from .checkpoint import STATE, WeightSet
+from .params import tensor_key
 from .convert import write_module
 from .inputs import example_inputs
 from .branches import merge_exported, merge_module
@@ -52,7 +53,7 @@ def fuse_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None = No
 
 
 def fold_in_place(module, example: tuple | None = None, keep_layout: bool = False,
-                  runnable: bool = True) -> tuple[nn.Module, FoldReport]:
+                  runnable: bool = True, shared: set | None = None) -> tuple[nn.Module, FoldReport]:
     """fuse_module on a module bnfold owns (just loaded): changes it, or returns a reloaded
     ScriptModule. A ScriptModule that will only be saved (`runnable` False) is not reloaded
     after its last change."""
@@ -73,7 +74,7 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
         report.bn_before = len(report.folded) + len(report.skipped)
         report.bn_after = len(report.skipped) + report.identity_bns
         return (reload(module) if runnable else module), report
-    module, found = fold_module(module, report, "identity" if keep_layout else "remove", example)
+    module, found = fold_module(module, report, "identity" if keep_layout else "remove", example, shared)
     report.bn_before = len(report.folded) + len(report.skipped)
     left, kept = count_bn_modules(module), len(report.skipped)
     module = merge_module(module, report, keep_layout, found.branch_owners, found.unseen)
@@ -152,7 +153,7 @@ def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None 
     folded = []
     for ws in sets:
         if id(ws.module) not in done:
-            done[id(ws.module)] = _fold_set(ws, to, load or LoadOptions())
+            done[id(ws.module)] = _fold_set(ws, to, load or LoadOptions(), _held_elsewhere(ws, sets))
         module, sub = done[id(ws.module)]
         _merge(report, sub, ws, several=len(sets) > 1)
         folded.append(module)
@@ -164,7 +165,18 @@ def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None 
     return report, folded
 
 
-def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
+def _held_elsewhere(ws: WeightSet, sets: list[WeightSet]) -> set:
+    """Keys of `ws`'s tensors that another model of the file holds too (two weight sets that share
+    a conv weight but not their BN statistics): each set is folded in place, on its own."""
+    if not isinstance(ws.module, nn.Module) or isinstance(ws.module, torch.jit.ScriptModule):
+        return set()
+    mine = {tensor_key(t) for t in (*ws.module.parameters(), *ws.module.buffers())} - {None}
+    others = {tensor_key(t) for s in sets if s.module is not ws.module and isinstance(s.module, nn.Module)
+              for t in (*s.module.parameters(), *s.module.buffers())}
+    return mine & others
+
+
+def _fold_set(ws: WeightSet, to: str, load: LoadOptions, shared: set | None = None) -> tuple:
     if ws.kind == EXPORT:
         report, done = FoldReport(input="", output=None, format=EXPORT), []
         gm = ws.module.module()
@@ -177,7 +189,8 @@ def _fold_set(ws: WeightSet, to: str, load: LoadOptions) -> tuple:
     example = example_inputs(load, ws.module) if load.shapes or load.example_input else None
     # written as it is, a TorchScript module need not be runnable (reloaded) after the fold
     kept_form = to == "same" or (to, ws.kind) == ("torchscript", TORCHSCRIPT)
-    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same", runnable=not kept_form)
+    return fold_in_place(ws.module, example, keep_layout=ws.kind == STATE and to == "same", runnable=not kept_form,
+                         shared=shared)
 
 
 def _merge(report: FoldReport, sub: FoldReport, ws: WeightSet, several: bool) -> None:
