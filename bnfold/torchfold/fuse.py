@@ -168,12 +168,15 @@ def fold_source(source: TorchSource, to: str = "same", load: LoadOptions | None 
 def _held_elsewhere(ws: WeightSet, sets: list[WeightSet]) -> set:
     """Keys of `ws`'s tensors that another model of the file holds too (two weight sets that share
     a conv weight but not their BN statistics): each set is folded in place, on its own."""
-    if not isinstance(ws.module, nn.Module) or isinstance(ws.module, torch.jit.ScriptModule):
+    others = [s.module for s in sets if s.module is not ws.module and isinstance(s.module, nn.Module)]
+    if not others or not isinstance(ws.module, nn.Module) or isinstance(ws.module, torch.jit.ScriptModule):
         return set()
-    mine = {tensor_key(t) for t in (*ws.module.parameters(), *ws.module.buffers())} - {None}
-    others = {tensor_key(t) for s in sets if s.module is not ws.module and isinstance(s.module, nn.Module)
-              for t in (*s.module.parameters(), *s.module.buffers())}
-    return mine & others
+    return (_keys(ws.module) & set().union(*map(_keys, others))) - {None}
+
+
+def _keys(module: nn.Module) -> set:
+    return {tensor_key(t) for t in (*module.parameters(), *module.buffers())
+            if not isinstance(t, nn.parameter.UninitializedTensorMixin)}
 
 
 def _fold_set(ws: WeightSet, to: str, load: LoadOptions, shared: set | None = None) -> tuple:
