@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnfold import fuse_module
 from bnfold.cli import run as cli
 
 
@@ -54,3 +55,34 @@ def test_pt2_two_new_biases_in_one_module(tmp_path):
     fused = _fuse_pt2(model, x, tmp_path)
     got = fused(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+class ConvBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class CallsChildrenDirectly(nn.Module):
+    """`first`'s forward is never called: its parent calls its conv and BN itself; `second`, of the
+    same scripted class, runs its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = ConvBn(), ConvBn()
+
+    def forward(self, x):
+        return self.second(self.first.bn(self.first.conv(x)))
+
+
+def test_script_children_called_by_parent():
+    """Scripted: a conv+BN pair whose own forward nothing calls but whose parent calls conv and BN directly folds wrong (output off by more than its scale)."""
+    model = _random_bns(CallsChildrenDirectly())
+    x = torch.randn(2, 4, 6, 6)
+    want = model(x)
+    fused, _ = fuse_module(torch.jit.script(model))
+    torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
