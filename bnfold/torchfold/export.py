@@ -58,14 +58,14 @@ def in_program(program, gm: torch.fx.GraphModule, done: list):
                     with torch.no_grad():
                         tensor.copy_(mine)
         nodes = {n.name: n for n in graph_module.graph.nodes}
-        names = ConstantAttrMap()  # a new bias is a constant of its layer's module: LAYER.bnfold_bias
+        names, taken = ConstantAttrMap(), {*program.state_dict, *program.constants}
         for site, added in done:
             mapped = {k: [nodes[n.name] for n in v] if isinstance(v, list) else nodes[v.name]
                       for k, v in site.nodes.items() if v is not None}
             if added is not None:
                 bias = attr_at(gm, added).detach()
                 graph_module.register_buffer(added, bias)
-                names.add(bias, f"{site.weight.rpartition('.')[0]}.bnfold_bias".lstrip("."))
+                names.add(bias, _bias_name(site.weight, taken))
                 _read_bias(graph_module, mapped["producer"], added)
             _remove_bn(graph_module, dataclasses.replace(site, nodes=mapped))
         _same_ops(graph_module, gm)
@@ -75,6 +75,18 @@ def in_program(program, gm: torch.fx.GraphModule, done: list):
     except Exception:  # noqa: BLE001 — any program torch's own passes do not take is exported anew
         return None
     return program
+
+
+def _bias_name(weight: str, taken: set) -> str:
+    """The program's name of a bias a layer gains: LAYER.bnfold_bias beside LAYER.weight, else
+    WEIGHT_bnfold_bias (a functional conv's weight `w1`); never a name the program has."""
+    owner, _, leaf = weight.rpartition(".")
+    base = f"{owner}.bnfold_bias".lstrip(".") if leaf == "weight" else f"{weight}_bnfold_bias"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def _same_ops(graph_module: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:

@@ -263,9 +263,11 @@ def _cuts(root, plans: list[Plan], run: set[str]) -> dict[str, Cut]:
         if found is None:
             continue
         host, local, cut = found
-        siblings = [".".join(filter(None, (p, local))) for p in by_class[_class(host)]]
-        if all(s in folding for s in siblings):
-            cuts.update({s: cut for s in siblings})
+        hosts = by_class[_class(host)]
+        if all(".".join(filter(None, (p, local))) in folding for p in hosts):
+            # the cut serves the BNs whose host runs this graph; one whose host's forward never
+            # runs is called elsewhere, by a cut of its own
+            cuts.update({".".join(filter(None, (p, local))): cut for p in hosts if p in run})
     return cuts
 
 
