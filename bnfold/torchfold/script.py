@@ -90,7 +90,7 @@ def _reads_by_other_methods(root) -> dict[str, int]:
     """Tensor reads in the root's methods `forward` does not call (`@torch.jit.export`): they run
     the same layers, and a fold would change them too."""
     reads: dict[str, int] = {}
-    for name in _other_entry_points(root):
+    for name in other_entry_points(root):
         try:
             graph = root._c._get_method(name).inlined_graph
         except (RuntimeError, AttributeError):
@@ -101,7 +101,7 @@ def _reads_by_other_methods(root) -> dict[str, int]:
     return reads
 
 
-def _other_entry_points(root) -> list[str]:
+def other_entry_points(root) -> list[str]:
     """The root's methods other than forward and those forward calls (`_forward_impl`)."""
     called, todo = {"forward"}, ["forward"]
     while todo:

@@ -34,7 +34,7 @@ from ..fold_math import FoldOverflow
 from ..report import FoldedBN, FoldReport, MergedBranches, UnmergedBranches
 from .branch_terms import Candidate, candidates, join_path, merge_terms, merged_tensors
 from .params import attr_at
-from .script import BIAS_ATTRIBUTE, forward_graph, takes_tensor
+from .script import BIAS_ATTRIBUTE, forward_graph, other_entry_points, takes_tensor
 from .script_branch_terms import ADDS, CONVS, ScriptDialect
 from .script_graph import Values, all_nodes, method_runs, reads_of
 from .sites import owner
@@ -70,10 +70,11 @@ def _model_reads(root, run: set[str]) -> dict[str, int]:
     parent as it was. A method's tensor arguments count one read each; what a block's own
     inlined graph reads twice, ScriptDialect counts itself."""
     reads: dict[str, int] = {}
-    for _, prefix, method, values, live in method_runs(root):
-        run.update([prefix] if method == "forward" else [])
-        for path, count in reads_of(live, values).items():
-            reads[join_path(prefix, path)] = reads.get(join_path(prefix, path), 0) + count
+    for entry in ("forward", *other_entry_points(root)):  # an exported method reads tensors too
+        for _, prefix, method, values, live in method_runs(root, entry):
+            run.update([prefix] if entry == method == "forward" else [])
+            for path, count in reads_of(live, values).items():
+                reads[join_path(prefix, path)] = reads.get(join_path(prefix, path), 0) + count
     return reads
 
 

@@ -244,10 +244,10 @@ def reads_of(nodes, values: Values) -> dict[str, int]:
     return reads
 
 
-def method_runs(root):
-    """Each run of a method, from the root's forward down every method it calls: (module, its path,
-    the method's name, Values, live nodes). A method called twice is listed twice."""
-    todo = [(root, "", "forward")]
+def method_runs(root, method: str = "forward"):
+    """Each run of a method, from the root's `method` down every method it calls: (module, its
+    path, the method's name, Values, live nodes). A method called twice is listed twice."""
+    todo = [(root, "", method)]
     while todo:
         module, prefix, name = todo.pop()
         graph = module._c._get_method(name).graph

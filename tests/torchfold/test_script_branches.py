@@ -336,3 +336,29 @@ def test_a_forward_that_never_runs_is_not_folded_or_merged(kind, model_type):
     assert len(report.merged) == (1 if model_type is ConvBeforeSum else 0)
     assert not fused.inlined_graph.findAllNodes("aten::batch_norm", True)
     assert_same(fused, model, x)
+
+
+class ExportedMethodReadsABranch(nn.Module):
+    """A scripted model whose @torch.jit.export method runs a branch's Conv on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = RepVggBlock(8, 8, seed=1)
+
+    def forward(self, x):
+        return self.block(x)
+
+    @torch.jit.export
+    def side(self, x):
+        return self.block.conv3(x)
+
+
+def test_a_branch_read_by_an_exported_method_is_not_merged():
+    """Merging writes the merged kernel over a branch's weight: an exported method that runs that
+    branch itself would compute something else. Kept, with the reason; both methods unchanged."""
+    model = ExportedMethodReadsABranch().eval()
+    x = torch.randn(2, 8, 6, 6)
+    fused, report = fuse_module(torch.jit.script(model))
+    assert not report.merged and any("block.conv3.weight is read by 2 ops" in u.reason for u in report.unmerged)
+    assert_same(fused, model, x)
+    torch.testing.assert_close(fused.side(x), model.side(x), rtol=1e-5, atol=1e-5)
