@@ -77,7 +77,7 @@ def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport, shared
                      if p and _key(root, p) in shared), None)
         if held is not None:
             raise Skip(f"{held} is also held by another model in the file (a weight set folded on its own)")
-        affine = site.affine(root)
+        affine = site.affine(root, like=weight)
         new_w, new_b = fold_tensors(weight, bias, affine, site.axis, site.groups, site.kind)
     except (Skip, AttributeError) as why:
         report.skipped.append(SkippedBN(site.bn, str(why), site.producer))

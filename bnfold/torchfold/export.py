@@ -30,7 +30,8 @@ def fold_exported(gm: torch.fx.GraphModule, report: FoldReport, done: list | Non
     report.skipped += kept
     for site in sites:
         try:
-            added = _rewrite(gm, site.nodes["producer"], site.affine(gm), site)
+            weight = attr_at(gm, site.weight) if site.weight else None
+            added = _rewrite(gm, site.nodes["producer"], site.affine(gm, like=weight), site)
         except (Skip, BrokenStatistics, FoldOverflow) as why:
             report.skipped.append(SkippedBN(site.bn, str(why), site.producer))
             continue

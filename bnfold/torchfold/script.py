@@ -126,7 +126,7 @@ class Plan:
     def __init__(self, root, site: FoldSite):
         self.site = site
         layer = attr_at(root, site.producer)
-        affine = site.affine(root)
+        affine = site.affine(root, like=layer.weight)
         # the bias the graph's op reads: a layer's `bias` attribute its forward does not pass is no bias
         bias = attr_at(root, site.bias) if site.bias else None
         self.new_w, self.new_b = fold_tensors(layer.weight, bias, affine, site.axis, site.groups, site.kind)

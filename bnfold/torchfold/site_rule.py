@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import torch
 
 from ..errors import Skip
 from ..fold_math import Affine
@@ -107,7 +108,21 @@ class FoldSite:
     bias: str | None = None
     plain_layer: bool = True  # the layer is a module with torch's own forward (a new bias is used)
 
-    def affine(self, root) -> Affine:
+    def affine(self, root, like=None) -> Affine:
+        """The BN's map; `like`, the layer's weight: an affine of constants of a wider float type
+        than the layer's promotes its output (float32 x · float64 S is float64), which a folded
+        layer would not, so it is kept."""
+        if like is not None and isinstance(self.stats, AffineStats):
+            for path in self.stats.paths():
+                try:
+                    value = attr_at(root, path)
+                except (AttributeError, RuntimeError):
+                    continue
+                if getattr(value, "is_floating_point", lambda: False)() and value.dtype != like.dtype \
+                        and torch.promote_types(value.dtype, like.dtype) != like.dtype:
+                    raise Skip(f"{path} is {str(value.dtype).replace('torch.', '')}: the affine's output is "
+                               f"{str(torch.promote_types(value.dtype, like.dtype)).replace('torch.', '')}, a folded "
+                               f"{str(like.dtype).replace('torch.', '')} layer's would not be")
         return self.stats.affine(root)
 
     def prefixed(self, prefix: str) -> "FoldSite":
