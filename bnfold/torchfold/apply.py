@@ -52,6 +52,7 @@ def fold_module(module: nn.Module, report: FoldReport, mode: str = "remove",
     report.skipped += found.skipped
     report.notes += found.notes
     report.untraced += found.untraced
+    report.unmerged += found.unmerged
     plans = [p for p in (_plan(module, s, mode, report, shared or set()) for s in found.sites) if p is not None]
     remains = _remains(module, plans, report) if mode == "remove" else {}
     plans = [p for p in plans if p.site.scope in remains or not isinstance(p.site.stats, AffineStats)

@@ -166,6 +166,11 @@ class GraphDialect:
     def conv(self, node) -> Term | None:
         raise NotImplementedError
 
+    def add_scope(self, node) -> str | None:
+        """The module path (relative to the graph's) whose forward holds the add, if the graph
+        records it; else the owner is the deepest module holding every term."""
+        return None
+
 
 def candidates(dialect: GraphDialect) -> list[Candidate]:
     """Adds whose terms include a Conv and at least two terms that read the same input."""
@@ -183,7 +188,8 @@ def candidates(dialect: GraphDialect) -> list[Candidate]:
                 or max(sources.count(s) for s in sources) < 2:
             continue
         owners = [t.module.rpartition(".")[0] for t in terms if t.module]
-        found.append(Candidate(node, inner, terms, _common_prefix(owners)))
+        held = dialect.add_scope(node)  # the module whose forward holds the add, where the graph says
+        found.append(Candidate(node, inner, terms, _common_prefix(owners) if held is None else held))
     return found
 
 

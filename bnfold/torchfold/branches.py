@@ -22,7 +22,7 @@ from .fx_graph import FxGraph, reads_shape_only
 from .params import attr_at, replace_at
 from .sites import analysis_copy
 from .tracer import GraphView, Traced, Untraceable, trace
-from .vocabulary import plain_layer
+from .vocabulary import changed_call, plain_layer
 
 STATE_DICT_REASON = "state_dict keeps the architecture; use --to onnx/pt2 or fuse_module to re-parameterize"
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -50,6 +50,13 @@ class FxDialect(GraphDialect):
     def value_users(self, node) -> list:
         return [u for u in node.users if not reads_shape_only(u, node)]
 
+    def add_scope(self, node) -> str | None:
+        stack = node.meta.get("nn_module_stack")  # the tracer records no stack in the root's own forward
+        if not stack:
+            return ""
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+
     def conv(self, node):
         if not isinstance(node, torch.fx.Node) or node.op != "call_module":
             return None
@@ -68,21 +75,38 @@ class FxDialect(GraphDialect):
                           layer.padding_mode, problem)
 
 
-def branch_owners(view, graph: FxGraph) -> set[str]:
+def branch_owners(view, graph: FxGraph) -> tuple[set[str], list[UnmergedBranches], set[frozenset]]:
     """The modules whose forward sums parallel branches in this graph (paths relative to it),
     read off the graph the fold found its sites on: folding turns a BN into the identity, so it
-    adds no sum and takes none away."""
+    adds no sum and takes none away. A sum this whole graph shows cannot merge (a branch Conv its
+    block's parent also calls, a branch BN's statistics read elsewhere) is kept, with the reason:
+    its block, traced alone after the fold, would not show it; such a sum is also returned as the
+    module paths of its terms, so that the block's merge leaves it."""
     dialect = FxDialect(view, view, "", graph)
     dialect.shallow = True
-    return {c.owner for c in candidates(dialect)}
+    owners, kept, refused = set(), [], set()
+    for cand in candidates(dialect):
+        problem = next((t.problem for t in cand.terms if t.problem), None)
+        if problem is None:
+            owners.add(cand.owner)
+        else:
+            kept.append(UnmergedBranches(cand.add.name, problem))
+            refused.add(_term_modules(cand, ""))
+    return owners, kept, refused
+
+
+def _term_modules(cand: Candidate, path: str) -> frozenset:
+    return frozenset(join_path(path, t.module) for t in cand.terms if t.module)
 
 
 def merge_module(module: nn.Module, report: FoldReport, keep_layout: bool = False,
-                 owners: set[str] | None = None, walk: set[str] | None = None) -> nn.Module:
+                 owners: set[str] | None = None, walk: set[str] | None = None,
+                 refused: set[frozenset] | None = None) -> nn.Module:
     """Merge the parallel branches of `module` (already folded); returns it, or a GraphModule
     standing in for it where the add is in its own forward. `owners` (from branch_owners) says
     which modules hold sums, deepest merged first, each traced alone; `walk`, which modules no
-    fx graph showed (they and their children are traced again); None: the whole module."""
+    fx graph showed (they and their children are traced again); None: the whole module.
+    `refused`: sums (by their terms' module paths) the fold's graphs showed cannot merge."""
     if owners is None:
         return _merge_in(module, "", report, keep_layout)
     for path in sorted(owners | (walk or set()), key=lambda p: (-p.count(".") if p else 1, p)):
@@ -91,32 +115,51 @@ def merge_module(module: nn.Module, report: FoldReport, keep_layout: bool = Fals
         except AttributeError:  # the fold replaced a module above it: read that part again
             continue
         new = _merge_in(sub, path, report, keep_layout) if path in (walk or ()) else \
-            _merge_here(sub, path, report, keep_layout)
+            _merge_here(sub, path, report, keep_layout, refused or set())
         module = replace_at(module, path, new)
     return module
 
 
-def _merge_here(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
+def _merge_here(module: nn.Module, path: str, report: FoldReport, keep_layout: bool,
+                refused: set[frozenset]) -> nn.Module:
     """The sums in `module`'s own forward, merged; its submodules are left as they are."""
     try:
         traced = trace(analysis_copy(module))
     except Untraceable:
         return module
-    return _merged(module, traced, path, report, keep_layout)
+    return _merged(module, traced, path, report, keep_layout, refused)
 
 
-def _merged(module: nn.Module, traced: Traced, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:
+def _merged(module: nn.Module, traced: Traced, path: str, report: FoldReport, keep_layout: bool,
+            refused: set[frozenset] = frozenset()) -> nn.Module:
     """A GraphModule of `module`'s trace with the sums of its own forward merged, or `module`
     where none merged. The graph is rewritten first and compiled once, holding only what it reads."""
     view = traced.view
+    here = [c for c in candidates(FxDialect(view, module, path))
+            if not c.owner and _term_modules(c, path) not in refused]
+    why = _not_replaceable(module, traced) if here else None
+    if why is not None:  # the GraphModule standing in for it would compute less than it does
+        report.unmerged += [UnmergedBranches(f"{path}:{c.add.name}" if path else c.add.name, why) for c in here]
+        return module
     merged_any = False
-    for cand in [c for c in candidates(FxDialect(view, module, path)) if not c.owner]:
+    for cand in here:
         merged_any |= _merge_candidate(view, cand, path, report, keep_layout, _fx_rewrite)
     if not merged_any:
         return module
     traced.graph.eliminate_dead_code()
     traced.graph.lint()
     return traced.gm
+
+
+def _not_replaceable(module: nn.Module, traced: Traced) -> str | None:
+    """Why a GraphModule of `module`'s forward, traced alone, would not compute what calling it does."""
+    why = changed_call(module)
+    if why is not None:
+        return f"{type(module).__name__} has {why}, which a re-parameterized GraphModule would not run"
+    if sum(1 for n in traced.graph.nodes if n.op == "placeholder") != 1:
+        return (f"{type(module).__name__}'s forward takes more than one input: traced alone, what its caller "
+                "passes is not known")
+    return None
 
 
 def _merge_in(module: nn.Module, path: str, report: FoldReport, keep_layout: bool) -> nn.Module:

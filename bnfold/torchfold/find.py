@@ -77,7 +77,8 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
     layers = {p: module_layer(module.get_submodule(p), below[p], p) for p in traced.opaque}
     graph = FxGraph(traced.view, traced.calls, lambda: _shapes(traced.gm, inputs.example()), layers)
     sites, kept = sites_and_kept(graph)
-    found = Found(sites, kept, branch_owners=branch_owners(traced.view, graph))
+    owners, unmerged, refused = branch_owners(traced.view, graph)
+    found = Found(sites, kept, branch_owners=owners, unmerged=unmerged, refused=refused)
     for path in (p for p in traced.opaque if layers[p] is None):  # a layer is all its module computes
         inner = find_sites(module.get_submodule(path), inputs=below[path])
         _drop_read_outside(inner, graph.read_paths(), path, module, traced.view)

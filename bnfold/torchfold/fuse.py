@@ -77,7 +77,7 @@ def fold_in_place(module, example: tuple | None = None, keep_layout: bool = Fals
     module, found = fold_module(module, report, "identity" if keep_layout else "remove", example, shared)
     report.bn_before = len(report.folded) + len(report.skipped)
     left, kept = count_bn_modules(module), len(report.skipped)
-    module = merge_module(module, report, keep_layout, found.branch_owners, found.unseen)
+    module = merge_module(module, report, keep_layout, found.branch_owners, found.unseen, found.refused)
     # BNs a merge removed that had been folded into an identity (a forward of their own) are gone now
     report.identity_bns -= (left - count_bn_modules(module)) - (kept - len(report.skipped))
     report.bn_after = len(report.skipped) + report.identity_bns

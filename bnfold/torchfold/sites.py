@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..report import SkippedBN
+from ..report import SkippedBN, UnmergedBranches
 from .site_rule import FoldSite
 
 
@@ -92,11 +92,15 @@ class Found:
     untraced: list[str] = field(default_factory=list)
     branch_owners: set[str] = field(default_factory=set)  # modules whose forward sums parallel branches
     unseen: set[str] = field(default_factory=set)  # modules no fx graph showed whole (branches unknown)
+    unmerged: list[UnmergedBranches] = field(default_factory=list)  # sums the graphs show cannot merge
+    refused: set = field(default_factory=set)  # those sums, as their terms' module paths
 
     def add(self, other: "Found", prefix: str) -> None:
         join = lambda p: f"{prefix}.{p}" if p else prefix  # noqa: E731
         self.branch_owners |= {join(p) for p in other.branch_owners}
         self.unseen |= {join(p) for p in other.unseen}
+        self.unmerged += [UnmergedBranches(f"{prefix}:{u.add}", u.reason) for u in other.unmerged]
+        self.refused |= {frozenset(join(p) for p in terms) for terms in other.refused}
         self.sites += [s.prefixed(prefix) for s in other.sites]
         self.skipped += [SkippedBN(join(s.bn), s.reason, s.producer and join(s.producer)) for s in other.skipped]
         self.notes += [f"{prefix}: {n}" for n in other.notes]
