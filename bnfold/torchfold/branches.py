@@ -236,10 +236,8 @@ def _fx_rewrite(view: GraphView, cand: Candidate, merged: Merged, weight, bias) 
     first = next(t for t in cand.terms if t.weight is not None)
     conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(merged.kernel) - 1]
     out_ch, per_group = weight.shape[:2]
-    # skip_init: no random initialisation of tensors the merged kernel overwrites
-    layer = torch.nn.utils.skip_init(conv_type, per_group * first.groups, out_ch, tuple(merged.kernel), first.stride,
-                                     merged.padding, first.dilation, first.groups, True, device=weight.device,
-                                     dtype=weight.dtype)
+    layer = conv_type(per_group * first.groups, out_ch, tuple(merged.kernel), first.stride, merged.padding,
+                      first.dilation, first.groups, True, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
