@@ -32,29 +32,51 @@ def replace_at(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def alias_reads(reads: dict[str, int], root) -> Callable[[str], int]:
-    """Reads of a tensor under every path it has: tied weights (`c2.weight = c1.weight`), a
-    buffer assigned to two modules. Counted by path alone, each path would be read once, and a
-    fold written through one would change the other's use. `reads` is final: totals are
-    summed once, on the first question."""
-    keys: dict[str, object] = {}
-    totals: dict[object, int] = {}
+    """Reads of a tensor's memory under every path that reaches it: tied weights (`c2.weight =
+    c1.weight`), a buffer assigned to two modules, a view of it a forward made a constant of
+    (`self.stats[0].reshape(…)`). Counted by path alone, each path would be read once, and a fold
+    written through one would change the other's use. `reads` is final: the memory of each path
+    is found once, on the first question."""
+    spans: dict[str, tuple | None] = {}
+    by_storage: dict[object, list[tuple[int, int, int]]] = {}
 
-    def key(path: str):
-        if path not in keys:
+    def span(path: str):
+        if path not in spans:
             try:
                 t = attr_at(root, path)
             except (AttributeError, RuntimeError):
                 t = None
-            keys[path] = (tensor_key(t) if isinstance(t, torch.Tensor) else None) or path
-        return keys[path]
+            spans[path] = memory_span(t) if isinstance(t, torch.Tensor) else None
+        return spans[path]
 
     def count(path: str) -> int:
-        if not totals and reads:
+        if not by_storage and reads:
             for p, n in reads.items():
-                totals[key(p)] = totals.get(key(p), 0) + n
-        return totals.get(key(path), 0)
+                where = span(p)
+                if where is not None:
+                    by_storage.setdefault(where[0], []).append((where[1], where[2], n))
+        where = span(path)
+        if where is None:
+            return reads.get(path, 0)
+        storage, begin, end = where
+        return sum(n for b, e, n in by_storage.get(storage, ()) if b < end and begin < e)
 
     return count
+
+
+def memory_span(t: torch.Tensor) -> tuple | None:
+    """(storage, first byte, one past the last byte) a tensor's elements lie in; None where memory
+    does not say (empty, meta, no storage)."""
+    if not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        storage = t.untyped_storage()
+        size = t.element_size()
+        offset = t.storage_offset() * size
+        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) * size
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a functional wrapper)
+        return None
+    return (storage.data_ptr(), t.device), offset, offset + last + size
 
 
 def tensor_key(t: torch.Tensor):
