@@ -11,34 +11,10 @@ import torch
 from torch import nn
 
 from bnfold import fuse_module
+from test_attacks import assert_same, random_bn
 
 C = 4
 X = torch.randn(2, C, 6, 6, generator=torch.Generator().manual_seed(1))
-
-
-def random_bn(n: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(n)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 1.5)
-    return bn.eval()
-
-
-def flat(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    return [t for v in value for t in flat(v)] if isinstance(value, (tuple, list)) else []
-
-
-def assert_same(got, expected) -> None:
-    got, expected = flat(got), flat(expected)
-    assert len(got) == len(expected) and expected
-    for g, e in zip(got, expected):
-        assert g.shape == e.shape
-        rms = e.double().pow(2).mean().sqrt().item()
-        torch.testing.assert_close(g.double(), e.double(), atol=1e-4 * rms, rtol=1e-4)
 
 
 def build(make):
