@@ -24,7 +24,7 @@ from ..fold_math import BrokenStatistics, FoldOverflow
 from ..report import FoldedBN, FoldReport, SkippedBN
 from .find import find_sites
 from .fx_graph import FxGraph
-from .params import attr_at, fold_tensors, replace_at, tensor_key
+from .params import attr_at, fold_tensors, key_at, replace_at
 from .site_rule import AffineStats, BnStats, FoldSite
 from .sites import Found
 from .tracer import Traced, Untraceable, trace
@@ -75,7 +75,7 @@ def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport, shared
         weight = attr_at(root, site.weight or f"{site.producer}.weight")
         bias = attr_at(root, site.bias) if site.bias else None
         held = next((p for p in (site.weight or f"{site.producer}.weight", site.bias, *site.stats.paths())
-                     if p and _key(root, p) in shared), None)
+                     if p and key_at(root, p) in shared), None)
         if held is not None:
             raise Skip(f"{held} is also held by another model in the file (a weight set folded on its own)")
         affine = site.affine(root, like=weight)
@@ -94,11 +94,6 @@ def _plan(root: nn.Module, site: FoldSite, mode: str, report: FoldReport, shared
     if bias is None and (mode == "identity" or not site.plain_layer):
         return Plan(site, new_w, None, affine.shift)
     return Plan(site, new_w, new_b, None)
-
-
-def _key(root: nn.Module, path: str):
-    value = attr_at(root, path)
-    return tensor_key(value) if isinstance(value, torch.Tensor) else None
 
 
 def _removed_whole(plan: Plan, mode: str) -> bool:

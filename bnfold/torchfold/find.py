@@ -25,7 +25,7 @@ from .guess import guess_example, metadata_example
 from .hooks import recording_inputs
 from .opaque import forward_reads_bias, module_layer
 from .own_reads import read_by_own_forward
-from .params import attr_at, tensor_key
+from .params import key_at
 from .sites import Found, analysis_copy
 from .tracer import Untraceable, trace
 
@@ -89,11 +89,11 @@ def find_sites(module: nn.Module, example: tuple | None = None, inputs: Inputs |
 def _drop_read_outside(inner: Found, outside: set[str], prefix: str, module: nn.Module, gm: nn.Module) -> None:
     """A site whose tensors the enclosing graph also reads (by its path, or the same tensor under
     another name) would change that use too."""
-    keys = {_key_at(gm, p) for p in outside} - {None}
+    keys = {key_at(gm, p) for p in outside} - {None}
     for site in list(inner.sites):
         paths = [site.weight, site.bias, *site.stats.paths()]
         shared = next((p for p in paths if p and (f"{prefix}.{p}" in outside
-                                                  or _key_at(module, f"{prefix}.{p}") in keys)), None)
+                                                  or key_at(module, f"{prefix}.{p}") in keys)), None)
         if shared is not None:
             inner.sites.remove(site)
             inner.skipped.append(SkippedBN(site.bn, f"{shared} is also read outside {prefix}", site.producer))
@@ -129,19 +129,11 @@ def _drop_read_by_forward(module: nn.Module, inputs: Inputs, found: Found) -> No
         return
     for site in list(found.sites):
         paths = [site.weight or f"{site.producer}.weight", site.bias, *site.stats.paths()]
-        shared = next((p for p in paths if p and _key_at(module, p) in read), None)
+        shared = next((p for p in paths if p and key_at(module, p) in read), None)
         if shared is not None:
             found.sites.remove(site)
             found.skipped.append(SkippedBN(site.bn, f"{shared} is also read by {type(module).__name__}'s own forward",
                                            site.producer))
-
-
-def _key_at(module: nn.Module, path: str):
-    try:
-        value = attr_at(module, path)
-    except AttributeError:
-        return None
-    return tensor_key(value) if isinstance(value, torch.Tensor) else None
 
 
 def _applies_bn(module: nn.Module) -> bool:

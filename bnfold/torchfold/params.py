@@ -79,6 +79,15 @@ def memory_span(t: torch.Tensor) -> tuple | None:
     return (storage.data_ptr(), t.device), offset, offset + last + size
 
 
+def key_at(root, path: str):
+    """tensor_key of the tensor at `path`; None where there is none."""
+    try:
+        value = attr_at(root, path)
+    except AttributeError:
+        return None
+    return tensor_key(value) if isinstance(value, torch.Tensor) else None
+
+
 def tensor_key(t: torch.Tensor):
     """The same key for two tensors that are one (the same memory, shape and dtype), whatever
     object holds them; None where memory does not say (empty, meta)."""
