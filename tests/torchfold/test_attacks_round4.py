@@ -162,8 +162,8 @@ def test_parent_reading_a_branch_bn_buffer_of_a_merged_block():
     fused_matches(build(ReadsBranchBN))
 
 
-class Holder(nn.Module):
-    """Holds the branches; its own forward (never called by the parent) sums the bare convs."""
+class BareHolder(nn.Module):
+    """Holds the branches; no forward of its own."""
 
     def __init__(self):
         super().__init__()
@@ -172,14 +172,18 @@ class Holder(nn.Module):
         self.conv1 = nn.Conv2d(C, C, 1, bias=False)
         self.bn1 = random_bn(C)
 
+
+class Holder(BareHolder):
+    """Holds the branches; its own forward (never called by the parent) sums the bare convs."""
+
     def forward(self, x):
         return self.conv3(x) + self.conv1(x)
 
 
 class SumsGrandchildren(nn.Module):
-    def __init__(self):
+    def __init__(self, holder=Holder):
         super().__init__()
-        self.b = Holder()
+        self.b = holder()
 
     def forward(self, x):
         b = self.b
@@ -228,28 +232,9 @@ def test_sum_over_a_module_list_of_branches_merges():
     assert report.merged
 
 
-class BareHolder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv3 = nn.Conv2d(C, C, 3, padding=1, bias=False)
-        self.bn3 = random_bn(C)
-        self.conv1 = nn.Conv2d(C, C, 1, bias=False)
-        self.bn1 = random_bn(C)
-
-
-class SumsBareGrandchildren(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.b = BareHolder()
-
-    def forward(self, x):
-        b = self.b
-        return b.bn3(b.conv3(x)) + b.bn1(b.conv1(x))
-
-
 def test_sum_in_parent_of_branches_held_by_a_child_merges():
     """The add is in the root's forward but its owner is taken to be the child holding the branches (no forward), so nothing merges."""
-    report = fused_matches(build(SumsBareGrandchildren))
+    report = fused_matches(build(lambda: SumsGrandchildren(BareHolder)))
     assert report.merged
 
 
